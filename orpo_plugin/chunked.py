@@ -1,0 +1,95 @@
+"""Target-token log-probs from hidden states and the output-layer weight, without [tokens x vocab] logits.
+
+The tokens are processed in chunks; backward recomputes each chunk's logits, so at most one chunk of logits
+(float32) exists at a time. The per-token mean logit (for the `logits/*` metrics) comes out as a by-product.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _chunk_logits(h, weight, bias, scale, softcap):
+    """Raw logits of one chunk in float32, then the model's logit transform (scale, soft-capping)."""
+    logits = F.linear(h, weight, bias).float()
+    if scale is not None:
+        logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+class _ChunkedTargetLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap):
+        n = hidden.shape[0]
+        logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        logit_sums = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            sl = slice(start, start + chunk_size)
+            logits = _chunk_logits(hidden[sl], weight, bias, scale, softcap)  # [c, V]
+            lse = torch.logsumexp(logits, dim=-1)
+            logps[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse
+            logit_sums[sl] = logits.sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk_size, ctx.scale, ctx.softcap = chunk_size, scale, softcap
+        ctx.mark_non_differentiable(logit_sums)
+        return logps, logit_sums
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_logit_sums):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        scale, softcap = ctx.scale, ctx.softcap
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if (need_b and bias is not None) else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            sl = slice(start, start + ctx.chunk_size)
+            h = hidden[sl]
+            logits = _chunk_logits(h, weight, bias, scale, softcap)  # [c, V]
+            # d logp / d logits = onehot(target) - softmax(logits)
+            grad = torch.softmax(logits, dim=-1).neg_()
+            grad.scatter_add_(-1, targets[sl, None], torch.ones_like(grad[:, :1]))
+            grad.mul_(grad_logps[sl, None].float())
+            if softcap is not None:
+                grad.mul_(1.0 - (logits / softcap) ** 2)
+            if scale is not None:
+                grad.mul_(scale)
+            if need_h:
+                grad_h[sl] = (grad @ weight.float()).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(grad.t(), h.float())
+            if grad_b is not None:
+                grad_b.add_(grad.sum(0))
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def chunked_target_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), sum of the logits) per row of `hidden` [N, H]; weight is the output layer's [V, H].
+
+    Only the first output carries gradients (to hidden, weight and bias).
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"expected hidden [N, H] and targets [N], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+    return _ChunkedTargetLogps.apply(hidden, weight, bias, targets, int(chunk_size), scale, softcap)
+
+
+def full_target_logps(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same two outputs from materialised logits [N, V] (already transformed as the model does)."""
+    logits = logits.float()
+    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logps, logits.detach().sum(-1)

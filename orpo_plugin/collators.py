@@ -1,0 +1,188 @@
+"""Tokenized pairs -> model inputs plus the list of predictions the ORPO loss needs.
+
+Three layouts, one class:
+- "padded": chosen rows then rejected rows, right-padded to the longest ([2P, T]), as TRL does;
+- "padding_free": every sequence end to end in one row ([1, N]), `position_ids` restarting at 0, plus the
+  flash-attention varlen keywords (`cu_seq_lens_q/k`, `max_length_q/k`);
+- "prefix_sharing": each pair once as [prompt][chosen][rejected] in one row; rejected positions continue from the
+  end of the prompt, and `prefix_segments` tells the attention which keys each branch may see.
+
+Whatever the layout, the loss reads the same flat "prediction" lists: for each predicted token its flat position
+in `input_ids`, the target id, the sequence it belongs to (chosen i -> i, rejected i -> P + i, -1 for prompt
+targets), whether it counts in the NLL, and whether its logits count in the chosen/rejected mean-logit metric.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+LAYOUTS = ("padded", "padding_free", "prefix_sharing")
+
+
+class PreferenceCollator:
+    """Collate pairs {prompt_input_ids, chosen_input_ids, rejected_input_ids} into one of the LAYOUTS."""
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        layout: str = "padded",
+        nll_on_prompt: bool = True,
+        pad_to_multiple_of: int | None = None,
+    ):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None: set tokenizer.pad_token (the trainer falls back to eos)")
+        self.pad_token_id = pad_token_id
+        self.layout = layout
+        self.nll_on_prompt = nll_on_prompt
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if not features:
+            raise ValueError("cannot collate an empty list of pairs")
+        for i, f in enumerate(features):
+            for key in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
+                if key not in f:
+                    raise ValueError(f"pair {i} of the batch lacks '{key}'; was the dataset prepared?")
+            if not f["chosen_input_ids"] or not f["rejected_input_ids"]:
+                raise ValueError(f"pair {i} of the batch has an empty response")
+        prompts = [list(f["prompt_input_ids"]) for f in features]
+        chosen = [list(f["chosen_input_ids"]) for f in features]
+        rejected = [list(f["rejected_input_ids"]) for f in features]
+        if self.layout == "prefix_sharing":
+            return self._prefix_sharing(prompts, chosen, rejected)
+        sequences = [p + c for p, c in zip(prompts, chosen)] + [p + r for p, r in zip(prompts, rejected)]
+        prompt_lens = [len(p) for p in prompts] * 2
+        if self.layout == "padded":
+            return self._padded(sequences, prompt_lens, len(features))
+        return self._padding_free(sequences, prompt_lens, len(features))
+
+    # -- shared bookkeeping ------------------------------------------------------------------------------
+    def _predictions(self, preds, positions, ids, prompt_len, seq, chosen, logit_c, logit_r, skip_prompt=False):
+        """Append the predictions of one sequence (`positions[j]` is where ids[j] sits in the flat input)."""
+        first = prompt_len - 1 if skip_prompt else 0
+        for j in range(max(first, 0), len(ids) - 1):
+            in_response = j + 1 >= prompt_len
+            preds["pos"].append(positions[j])
+            preds["target"].append(ids[j + 1])
+            preds["seq"].append(seq if in_response else -1)
+            preds["nll"].append(chosen and (self.nll_on_prompt or in_response))
+            preds["logit_c"].append(logit_c)
+            preds["logit_r"].append(logit_r)
+
+    @staticmethod
+    def _finish(batch, preds, num_pairs, real_tokens):
+        batch["pred_pos"] = torch.tensor(preds["pos"], dtype=torch.long)
+        batch["pred_target"] = torch.tensor(preds["target"], dtype=torch.long)
+        batch["pred_seq"] = torch.tensor(preds["seq"], dtype=torch.long)
+        batch["pred_nll"] = torch.tensor(preds["nll"], dtype=torch.bool)
+        batch["pred_logit_c"] = torch.tensor(preds["logit_c"], dtype=torch.bool)
+        batch["pred_logit_r"] = torch.tensor(preds["logit_r"], dtype=torch.bool)
+        batch["num_pairs"] = torch.tensor(num_pairs)
+        batch["real_tokens"] = torch.tensor(real_tokens)
+        batch["total_tokens"] = torch.tensor(batch["input_ids"].numel())
+        return batch
+
+    @staticmethod
+    def _new_preds():
+        return {k: [] for k in ("pos", "target", "seq", "nll", "logit_c", "logit_r")}
+
+    def _round_up(self, n: int) -> int:
+        m = self.pad_to_multiple_of
+        return n if not m else ((n + m - 1) // m) * m
+
+    # -- layouts -----------------------------------------------------------------------------------------
+    def _padded(self, sequences, prompt_lens, num_pairs):
+        width = self._round_up(max(len(s) for s in sequences))
+        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        preds = self._new_preds()
+        for row, (ids, plen) in enumerate(zip(sequences, prompt_lens)):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+            is_chosen = row < num_pairs
+            positions = range(row * width, row * width + len(ids))
+            self._predictions(preds, positions, ids, plen, row, is_chosen, is_chosen, not is_chosen)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return self._finish(batch, preds, num_pairs, sum(len(s) for s in sequences))
+
+    def _padding_free(self, sequences, prompt_lens, num_pairs):
+        flat, position_ids, cu = [], [], [0]
+        preds = self._new_preds()
+        for row, (ids, plen) in enumerate(zip(sequences, prompt_lens)):
+            start = len(flat)
+            flat.extend(ids)
+            position_ids.extend(range(len(ids)))
+            cu.append(len(flat))
+            is_chosen = row < num_pairs
+            self._predictions(preds, range(start, start + len(ids)), ids, plen, row, is_chosen, is_chosen, not is_chosen)
+        real = len(flat)
+        pad = self._round_up(real) - real
+        if pad:  # one trailing filler sequence of pad tokens, never predicted
+            flat.extend([self.pad_token_id] * pad)
+            position_ids.extend(range(pad))
+            cu.append(len(flat))
+        lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        cu_t = torch.tensor(cu, dtype=torch.int32)
+        batch = {
+            "input_ids": torch.tensor([flat], dtype=torch.long),
+            "position_ids": torch.tensor([position_ids], dtype=torch.long),
+            "cu_seq_lens_q": cu_t,
+            "cu_seq_lens_k": cu_t.clone(),
+            "max_length_q": max(lengths),
+            "max_length_k": max(lengths),
+        }
+        return self._finish(batch, preds, num_pairs, real)
+
+    def _prefix_sharing(self, prompts, chosen, rejected):
+        num_pairs = len(prompts)
+        flat, position_ids, segments = [], [], []
+        preds = self._new_preds()
+        for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+            start = len(flat)
+            lp, lc, lr = len(p), len(c), len(r)
+            flat.extend(p + c + r)
+            position_ids.extend(list(range(lp + lc)) + list(range(lp, lp + lr)))
+            segments.append((start, lp, lc, lr))
+            prompt_pos = list(range(start, start + lp))
+            chosen_pos = prompt_pos + list(range(start + lp, start + lp + lc))
+            rejected_pos = prompt_pos + list(range(start + lp + lc, start + lp + lc + lr))
+            # chosen predictions; prompt-internal ones also stand for the rejected branch's mean logit
+            for j in range(0, lp + lc - 1):
+                in_response = j + 1 >= lp
+                preds["pos"].append(chosen_pos[j])
+                preds["target"].append((p + c)[j + 1])
+                preds["seq"].append(i if in_response else -1)
+                preds["nll"].append(self.nll_on_prompt or in_response)
+                preds["logit_c"].append(True)
+                preds["logit_r"].append(j < lp - 1)
+            self._predictions(
+                preds, rejected_pos, p + r, lp, num_pairs + i, False, False, True, skip_prompt=True
+            )
+        real = len(flat)
+        pad = self._round_up(real) - real
+        if pad:
+            segments.append((real, 0, pad, 0))  # filler: a "prompt-less pair" whose chosen branch is padding
+            flat.extend([self.pad_token_id] * pad)
+            position_ids.extend(range(pad))
+        batch = {
+            "input_ids": torch.tensor([flat], dtype=torch.long),
+            "position_ids": torch.tensor([position_ids], dtype=torch.long),
+            "prefix_segments": torch.tensor(segments, dtype=torch.long),
+        }
+        # tokens the model would have computed without sharing: the prompt twice
+        batch = self._finish(batch, preds, num_pairs, real)
+        batch["unshared_tokens"] = torch.tensor(real + sum(len(p) for p in prompts))
+        return batch
+
+
+def pair_cost(feature: dict[str, Any], layout: str) -> int:
+    """Tokens a pair occupies in a layout (what packing budgets)."""
+    lp = len(feature["prompt_input_ids"])
+    lc, lr = len(feature["chosen_input_ids"]), len(feature["rejected_input_ids"])
+    if layout == "prefix_sharing":
+        return lp + lc + lr
+    return 2 * lp + lc + lr

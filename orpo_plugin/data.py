@@ -1,0 +1,300 @@
+"""Dataset rows -> tokenized pairs: `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (responses only).
+
+Accepted rows (one format per dataset is typical, but each row is read on its own):
+- standard: `prompt`, `chosen`, `rejected` strings;
+- conversational: `prompt` a message list, `chosen`/`rejected` message lists (rendered by the chat template);
+- implicit prompt: only `chosen`/`rejected` (strings or message lists); their shared prefix is the prompt;
+- Axolotl argilla rows: `chosen`/`rejected` = [user, assistant] message lists, optional `system` string.
+
+Bad rows raise a ValueError/TypeError naming the row and the field. Rows that are valid but unusable (chosen
+identical to rejected, a prompt that alone fills `max_length`) are dropped, counted and logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("orpo_plugin")
+
+COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+DROP_IDENTICAL = "chosen identical to rejected"
+DROP_LONG_PROMPT = "prompt alone fills max_length"
+DROP_TOO_LONG = "pair longer than max_length (drop_long_pairs)"
+
+
+@dataclass
+class PrepareStats:
+    """What preparing a dataset did: rows kept, rows dropped by reason, responses truncated."""
+
+    rows: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    truncated_responses: int = 0
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{n} ({reason})" for reason, n in sorted(self.dropped.items())) or "none"
+        return (
+            f"{self.kept}/{self.rows} pairs kept; dropped: {drops}; "
+            f"responses truncated to max_length/max_completion_length: {self.truncated_responses}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _check_text(value: Any, row: int, name: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"row {row}: field '{name}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"row {row}: field '{name}' is empty")
+    return value
+
+
+def _check_messages(value: Any, row: int, name: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise TypeError(f"row {row}: field '{name}' must be a non-empty list of messages, got {type(value).__name__}")
+    for k, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            raise TypeError(f"row {row}: field '{name}[{k}]' must be a message dict, got {type(msg).__name__}")
+        if "role" not in msg or "content" not in msg:
+            raise ValueError(f"row {row}: field '{name}[{k}]' needs 'role' and 'content' keys, has {sorted(msg)}")
+        _check_text(msg["role"], row, f"{name}[{k}].role")
+        _check_text(msg["content"], row, f"{name}[{k}].content")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict)
+
+
+# ----------------------------------------------------------------------------------------------- rows -> text
+def _common_prefix(a: list | str, b: list | str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def row_to_text(row: dict[str, Any], index: int, tokenizer) -> tuple[str, str, str]:
+    """Render one row to (prompt, chosen, rejected) text, whatever its format."""
+    if not isinstance(row, dict):
+        raise TypeError(f"row {index}: expected a mapping with 'chosen' and 'rejected', got {type(row).__name__}")
+    for name in ("chosen", "rejected"):
+        if name not in row or row[name] is None:
+            raise ValueError(f"row {index}: missing field '{name}' (columns present: {sorted(row)})")
+    chosen, rejected = row["chosen"], row["rejected"]
+    prompt = row.get("prompt")
+    conversational = _is_messages(chosen) or _is_messages(rejected) or _is_messages(prompt)
+
+    if not conversational:
+        chosen = _check_text(chosen, index, "chosen")
+        rejected = _check_text(rejected, index, "rejected")
+        if prompt is None:  # implicit prompt: the shared prefix, without the space before the answers
+            n = _common_prefix(chosen, rejected)
+            if n == min(len(chosen), len(rejected)):
+                n = max(n - 1, 0)
+            if n > 0 and chosen[n - 1] == " ":
+                n -= 1
+            return chosen[:n], chosen[n:], rejected[n:]
+        return _check_text(prompt, index, "prompt", allow_empty=True), chosen, rejected
+
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"row {index}: conversational data (message lists) needs a tokenizer with a chat template; "
+            "set tokenizer.chat_template or pass plain-text rows"
+        )
+    chosen = _check_messages(chosen, index, "chosen")
+    rejected = _check_messages(rejected, index, "rejected")
+    if prompt is None:
+        n = _common_prefix(chosen, rejected)
+        if n == min(len(chosen), len(rejected)):
+            n = max(n - 1, 0)
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if not prompt:
+            raise ValueError(f"row {index}: 'chosen' and 'rejected' share no leading messages to use as the prompt")
+    else:
+        prompt = _check_messages(prompt, index, "prompt")
+    system = row.get("system")
+    if system is not None and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": _check_text(system, index, "system")}] + prompt
+    return _render_chat(prompt, chosen, rejected, tokenizer, index)
+
+
+def _render_chat(prompt, chosen, rejected, tokenizer, index):
+    last_role = prompt[-1]["role"]
+    if last_role not in ("user", "tool", "assistant", "system"):
+        raise ValueError(f"row {index}: field 'prompt' ends with role '{last_role}', expected user/tool/assistant")
+    continuing = last_role == "assistant"
+    prompt_text = tokenizer.apply_chat_template(
+        prompt, tokenize=False, add_generation_prompt=not continuing, continue_final_message=continuing
+    )
+    full = [tokenizer.apply_chat_template(prompt + r, tokenize=False) for r in (chosen, rejected)]
+    # Some templates render the generation prompt differently from a finished turn: keep the common prefix.
+    n = min(_common_prefix(prompt_text, full[0]), _common_prefix(prompt_text, full[1]))
+    prompt_text = prompt_text[:n]
+    return prompt_text, full[0][n:], full[1][n:]
+
+
+# ----------------------------------------------------------------------------------------------- text -> ids
+def tokenize_pair(
+    prompt: str,
+    chosen: str,
+    rejected: str,
+    tokenizer,
+    max_length: int | None = None,
+    max_completion_length: int | None = None,
+) -> dict[str, Any]:
+    """Token ids of one pair: a shared prompt (BOS first) and two responses (EOS last), truncated like TRL.
+
+    Responses are the tokens of `prompt + response` after the prompt's tokens. Where a tokenizer merges across
+    the boundary, the shared prompt is shortened so both branches agree on it.
+    Returns the three id lists plus `truncated` (responses shortened) and `drop` (a reason, or "").
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = [tokenizer(prompt + r, add_special_tokens=False)["input_ids"] for r in (chosen, rejected)]
+    shared = min(_common_prefix(prompt_ids, f) for f in full)
+    prompt_ids = full[0][:shared]
+    responses = [f[shared:] for f in full]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
+        prompt_ids = [bos] + prompt_ids
+    if eos is not None:
+        responses = [r if (r and r[-1] == eos) else r + [eos] for r in responses]
+    out = {"prompt_input_ids": prompt_ids, "truncated": 0, "drop": ""}
+    if responses[0] == responses[1]:
+        out["drop"] = DROP_IDENTICAL
+    limit = None
+    if max_length is not None:
+        if len(prompt_ids) >= max_length:
+            out["drop"] = out["drop"] or DROP_LONG_PROMPT
+        limit = max_length - len(prompt_ids)
+    if max_completion_length is not None:
+        limit = max_completion_length if limit is None else min(limit, max_completion_length)
+    for name, resp in zip(("chosen_input_ids", "rejected_input_ids"), responses):
+        if limit is not None and len(resp) > limit:
+            resp = resp[: max(limit, 0)]
+            out["truncated"] += 1
+        out[name] = resp
+    return out
+
+
+def prepare_dataset(
+    dataset,
+    tokenizer,
+    max_length: int | None = None,
+    max_completion_length: int | None = None,
+    drop_long_pairs: bool = False,
+    num_proc: int | None = None,
+    name: str = "train",
+):
+    """Validate, render and tokenize a preference dataset; drop and count unusable pairs. Returns (dataset, stats).
+
+    Already-tokenized datasets (with the three id columns) pass through the length checks only.
+    """
+    from datasets import Dataset
+
+    if isinstance(dataset, list):
+        dataset = Dataset.from_list(dataset)
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"{name} dataset must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}")
+    columns = set(dataset.column_names)
+    pretokenized = set(COLUMNS) <= columns
+    if not pretokenized and not {"chosen", "rejected"} <= columns:
+        raise ValueError(
+            f"{name} dataset needs 'chosen' and 'rejected' columns (and optionally 'prompt'), "
+            f"or pre-tokenized {list(COLUMNS)}; it has {sorted(columns)}"
+        )
+
+    def convert(row, index):
+        if pretokenized:
+            ids = {k: list(row[k]) for k in COLUMNS}
+            for k in ("chosen_input_ids", "rejected_input_ids"):
+                if not ids[k]:
+                    raise ValueError(f"row {index}: field '{k}' is empty")
+            out = {**ids, "truncated": 0, "drop": ""}
+            if ids["chosen_input_ids"] == ids["rejected_input_ids"]:
+                out["drop"] = DROP_IDENTICAL
+            elif max_length is not None and len(ids["prompt_input_ids"]) >= max_length:
+                out["drop"] = DROP_LONG_PROMPT
+            return out
+        prompt, chosen, rejected = row_to_text(row, index, tokenizer)
+        if chosen == rejected:
+            return {k: [] for k in COLUMNS} | {"truncated": 0, "drop": DROP_IDENTICAL}
+        out = tokenize_pair(prompt, chosen, rejected, tokenizer, max_length, max_completion_length)
+        if drop_long_pairs and out["truncated"] and not out["drop"]:
+            out["drop"] = DROP_TOO_LONG
+        return out
+
+    keep = set(COLUMNS)
+    tokenized = dataset.map(
+        convert,
+        with_indices=True,
+        num_proc=num_proc,
+        remove_columns=[c for c in dataset.column_names if c not in keep],
+        desc=f"Tokenizing {name} pairs",
+    )
+    stats = PrepareStats(rows=len(tokenized))
+    stats.dropped = Counter(d for d in tokenized["drop"] if d)
+    stats.truncated_responses = sum(tokenized["truncated"])
+    tokenized = tokenized.filter(lambda d: not d, input_columns="drop", num_proc=num_proc)
+    tokenized = tokenized.remove_columns(["drop", "truncated"])
+    stats.kept = len(tokenized)
+    if stats.dropped or stats.truncated_responses:
+        logger.warning("%s dataset: %s", name, stats.summary())
+    if stats.kept == 0:
+        raise ValueError(f"{name} dataset: no usable pairs left ({stats.summary()})")
+    return tokenized, stats
+
+
+# ----------------------------------------------------------------------------------------------- files
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file; a malformed line raises a ValueError naming the file and the line number."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: malformed JSON line ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def load_preference_dataset(name_or_path: str, split: str = "train", config: str | None = None):
+    """A hub dataset name, a local directory (saved or loadable by `datasets`), or a .json/.jsonl/.parquet file."""
+    import datasets
+
+    path = Path(name_or_path)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return datasets.Dataset.from_list(read_jsonl(path))
+        if suffix == ".json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:  # JSON lines under a .json name
+                return datasets.Dataset.from_list(read_jsonl(path))
+            if isinstance(data, dict) and split in data:
+                data = data[split]
+            if not isinstance(data, list):
+                raise ValueError(f"{path}: expected a JSON list of rows (or {{'{split}': [...]}})")
+            return datasets.Dataset.from_list(data)
+        if suffix == ".parquet":
+            return datasets.Dataset.from_parquet(str(path))
+        raise ValueError(f"{path}: unsupported file type '{suffix}' (use .json, .jsonl or .parquet)")
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            return datasets.load_from_disk(str(path))
+        if (path / "dataset_dict.json").exists():
+            return datasets.load_from_disk(str(path))[split]
+        return datasets.load_dataset(str(path), config, split=split)
+    return datasets.load_dataset(name_or_path, config, split=split)

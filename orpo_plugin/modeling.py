@@ -1,0 +1,231 @@
+"""One ORPO forward: model -> final hidden states -> log-probs of the predicted tokens -> loss and metric sums.
+
+The model is called as a whole (so DDP/FSDP/DeepSpeed wrappers and PEFT hooks run) with `logits_to_keep=1`;
+the final hidden states are taken from its decoder by a forward hook, and only the positions the loss needs
+go through the output layer: in chunks (`chunked.py`) or as one logits tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .chunked import chunked_target_logps, full_target_logps
+from .losses import ORPOOutput, orpo_loss, sequence_logps
+
+logger = logging.getLogger("orpo_plugin")
+
+MODEL_INPUT_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+    "prefix_segments",
+)
+
+
+def unwrap(model):
+    """The innermost `PreTrainedModel` (through DDP/accelerate wrappers and PEFT)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            base = model.get_base_model()
+            if base is model:
+                return model
+            model = base
+        else:
+            return model
+
+
+@dataclass
+class OutputHead:
+    """What the model's output layer computes: logits = transform(h @ W^T + b)."""
+
+    module: torch.nn.Module
+    scale: float | None = None
+    softcap: float | None = None
+    chunkable: bool = True
+    reason: str = ""
+
+    @classmethod
+    def of(cls, model) -> "OutputHead":
+        base = unwrap(model)
+        module = base.get_output_embeddings()
+        if module is None:
+            raise ValueError(f"{type(base).__name__} has no output embeddings (lm_head); ORPO needs a causal LM")
+        config = base.config
+        text_config = getattr(config, "get_text_config", lambda: config)()
+        softcap = getattr(text_config, "final_logit_softcapping", None)
+        scale = getattr(text_config, "logit_scale", None)
+        if scale is not None and not isinstance(scale, (int, float)):
+            scale = None
+        head = cls(module, scale=float(scale) if scale is not None else None, softcap=softcap)
+        if type(module) is not torch.nn.Linear:
+            head.chunkable = False
+            head.reason = f"the output layer is a {type(module).__name__} (adapter or quantized), not a plain Linear"
+        return head
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.module(hidden).float()
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+@contextlib.contextmanager
+def capture_hidden_states(model):
+    """Collect the decoder's final hidden states (after its last norm) during a forward."""
+    decoder = unwrap(model).get_decoder()
+    store = {}
+
+    def hook(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        store["hidden"] = hidden
+
+    handle = decoder.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def _accepts(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(unwrap(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def verify_head(model, head: OutputHead, vocab_size: int | None = None) -> float:
+    """Check that hidden states + `head` reproduce the model's own logits on a short input; return the max error.
+
+    A model whose forward transforms logits in a way we do not know would otherwise train on wrong log-probs.
+    """
+    base = unwrap(model)
+    device = next(base.parameters()).device
+    vocab = vocab_size or head.module.weight.shape[0]
+    ids = torch.arange(1, 9, device=device).remainder(vocab)[None]
+    was_training = base.training
+    base.eval()
+    try:
+        with torch.no_grad(), capture_hidden_states(base) as store:
+            logits = base(input_ids=ids, use_cache=False).logits.float()
+            ours = head.logits(store["hidden"])
+    finally:
+        base.train(was_training)
+    err = (logits - ours).abs().max().item()
+    tol = 1e-3 * max(1.0, logits.abs().max().item())
+    if err > tol:
+        raise ValueError(
+            f"{type(base).__name__}: logits computed from the final hidden states and the output layer differ from "
+            f"the model's own by {err:.3g}; this model transforms its logits in a way orpo_plugin does not know"
+        )
+    return err
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+
+
+def predicted_logps(model, batch: dict, head: OutputHead, chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), sum of logits) for every prediction of the batch; chunked when `chunk_size` is set."""
+    kwargs = model_inputs(batch)
+    if _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1
+    with capture_hidden_states(model) as store:
+        model(**kwargs, use_cache=False)
+    hidden = store["hidden"]
+    hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_pos"]]  # [N, H]
+    targets = batch["pred_target"]
+    if chunk_size:
+        module = head.module
+        return chunked_target_logps(
+            hidden, module.weight, targets, module.bias, chunk_size, scale=head.scale, softcap=head.softcap
+        )
+    return full_target_logps(head.logits(hidden), targets)
+
+
+@dataclass
+class ForwardResult:
+    output: ORPOOutput
+    sums: dict  # metric numerators/denominators of this micro-batch, all detached float tensors
+
+
+def orpo_forward(
+    model,
+    batch: dict,
+    head: OutputHead,
+    beta: float,
+    chunk_size: int | None = None,
+    total_pairs: float | None = None,
+    total_nll_tokens: float | None = None,
+) -> ForwardResult:
+    """Loss of one micro-batch (normalised by the given totals) and the sums its metrics are made of."""
+    token_logps, logit_sums = predicted_logps(model, batch, head, chunk_size)
+    pairs = int(batch["num_pairs"])
+    seq = batch["pred_seq"]
+    response = seq >= 0
+    logps = sequence_logps(token_logps[response], seq[response], 2 * pairs)
+    chosen_logps, rejected_logps = logps[:pairs], logps[pairs:]
+    nll_mask = batch["pred_nll"]
+    nll_tokens = int(nll_mask.sum())
+    nll_sum = -token_logps[nll_mask].sum()
+    out = orpo_loss(chosen_logps, rejected_logps, nll_sum, nll_tokens, beta, total_pairs, total_nll_tokens)
+    vocab = head.module.weight.shape[0] if hasattr(head.module, "weight") else 1
+    lc, lr = batch["pred_logit_c"], batch["pred_logit_r"]
+    with torch.no_grad():
+        c, r = chosen_logps.detach().float(), rejected_logps.detach().float()
+        sums = {
+            "pairs": torch.tensor(float(pairs)),
+            "chosen_logps": c.sum(),
+            "rejected_logps": r.sum(),
+            "accuracies": (c > r).float().sum(),
+            "log_odds_ratio": out.log_sigmoid.detach().sum(),
+            "log_odds_chosen": out.log_odds.detach().sum(),
+            "nll_sum": nll_sum.detach().float(),
+            "nll_tokens": torch.tensor(float(nll_tokens)),
+            "logits_chosen_sum": logit_sums[lc].sum(),
+            "logits_chosen_count": torch.tensor(float(lc.sum()) * vocab),
+            "logits_rejected_sum": logit_sums[lr].sum(),
+            "logits_rejected_count": torch.tensor(float(lr.sum()) * vocab),
+            "real_tokens": batch["real_tokens"].float(),
+            "total_tokens": batch["total_tokens"].float(),
+        }
+        if "unshared_tokens" in batch:
+            sums["unshared_tokens"] = batch["unshared_tokens"].float()
+        sums = {k: v.detach().float().cpu() for k, v in sums.items()}
+    return ForwardResult(out, sums)
+
+
+def metrics_from_sums(sums: dict, beta: float, prefix: str = "") -> dict[str, float]:
+    """TRL's ORPO metric names from accumulated sums (pair metrics averaged over pairs, NLL over tokens)."""
+    p = max(float(sums["pairs"]), 1.0)
+    c, r = float(sums["chosen_logps"]) / p, float(sums["rejected_logps"]) / p
+    m = {
+        "rewards/chosen": beta * c,
+        "rewards/rejected": beta * r,
+        "rewards/accuracies": float(sums["accuracies"]) / p,
+        "rewards/margins": beta * (c - r),
+        "logps/chosen": c,
+        "logps/rejected": r,
+        "logits/chosen": float(sums["logits_chosen_sum"]) / max(float(sums["logits_chosen_count"]), 1.0),
+        "logits/rejected": float(sums["logits_rejected_sum"]) / max(float(sums["logits_rejected_count"]), 1.0),
+        "nll_loss": float(sums["nll_sum"]) / max(float(sums["nll_tokens"]), 1.0),
+        "log_odds_ratio": float(sums["log_odds_ratio"]) / p,
+        "log_odds_chosen": float(sums["log_odds_chosen"]) / p,
+        "tokens/real": float(sums["real_tokens"]),
+        "tokens/padding_fraction": 1.0 - float(sums["real_tokens"]) / max(float(sums["total_tokens"]), 1.0),
+    }
+    if "unshared_tokens" in sums:
+        m["tokens/computed_per_trained"] = float(sums["real_tokens"]) / max(float(sums["unshared_tokens"]), 1.0)
+    return {prefix + k: v for k, v in m.items()}
