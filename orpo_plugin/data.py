@@ -82,7 +82,7 @@ def _common_prefix(a: list | str, b: list | str) -> int:
 
 def row_to_text(row: dict[str, Any], index: int, tokenizer) -> tuple[str, str, str]:
     """Render one row to (prompt, chosen, rejected) text, whatever its format."""
-    if not isinstance(row, dict):
+    if not hasattr(row, "keys") or not hasattr(row, "get"):
         raise TypeError(f"row {index}: expected a mapping with 'chosen' and 'rejected', got {type(row).__name__}")
     for name in ("chosen", "rejected"):
         if name not in row or row[name] is None:
@@ -222,7 +222,7 @@ def prepare_dataset(
             elif max_length is not None and len(ids["prompt_input_ids"]) >= max_length:
                 out["drop"] = DROP_LONG_PROMPT
             return out
-        prompt, chosen, rejected = row_to_text(row, index, tokenizer)
+        prompt, chosen, rejected = row_to_text(dict(row), index, tokenizer)
         if chosen == rejected:
             return {k: [] for k in COLUMNS} | {"truncated": 0, "drop": DROP_IDENTICAL}
         out = tokenize_pair(prompt, chosen, rejected, tokenizer, max_length, max_completion_length)
