@@ -1,0 +1,87 @@
+"""`orpo-plugin train|demo|eval`: the command line, following TRL's TrlParser conventions (`--config x.yaml`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+logger = logging.getLogger("orpo_plugin")
+
+
+def _train(argv: list[str]) -> int:
+    from trl import ModelConfig, ScriptArguments, TrlParser, get_kbit_device_map, get_peft_config, get_quantization_config
+
+    from .callbacks import LogpsPlotCallback, MetricsFileCallback
+    from .data import load_preference_dataset
+    from .trainer import ORPOConfig, ORPOTrainer
+
+    parser = TrlParser((ScriptArguments, ORPOConfig, ModelConfig), prog="orpo-plugin train")
+    script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    if not script_args.dataset_name:
+        parser.error("--dataset_name is required (a hub name, a local directory or a .json/.jsonl/.parquet file)")
+    if not model_args.model_name_or_path:
+        parser.error("--model_name_or_path is required")
+
+    quantization_config = get_quantization_config(model_args)
+    model_kwargs = dict(
+        revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if quantization_config is not None:
+        model_kwargs["device_map"] = get_kbit_device_map()
+        model_kwargs["quantization_config"] = quantization_config
+    training_args.model_init_kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
+
+    train = load_preference_dataset(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
+    evaluation = None
+    if training_args.eval_strategy != "no":
+        evaluation = load_preference_dataset(
+            script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config
+        )
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
+    )
+    trainer = ORPOTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=[MetricsFileCallback(), LogpsPlotCallback()],
+    )
+    trainer.train()
+    trainer.save_model(training_args.output_dir)
+    return 0
+
+
+def _demo(argv: list[str]) -> int:
+    from . import demo
+
+    p = argparse.ArgumentParser(prog="orpo-plugin demo", description="Offline CPU demo: a tiny model learns a preference.")
+    p.add_argument("--output_dir", default="orpo-demo")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_packing", action="store_true", help="train with padded batches instead of packing")
+    return demo.main(p.parse_args(argv))
+
+
+COMMANDS = {"train": _train, "demo": _demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: orpo-plugin {" + ",".join(COMMANDS) + "} [options]   (orpo-plugin COMMAND --help for more)")
+        return 0 if (argv and argv[0] in ("-h", "--help")) else 2
+    return COMMANDS[argv[0]](argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
