@@ -1,0 +1,245 @@
+"""Shared pieces of the benchmarks: synthetic preference text, tiny tokenizer/model, per-step timing and token counts.
+
+Everything is built locally and deterministically from a seed; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+import statistics
+import time
+import warnings
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*kernels.*")
+
+# Length mixes, in words: (prompt median, prompt sigma, response median, response sigma) of log-normal draws.
+LENGTH_SETS = {
+    # chat-like: short-to-medium prompts, longer answers, a long tail (TRL pads every batch to its longest pair)
+    "mixed": dict(prompt_median=60, prompt_sigma=0.7, response_median=90, response_sigma=0.6),
+    # RAG/few-shot-like: the prompt is about twice as long as each response
+    "prompt-heavy": dict(prompt_median=150, prompt_sigma=0.5, response_median=75, response_sigma=0.5),
+}
+
+
+def _words(rng: random.Random, n: int) -> list[str]:
+    """`n` pronounceable pseudo-words (distinct), the benchmark's lexicon."""
+    consonants, vowels = "bcdfghjklmnprstvwz", "aeiou"
+    out: set[str] = set()
+    while len(out) < n:
+        syllables = rng.choice((1, 2, 2, 3))
+        out.add("".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(syllables)))
+    return sorted(out)
+
+
+class TextMaker:
+    """Zipf-distributed pseudo-word sentences, so a small BPE maps most words to one token."""
+
+    def __init__(self, seed: int = 0, lexicon: int = 1500):
+        rng = random.Random(seed)
+        self.words = _words(rng, lexicon)
+        weights = [1.0 / (rank + 1) ** 1.05 for rank in range(lexicon)]
+        total = sum(weights)
+        self.cum = list(_accumulate([w / total for w in weights]))
+
+    def text(self, rng: random.Random, n_words: int) -> str:
+        idx = [_bisect(self.cum, rng.random()) for _ in range(n_words)]
+        words = [self.words[i] for i in idx]
+        # sentence-ish punctuation every ~12 words keeps the BPE realistic
+        return " ".join(w + ("." if (k + 1) % 12 == 0 else "") for k, w in enumerate(words))
+
+    def corpus(self, rng: random.Random, n: int = 400) -> list[str]:
+        return [self.text(rng, 200) for _ in range(n)]
+
+
+def _accumulate(xs):
+    s = 0.0
+    for x in xs:
+        s += x
+        yield s
+
+
+def _bisect(cum, x):
+    lo, hi = 0, len(cum) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cum[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def lognormal_words(rng: random.Random, median: float, sigma: float, cap: int) -> int:
+    return max(1, min(cap, int(round(median * math.exp(rng.gauss(0.0, sigma))))))
+
+
+def make_pairs(
+    n: int,
+    length_set: str,
+    max_length: int,
+    seed: int = 0,
+    maker: TextMaker | None = None,
+) -> list[dict[str, str]]:
+    """`n` plain-text preference rows with independent log-normal prompt/chosen/rejected lengths (in words).
+
+    Word counts are capped so a prompt stays well below `max_length` tokens; responses may still be truncated to
+    `max_length` by the trainers (both truncate the same way: responses, never the prompt).
+    """
+    spec = LENGTH_SETS[length_set]
+    maker = maker or TextMaker(seed)
+    rng = random.Random(seed + 1)
+    prompt_cap = int(0.6 * max_length)
+    rows = []
+    for _ in range(n):
+        lp = lognormal_words(rng, spec["prompt_median"], spec["prompt_sigma"], prompt_cap)
+        lc = lognormal_words(rng, spec["response_median"], spec["response_sigma"], max_length)
+        lr = lognormal_words(rng, spec["response_median"], spec["response_sigma"], max_length)
+        rows.append(
+            {
+                "prompt": maker.text(rng, lp) + " ?",
+                "chosen": " " + maker.text(rng, lc),
+                "rejected": " " + maker.text(rng, lr),
+            }
+        )
+    return rows
+
+
+def build_tokenizer(seed: int = 0, vocab_size: int = 4096, maker: TextMaker | None = None):
+    from orpo_plugin.toy import build_tokenizer as toy_tokenizer
+
+    maker = maker or TextMaker(seed)
+    return toy_tokenizer(maker.corpus(random.Random(seed + 2)), vocab_size=vocab_size, chat_template=False)
+
+
+def versions() -> str:
+    import torch
+    import transformers
+    import trl
+
+    return (
+        f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+        f"python {platform.python_version()}, threads {torch.get_num_threads()}"
+    )
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub-markdown table (prints fine in a terminal too)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def batch_tokens(inputs: dict) -> tuple[int, int, int]:
+    """(trained tokens, computed positions, pairs) of one collated micro-batch, for TRL's or our batches.
+
+    Trained tokens are counted the same way for every layout: 2*prompt + chosen + rejected per pair (a prompt
+    shared by both branches still counts twice, as it does in a padded batch). Computed positions are what the
+    model runs over: pad included, a shared prompt once.
+    """
+    if "pred_pos" in inputs:  # orpo_plugin's collator
+        trained = int(inputs["unshared_tokens"]) if "unshared_tokens" in inputs else int(inputs["real_tokens"])
+        return trained, int(inputs["input_ids"].numel()), int(inputs["num_pairs"])
+    # TRL's DPODataCollatorWithPadding: chosen/rejected = prompt + response, padded separately per batch;
+    # concatenated_forward pads both to the longer one and runs [2B, T].
+    cm, rm = inputs["chosen_attention_mask"], inputs["rejected_attention_mask"]
+    width = max(cm.shape[1], rm.shape[1])
+    return int(cm.sum() + rm.sum()), 2 * cm.shape[0] * width, int(cm.shape[0])
+
+
+class StepMeter:
+    """Counts tokens per micro-batch (via a training_step wrapper) and times optimizer steps (via callbacks).
+
+    Timed window: from the end of the last warm-up step to the end of the last step, so data loading and
+    collation, forward, backward and the optimizer step all count. `compute_s` is the part spent between
+    on_step_begin and on_step_end (forward, backward, optimizer; not fetching/collating the batch).
+    """
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.step = 0
+        self.trained = self.computed = self.pairs = 0
+        self.t_start = self.t_end = None
+        self.compute_s = 0.0
+        self._t_begin = None
+
+    def count(self, inputs):
+        if self.step >= self.warmup:  # inputs of step index `self.step` (0-based), counted once timed
+            t, c, p = batch_tokens(inputs)
+            self.trained += t
+            self.computed += c
+            self.pairs += p
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class _Cb(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                meter._t_begin = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                now = time.perf_counter()
+                if meter.step >= meter.warmup:
+                    meter.compute_s += now - meter._t_begin
+                meter.step += 1
+                if meter.step == meter.warmup:
+                    meter.t_start = now
+                meter.t_end = now
+
+        return _Cb()
+
+    @property
+    def seconds(self) -> float:
+        return self.t_end - self.t_start
+
+    def result(self) -> dict:
+        s = self.seconds
+        return {
+            "seconds": s,
+            "compute_s": self.compute_s,
+            "trained": self.trained,
+            "computed": self.computed,
+            "pairs": self.pairs,
+            "steps": self.step - self.warmup,
+            "tokens_per_s": self.trained / s,
+            "pad_fraction": 1.0 - self.trained / self.computed if self.computed else float("nan"),
+            "computed_per_trained": self.computed / self.trained,
+        }
+
+
+def metered(trainer_cls, meter: StepMeter):
+    """A subclass of `trainer_cls` whose training_step feeds `meter` the micro-batch it trains on."""
+
+    class Metered(trainer_cls):
+        def training_step(self, model, inputs, *args, **kwargs):
+            meter.count(inputs)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    Metered.__name__ = trainer_cls.__name__
+    return Metered
+
+
+def quiet_logs():
+    import logging
+
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    logging.getLogger("orpo_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")

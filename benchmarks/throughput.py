@@ -1,0 +1,274 @@
+"""Training throughput in REAL (non-pad) tokens per second: TRL's ORPOTrainer vs orpo_plugin's layouts, on CPU.
+
+    python benchmarks/throughput.py                      # TRL vs ours: padded, padding_free, packing
+    python benchmarks/throughput.py --set prompt-heavy   # packing vs packing + prefix_sharing
+
+Every method trains the same random-init tiny Llama (rebuilt from the same seed for each run) on the same
+synthetic preference set (log-normal prompt/response lengths) for a fixed number of optimizer steps after a
+few untimed warm-up steps. Real tokens are counted from the micro-batches each run actually trained on, the same
+way for every method: 2*prompt + chosen + rejected per pair. Methods run one after the other in one process, in
+a rotating order, `--repeats` times; the table shows medians, and each ratio is the median of the per-repeat
+ratios (each taken against the baseline run of the same repeat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+BATCH = 8  # pairs per micro-batch for the padded methods (TRL's setting in the issue)
+
+METHODS = {
+    # name: (trainer, our config fields)
+    "trl": ("trl", {}),
+    "padded": ("ours", {}),
+    "padding_free": ("ours", {"padding_free": True}),
+    "packing": ("ours", {"packing": True}),
+    "packing+prefix_sharing": ("ours", {"packing": True, "prefix_sharing": True}),
+}
+DEFAULTS = {
+    "mixed": dict(methods=["trl", "padded", "padding_free", "packing"], baseline="trl"),
+    "prompt-heavy": dict(methods=["packing", "packing+prefix_sharing"], baseline="packing"),
+}
+
+
+def pair_costs(dataset) -> list[int]:
+    """2*prompt + chosen + rejected tokens of every prepared pair (what a padded or padding-free batch trains)."""
+    return [
+        2 * len(p) + len(c) + len(r)
+        for p, c, r in zip(dataset["prompt_input_ids"], dataset["chosen_input_ids"], dataset["rejected_input_ids"])
+    ]
+
+
+def calibrate_budget(costs: list[int], target_tokens: float, seed: int) -> tuple[int, dict]:
+    """packing_max_tokens whose packed groups hold `target_tokens` real tokens on average (packing only the pairs'
+    plain-layout cost, as `packing=True` does), never below the longest pair."""
+    from orpo_plugin.packing import PackedBatchSampler
+
+    budget = max(int(target_tokens), max(costs))
+    for _ in range(8):
+        stats = PackedBatchSampler(costs, budget, seed=seed).stats()
+        new = max(int(round(budget * target_tokens / stats["mean_group_tokens"])), max(costs))
+        if new == budget:
+            break
+        budget = new
+    return budget, PackedBatchSampler(costs, budget, seed=seed).stats()
+
+
+def check_same_tokenization(rows, tokenizer, ours, max_length: int) -> None:
+    """TRL and orpo_plugin must see the same token counts per pair, or tokens/s would not be comparable."""
+    import datasets
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    probe = rows[:64]
+    model = common_model(tokenizer, hidden=64, layers=1, heads=2, seed=0)
+    with tempfile.TemporaryDirectory() as out:
+        args = ORPOConfig(output_dir=out, max_length=max_length, **cpu_args())
+        trl = ORPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(probe), processing_class=tokenizer)
+    theirs = [len(c) + len(r) for c, r in zip(trl.train_dataset["chosen_input_ids"], trl.train_dataset["rejected_input_ids"])]
+    mine = pair_costs(ours.select(range(len(probe))))
+    if theirs != mine:
+        bad = next(i for i, (a, b) in enumerate(zip(theirs, mine)) if a != b)
+        raise SystemExit(f"tokenization differs between TRL and orpo_plugin at pair {bad}: {theirs[bad]} vs {mine[bad]} tokens")
+
+
+def common_model(tokenizer, hidden: int, layers: int, heads: int, seed: int):
+    from orpo_plugin.toy import build_model
+
+    return build_model(
+        len(tokenizer), hidden_size=hidden, num_layers=layers, num_heads=heads, seed=seed, attn_implementation="sdpa"
+    )
+
+
+def cpu_args() -> dict:
+    return dict(
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+    )
+
+
+def run_one(method: str, rows, tokenizer, opts, budget: int) -> dict:
+    import datasets
+    import torch
+
+    kind, fields = METHODS[method]
+    meter = common.StepMeter(opts.warmup)
+    logs: list[dict] = []
+    from transformers import TrainerCallback
+
+    class KeepLogs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs:
+                logs_list.append(dict(logs))
+
+    logs_list = logs
+    steps = opts.warmup + opts.steps
+    common_fields = dict(
+        max_length=opts.max_length,
+        max_steps=steps,
+        learning_rate=1e-4,
+        seed=opts.seed,
+        data_seed=opts.seed,
+        logging_steps=steps,
+        **cpu_args(),
+    )
+    model = common_model(tokenizer, opts.hidden, opts.layers, opts.heads, opts.seed)
+    dataset = datasets.Dataset.from_list(rows)
+    with tempfile.TemporaryDirectory() as out:
+        if kind == "trl":
+            from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+        else:
+            from orpo_plugin import ORPOConfig, ORPOTrainer
+
+            if fields.get("packing"):
+                fields = {**fields, "packing_max_tokens": budget}
+        args = ORPOConfig(output_dir=out, **common_fields, **fields)
+        trainer = common.metered(ORPOTrainer, meter)(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+            callbacks=[meter.callback(), KeepLogs()],
+        )
+        torch.manual_seed(opts.seed)
+        trainer.train()
+    result = meter.result()
+    result["method"] = method
+    last = next((entry for entry in reversed(logs) if "loss" in entry), {})
+    result["logged_padding_fraction"] = last.get("tokens/padding_fraction")
+    result["logged_computed_per_trained"] = last.get("tokens/computed_per_trained")
+    del trainer, model
+    gc.collect()
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", dest="length_set", choices=sorted(common.LENGTH_SETS), default="mixed")
+    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="default: depends on --set")
+    p.add_argument("--baseline", help="the method ratios are taken against (default: trl, or packing for prompt-heavy)")
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before timing")
+    p.add_argument("--repeats", type=int, default=3, help="runs per method (interleaved); the median is reported")
+    p.add_argument("--pairs", type=int, default=600, help="pairs in the synthetic dataset")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary of the toy tokenizer (= model vocab)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=int, help="packing_max_tokens (default: calibrated to TRL's real tokens per batch)")
+    p.add_argument("--json", help="also write the per-run results here")
+    opts = p.parse_args(argv)
+    methods = opts.methods or DEFAULTS[opts.length_set]["methods"]
+    baseline = opts.baseline or DEFAULTS[opts.length_set]["baseline"]
+    if baseline not in methods:
+        p.error(f"the baseline {baseline!r} must be one of the methods run")
+
+    import torch
+
+    torch.set_num_threads(opts.threads)
+    common.quiet_logs()
+    from orpo_plugin.data import prepare_dataset
+
+    t0 = time.perf_counter()
+    maker = common.TextMaker(opts.seed)
+    tokenizer = common.build_tokenizer(opts.seed, opts.vocab, maker)
+    rows = common.make_pairs(opts.pairs, opts.length_set, opts.max_length, opts.seed, maker)
+    prepared, _ = prepare_dataset(rows, tokenizer, max_length=opts.max_length)
+    if len(prepared) != len(rows):
+        raise SystemExit(f"{len(rows) - len(prepared)} synthetic pairs were dropped; lower the lengths")
+    costs = pair_costs(prepared)
+    prompts = [len(x) for x in prepared["prompt_input_ids"]]
+    responses = [len(x) for x in prepared["chosen_input_ids"]] + [len(x) for x in prepared["rejected_input_ids"]]
+    target = BATCH * statistics.fmean(costs)
+    budget, pstats = (opts.budget, None) if opts.budget else calibrate_budget(costs, target, opts.seed)
+    if any(k == "trl" for k in (METHODS[m][0] for m in methods)):
+        check_same_tokenization(rows, tokenizer, prepared, opts.max_length)
+
+    print(f"# throughput, set={opts.length_set}: {common.versions()}")
+    print(
+        f"model: Llama hidden {opts.hidden}, {opts.layers} layers, {opts.heads} heads, vocab {len(tokenizer)}; "
+        f"max_length {opts.max_length}; {opts.warmup} warm-up + {opts.steps} timed steps; {opts.repeats} repeats"
+    )
+    print(
+        f"data: {len(rows)} pairs; tokens per pair median prompt {statistics.median(prompts):.0f}, "
+        f"response {statistics.median(responses):.0f} (max {max(responses)}); "
+        f"real tokens per 8 pairs {target:.0f}; packing_max_tokens {budget}"
+        + (f" (packed groups: {pstats['mean_group_tokens']:.0f} tokens, {pstats['mean_pairs_per_group']:.1f} pairs on average)" if pstats else "")
+    )
+
+    runs: list[dict] = []
+    for r in range(opts.repeats):
+        order = methods[r % len(methods):] + methods[: r % len(methods)]
+        for m in order:
+            res = run_one(m, rows, tokenizer, opts, budget)
+            res["repeat"] = r
+            runs.append(res)
+            print(
+                f"  repeat {r} {m:24s} {res['tokens_per_s']:8.0f} real tok/s  ({res['trained']} tokens, "
+                f"{res['pairs']} pairs, {res['seconds']:.1f}s, pad {res['pad_fraction']:.3f})",
+                flush=True,
+            )
+
+    base = {x["repeat"]: x["tokens_per_s"] for x in runs if x["method"] == baseline}
+    rows_out = []
+    for m in methods:
+        mine = [x for x in runs if x["method"] == m]
+        tps = common.median([x["tokens_per_s"] for x in mine])
+        ratios = [x["tokens_per_s"] / base[x["repeat"]] for x in mine]
+        pad = common.median([x["pad_fraction"] for x in mine])
+        cpt = common.median([x["computed_per_trained"] for x in mine])
+        pairs_per_step = common.median([x["pairs"] / x["steps"] for x in mine])
+        tokens_per_step = common.median([x["trained"] / x["steps"] for x in mine])
+        outside = common.median([1 - x["compute_s"] / x["seconds"] for x in mine])
+        rows_out.append(
+            [
+                m,
+                f"{tps:,.0f}",
+                f"{common.median(ratios):.2f}x" + (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""),
+                f"{pad:.3f}",
+                f"{cpt:.3f}",
+                f"{pairs_per_step:.1f}",
+                f"{tokens_per_step:,.0f}",
+                f"{outside:.0%}",
+            ]
+        )
+    print()
+    print(
+        common.table(
+            [
+                "method",
+                "real tokens/s",
+                f"ratio vs {baseline} (min-max)",
+                "pad fraction",
+                "computed/trained",
+                "pairs/step",
+                "real tokens/step",
+                "time outside fwd/bwd/opt",
+            ],
+            rows_out,
+        )
+    )
+    print(f"\ntotal wall time {time.perf_counter() - t0:.0f}s")
+    if opts.json:
+        Path(opts.json).write_text(json.dumps({"opts": vars(opts), "budget": budget, "runs": runs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""`plugins: [orpo_plugin.axolotl.ORPOPlugin]` + `rl: orpo`: Axolotl's ORPO run trains with orpo_plugin's trainer.
+
+How Axolotl 0.19's `rl:` path meets our trainer (see core/builders/rl.py there):
+- a plugin's trainer class is built without the model positional, so the plugin keeps the model it is handed in
+  `post_model_load` (after any LoRA/QLoRA adapter) and the trainer takes it from there;
+- the training arguments arrive as `AxolotlORPOConfig` (TRL's ORPOConfig + Axolotl's mixins, beta already set from
+  `orpo_alpha`/`rl_beta`/`trl.beta`, max_length from `sequence_len`); they are copied into our ORPOConfig with the
+  same Axolotl mixins, so Axolotl's optimizer and scheduler extensions keep working;
+- our YAML keys reach those arguments through a dataclass mixin (`args.ORPOTrainingArgsMixin`);
+- the collator Axolotl may pass (only when `pad_to_multiple_of` is set) is a DPO one: ours replaces it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+from axolotl.integrations.base import BasePlugin
+
+from .args import KEY_TO_FIELD
+
+LOG = logging.getLogger("orpo_plugin.axolotl")
+
+
+def _is_orpo(cfg) -> bool:
+    rl = cfg.get("rl") if hasattr(cfg, "get") else getattr(cfg, "rl", None)
+    return getattr(rl, "value", rl) == "orpo"
+
+
+class ORPOPlugin(BasePlugin):
+    """Replace Axolotl's `rl: orpo` trainer with orpo_plugin's ORPOTrainer (packing, prefix sharing, chunked loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = None
+
+    def get_input_args(self) -> str:
+        return "orpo_plugin.axolotl.args.ORPOPluginArgs"
+
+    def get_training_args_mixin(self) -> str:
+        return "orpo_plugin.axolotl.args.ORPOTrainingArgsMixin"
+
+    def register(self, cfg):
+        if not _is_orpo(cfg):
+            LOG.warning("orpo_plugin.axolotl.ORPOPlugin is listed but rl is %r: it only acts with `rl: orpo`", cfg.get("rl"))
+
+    def post_model_load(self, cfg, model):
+        self.model = model  # the trainer below is built without it (see the module docstring)
+
+    def get_training_args(self, cfg):
+        if not _is_orpo(cfg):
+            return None
+        values = {key: cfg.get(key) for key in KEY_TO_FIELD}
+        values["orpo_pad_to_multiple_of"] = cfg.get("pad_to_multiple_of")
+        return values
+
+    def get_trainer_cls(self, cfg):
+        if not _is_orpo(cfg):
+            return None
+        base = axolotl_trainer_class()
+        # a subclass per plugin instance, so the trainer finds the model this plugin was handed
+        return type(base.__name__, (base,), {"orpo_plugin": self, "__module__": base.__module__})
+
+
+@functools.cache
+def axolotl_config_class():
+    """Our ORPOConfig with Axolotl's training-argument mixins (as merged with every registered plugin's)."""
+    from axolotl.core.training_args import AxolotlTrainingMixins
+
+    from ..trainer import ORPOConfig
+    from .args import ORPOTrainingArgsMixin
+
+    bases = (AxolotlTrainingMixins,)
+    if not issubclass(AxolotlTrainingMixins, ORPOTrainingArgsMixin):  # imported before the plugin was registered
+        bases += (ORPOTrainingArgsMixin,)
+
+    @dataclasses.dataclass
+    class AxolotlORPOPluginConfig(*bases, ORPOConfig):
+        """orpo_plugin's ORPOConfig plus Axolotl's training-argument fields."""
+
+    return AxolotlORPOPluginConfig
+
+
+def to_plugin_config(args):
+    """Copy Axolotl's training arguments (an `AxolotlORPOConfig`) into `axolotl_config_class()`, mapping our keys."""
+    cls = axolotl_config_class()
+    if isinstance(args, cls):
+        return args
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
+    for key, name in KEY_TO_FIELD.items():
+        if getattr(args, key, None) is not None:
+            values[name] = getattr(args, key)
+    if getattr(args, "orpo_pad_to_multiple_of", None):
+        values["pad_to_multiple_of"] = args.orpo_pad_to_multiple_of
+    return cls(**values)
+
+
+@functools.cache
+def axolotl_trainer_class():
+    """ORPOTrainer with Axolotl's trainer mixins (the same ones Axolotl's own ORPO trainer carries)."""
+    from axolotl.core.trainers.mixins import DistributedParallelMixin, OptimizerMixin, RngLoaderMixin, SchedulerMixin
+    from axolotl.core.trainers.mixins.optimizer import OptimizerInitMixin
+
+    from ..trainer import ORPOTrainer
+
+    class AxolotlORPOPluginTrainer(
+        RngLoaderMixin,
+        SchedulerMixin,
+        OptimizerMixin,
+        OptimizerInitMixin,  # takes Axolotl's `optimizer_cls_and_kwargs`
+        DistributedParallelMixin,
+        ORPOTrainer,
+    ):
+        """orpo_plugin's ORPOTrainer as Axolotl builds it: no model positional, Axolotl's ORPO arguments."""
+
+        tag_names = ["axolotl", "orpo", "orpo-plugin"]
+        _tag_names = ["trl", "orpo", "orpo-plugin", "axolotl"]
+        orpo_plugin: ORPOPlugin | None = None
+
+        def __init__(self, model=None, args=None, data_collator=None, **kwargs):
+            if model is None and self.orpo_plugin is not None:
+                model = self.orpo_plugin.model
+            if model is None:
+                raise ValueError(
+                    "ORPOPlugin was not handed the model (its post_model_load hook did not run); "
+                    "list orpo_plugin.axolotl.ORPOPlugin under `plugins:`"
+                )
+            if data_collator is not None:
+                LOG.info("replacing Axolotl's %s with orpo_plugin's PreferenceCollator", type(data_collator).__name__)
+            super().__init__(model=model, args=to_plugin_config(args), data_collator=None, **kwargs)
+
+    return AxolotlORPOPluginTrainer
