@@ -9,8 +9,18 @@ import sys
 logger = logging.getLogger("orpo_plugin")
 
 
+def _kbit_device_map() -> dict:
+    """Each process loads its quantized copy onto its own device."""
+    import torch
+    from accelerate import PartialState
+
+    if torch.cuda.is_available():
+        return {"": PartialState().local_process_index}
+    return {"": "cpu"}
+
+
 def _train(argv: list[str]) -> int:
-    from trl import ModelConfig, ScriptArguments, TrlParser, get_kbit_device_map, get_peft_config, get_quantization_config
+    from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
     from .callbacks import LogpsPlotCallback, MetricsFileCallback
     from .data import load_preference_dataset
@@ -28,10 +38,9 @@ def _train(argv: list[str]) -> int:
         revision=model_args.model_revision,
         attn_implementation=model_args.attn_implementation,
         dtype=model_args.dtype,
-        trust_remote_code=model_args.trust_remote_code,
     )
     if quantization_config is not None:
-        model_kwargs["device_map"] = get_kbit_device_map()
+        model_kwargs["device_map"] = _kbit_device_map()
         model_kwargs["quantization_config"] = quantization_config
     training_args.model_init_kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
 
@@ -45,7 +54,7 @@ def _train(argv: list[str]) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
     )
     trainer = ORPOTrainer(
         model=model_args.model_name_or_path,

@@ -79,6 +79,8 @@ def axolotl_config_class():
     class AxolotlORPOPluginConfig(*bases, ORPOConfig):
         """orpo_plugin's ORPOConfig plus Axolotl's training-argument fields."""
 
+    # Trainer checkpoints pickle the arguments: give the class a module-level name (see __getattr__ below)
+    AxolotlORPOPluginConfig.__qualname__ = "AxolotlORPOPluginConfig"
     return AxolotlORPOPluginConfig
 
 
@@ -131,3 +133,9 @@ def axolotl_trainer_class():
             super().__init__(model=model, args=to_plugin_config(args), data_collator=None, **kwargs)
 
     return AxolotlORPOPluginTrainer
+
+
+def __getattr__(name):  # unpickling a checkpoint's training_args.bin looks the config class up by name
+    if name == "AxolotlORPOPluginConfig":
+        return axolotl_config_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

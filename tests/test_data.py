@@ -1,0 +1,440 @@
+"""Rows -> tokenized pairs for every accepted format; truncation and dropping; errors that name the row and field."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+
+from orpo_plugin import data
+from orpo_plugin.data import (
+    DROP_IDENTICAL,
+    DROP_LONG_PROMPT,
+    DROP_TOO_LONG,
+    load_preference_dataset,
+    prepare_dataset,
+    read_jsonl,
+    row_to_text,
+)
+
+SKY = "What color is the sky?"
+FIRE = "Q: Is fire hot?"
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def system(text):
+    return {"role": "system", "content": text}
+
+
+def enc(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def expected_pair(tok, prompt_text, chosen_text, rejected_text):
+    """BOS + the prompt's tokens; each response's tokens + EOS (for texts whose boundary no BPE merge crosses)."""
+    for response in (chosen_text, rejected_text):
+        assert enc(tok, prompt_text + response) == enc(tok, prompt_text) + enc(tok, response), "test precondition"
+    return {
+        "prompt_input_ids": [tok.bos_token_id] + enc(tok, prompt_text),
+        "chosen_input_ids": enc(tok, chosen_text) + [tok.eos_token_id],
+        "rejected_input_ids": enc(tok, rejected_text) + [tok.eos_token_id],
+    }
+
+
+def assert_pair(tok, got, prompt_text, chosen_text, rejected_text):
+    want = expected_pair(tok, prompt_text, chosen_text, rejected_text)
+    assert {k: list(got[k]) for k in data.COLUMNS} == want
+    assert got["prompt_input_ids"][0] == tok.bos_token_id
+    for name, text in (("chosen", chosen_text), ("rejected", rejected_text)):
+        ids = got["prompt_input_ids"] + got[f"{name}_input_ids"]
+        assert ids[-1] == tok.eos_token_id
+        # Decoding prompt + response gives back the rendered text, between BOS and EOS.
+        assert tok.decode(ids) == tok.bos_token + prompt_text + text + tok.eos_token
+
+
+def chat_prompt(*messages):
+    """The toy template's rendering of `messages` followed by the generation prompt."""
+    return "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages) + "<|assistant|>"
+
+
+# ----------------------------------------------------------------------------------------------- formats
+def test_standard_strings(tiny_tokenizer):
+    rows = [
+        {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
+        {"prompt": FIRE, "chosen": " Yes.", "rejected": " No."},
+    ]
+    ds, stats = prepare_dataset(rows, tiny_tokenizer)
+    assert ds.column_names == list(data.COLUMNS) or set(ds.column_names) == set(data.COLUMNS)
+    assert (stats.rows, stats.kept, stats.truncated_responses, sum(stats.dropped.values())) == (2, 2, 0, 0)
+    assert_pair(tiny_tokenizer, ds[0], SKY, " Blue.", " Green.")
+    assert_pair(tiny_tokenizer, ds[1], FIRE, " Yes.", " No.")
+
+
+def test_standard_strings_with_a_merge_across_the_boundary(tiny_tokenizer):
+    # "sk" + "y?" tokenizes as "sky" + "?": the shared prompt is shortened so prompt + response keeps the
+    # tokenization of the whole text.
+    prompt, chosen, rejected = "What color is the sk", "y? Blue.", "y? Green."
+    assert enc(tiny_tokenizer, prompt + chosen)[: len(enc(tiny_tokenizer, prompt))] != enc(tiny_tokenizer, prompt)
+    ds, _ = prepare_dataset([{"prompt": prompt, "chosen": chosen, "rejected": rejected}], tiny_tokenizer)
+    row = ds[0]
+    bos, eos = tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id
+    for name, response in (("chosen", chosen), ("rejected", rejected)):
+        assert row["prompt_input_ids"] + row[f"{name}_input_ids"] == [bos] + enc(tiny_tokenizer, prompt + response) + [eos]
+    assert tiny_tokenizer.decode(row["prompt_input_ids"], skip_special_tokens=True) == "What color is the"
+
+
+def test_conversational(tiny_tokenizer):
+    rows = [
+        {"prompt": [user(SKY)], "chosen": [assistant("Blue.")], "rejected": [assistant("Green.")]},
+        {
+            "prompt": [system("Be brief."), user(FIRE)],
+            "chosen": [assistant("Yes.")],
+            "rejected": [assistant("No.")],
+        },
+    ]
+    ds, stats = prepare_dataset(rows, tiny_tokenizer)
+    assert stats.kept == 2
+    assert_pair(tiny_tokenizer, ds[0], chat_prompt(user(SKY)), "Blue.<|end|>", "Green.<|end|>")
+    assert_pair(tiny_tokenizer, ds[1], chat_prompt(system("Be brief."), user(FIRE)), "Yes.<|end|>", "No.<|end|>")
+
+
+def test_implicit_prompt_strings(tiny_tokenizer):
+    rows = [
+        {"chosen": f"{FIRE} Yes.", "rejected": f"{FIRE} No."},
+        {"chosen": f"{SKY} Blue.", "rejected": f"{SKY} Green."},
+    ]
+    # The shared prefix is the prompt, without the space before the answers.
+    assert row_to_text(rows[0], 0, tiny_tokenizer) == (FIRE, " Yes.", " No.")
+    ds, _ = prepare_dataset(rows, tiny_tokenizer)
+    assert_pair(tiny_tokenizer, ds[0], FIRE, " Yes.", " No.")
+    assert_pair(tiny_tokenizer, ds[1], SKY, " Blue.", " Green.")
+
+
+def test_implicit_prompt_messages(tiny_tokenizer):
+    rows = [
+        {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
+        {
+            "chosen": [system("Be brief."), user(FIRE), assistant("Yes.")],
+            "rejected": [system("Be brief."), user(FIRE), assistant("No.")],
+        },
+    ]
+    ds, _ = prepare_dataset(rows, tiny_tokenizer)
+    assert_pair(tiny_tokenizer, ds[0], chat_prompt(user(SKY)), "Blue.<|end|>", "Green.<|end|>")
+    assert_pair(tiny_tokenizer, ds[1], chat_prompt(system("Be brief."), user(FIRE)), "Yes.<|end|>", "No.<|end|>")
+
+
+def test_axolotl_argilla_rows(tiny_tokenizer):
+    rows = [
+        {
+            "system": "Be brief.",
+            "chosen": [user(SKY), assistant("Blue.")],
+            "rejected": [user(SKY), assistant("Green.")],
+        },
+        {"system": None, "chosen": [user(FIRE), assistant("Yes.")], "rejected": [user(FIRE), assistant("No.")]},
+    ]
+    ds, stats = prepare_dataset(rows, tiny_tokenizer)
+    assert stats.kept == 2
+    assert_pair(tiny_tokenizer, ds[0], chat_prompt(system("Be brief."), user(SKY)), "Blue.<|end|>", "Green.<|end|>")
+    assert_pair(tiny_tokenizer, ds[1], chat_prompt(user(FIRE)), "Yes.<|end|>", "No.<|end|>")
+
+
+def test_argilla_without_system_column(tiny_tokenizer):
+    rows = [{"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]}]
+    ds, _ = prepare_dataset(datasets.Dataset.from_list(rows), tiny_tokenizer)
+    assert_pair(tiny_tokenizer, ds[0], chat_prompt(user(SKY)), "Blue.<|end|>", "Green.<|end|>")
+
+
+def test_pretokenized_rows_pass_through(tiny_tokenizer):
+    rows = [
+        {"prompt_input_ids": [1, 10, 11], "chosen_input_ids": [12, 2], "rejected_input_ids": [13, 2]},
+        {"prompt_input_ids": [1, 10], "chosen_input_ids": [12, 2], "rejected_input_ids": [12, 2]},
+    ]
+    ds, stats = prepare_dataset(rows, tiny_tokenizer)
+    assert ds.to_list() == rows[:1]
+    assert stats.dropped == {DROP_IDENTICAL: 1}
+
+
+# ----------------------------------------------------------------------------------------------- truncation
+LONG = " one two three four five six seven eight nine ten."
+
+
+def test_long_responses_truncated_to_max_length(tiny_tokenizer):
+    rows = [
+        {"prompt": SKY, "chosen": LONG, "rejected": " Green."},  # one response truncated
+        {"prompt": SKY, "chosen": LONG, "rejected": LONG + " one"},  # both truncated
+        {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},  # none
+    ]
+    prompt_len = 1 + len(enc(tiny_tokenizer, SKY))
+    short = len(enc(tiny_tokenizer, " Green.")) + 1
+    max_length = prompt_len + short + 1
+    ds, stats = prepare_dataset(rows, tiny_tokenizer, max_length=max_length)
+    assert stats.kept == 3 and stats.truncated_responses == 3
+    limit = max_length - prompt_len
+    full_long = enc(tiny_tokenizer, LONG) + [tiny_tokenizer.eos_token_id]
+    assert ds[0]["chosen_input_ids"] == full_long[:limit]
+    assert ds[0]["rejected_input_ids"] == enc(tiny_tokenizer, " Green.") + [tiny_tokenizer.eos_token_id]
+    assert ds[1]["chosen_input_ids"] == full_long[:limit]
+    assert len(ds[1]["rejected_input_ids"]) == limit
+    for row in ds:
+        assert len(row["prompt_input_ids"]) + max(len(row["chosen_input_ids"]), len(row["rejected_input_ids"])) <= max_length
+    assert "truncated" in stats.summary()
+
+
+def test_max_completion_length(tiny_tokenizer):
+    rows = [{"prompt": SKY, "chosen": LONG, "rejected": " Green."}]
+    ds, stats = prepare_dataset(rows, tiny_tokenizer, max_completion_length=3)
+    assert ds[0]["chosen_input_ids"] == enc(tiny_tokenizer, LONG)[:3]
+    assert len(ds[0]["rejected_input_ids"]) <= 3
+    assert stats.truncated_responses == 1 + (len(enc(tiny_tokenizer, " Green.")) + 1 > 3)
+    # Both limits: the tighter wins.
+    ds, _ = prepare_dataset(rows, tiny_tokenizer, max_length=1000, max_completion_length=4)
+    assert len(ds[0]["chosen_input_ids"]) == 4
+    prompt_len = 1 + len(enc(tiny_tokenizer, SKY))
+    ds, _ = prepare_dataset(rows, tiny_tokenizer, max_length=prompt_len + 2, max_completion_length=4)
+    assert len(ds[0]["chosen_input_ids"]) == 2
+
+
+def test_drop_long_pairs(tiny_tokenizer):
+    rows = [
+        {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
+        {"prompt": SKY, "chosen": LONG, "rejected": " Green."},
+    ]
+    prompt_len = 1 + len(enc(tiny_tokenizer, SKY))
+    ds, stats = prepare_dataset(rows, tiny_tokenizer, max_length=prompt_len + 5, drop_long_pairs=True)
+    assert len(ds) == 1 and stats.kept == 1 and stats.rows == 2
+    assert stats.dropped == {DROP_TOO_LONG: 1}
+    assert_pair(tiny_tokenizer, ds[0], SKY, " Blue.", " Green.")
+
+
+# ----------------------------------------------------------------------------------------------- drops
+def test_chosen_identical_to_rejected_is_dropped_and_counted(tiny_tokenizer):
+    rows = [
+        {"prompt": SKY, "chosen": " Blue.", "rejected": " Blue."},
+        {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
+        {"prompt": FIRE, "chosen": " Yes.", "rejected": " Yes."},
+    ]
+    ds, stats = prepare_dataset(rows, tiny_tokenizer)
+    assert len(ds) == 1 and stats.dropped == {DROP_IDENTICAL: 2}
+    assert DROP_IDENTICAL in stats.summary()
+
+
+def test_identical_messages_are_dropped_and_counted(tiny_tokenizer):
+    rows = [
+        {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Blue.")]},
+        {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
+    ]
+    ds, stats = prepare_dataset(rows, tiny_tokenizer)
+    assert len(ds) == 1 and stats.dropped == {DROP_IDENTICAL: 1}
+
+
+def test_many_leading_identical_pairs_do_not_break_the_column_types(tiny_tokenizer):
+    # A dropped pair's empty id lists must not fix the column type for the rest: `datasets` writes rows in
+    # batches of 1000, and a first batch of only dropped pairs used to type the id columns as list<null>.
+    rows = [{"prompt": "Q", "chosen": " a", "rejected": " a"}] * 1000 + [{"prompt": "Q", "chosen": " a", "rejected": " b"}]
+    ds, stats = prepare_dataset(rows, tiny_tokenizer)
+    assert len(ds) == 1 and stats.dropped == {DROP_IDENTICAL: 1000}
+
+
+def test_prompt_alone_filling_max_length_is_dropped_and_counted(tiny_tokenizer):
+    long_prompt = "one two three four five six seven eight nine ten " * 3
+    rows = [
+        {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
+        {"prompt": long_prompt, "chosen": " Yes.", "rejected": " No."},
+    ]
+    max_length = 1 + len(enc(tiny_tokenizer, SKY)) + 4
+    assert 1 + len(enc(tiny_tokenizer, long_prompt)) >= max_length
+    ds, stats = prepare_dataset(rows, tiny_tokenizer, max_length=max_length)
+    assert len(ds) == 1 and stats.dropped == {DROP_LONG_PROMPT: 1}
+    # Exactly max_length counts as too long: no room is left for a response.
+    exact = [{"prompt": SKY, "chosen": " Blue.", "rejected": " Green."}]
+    with pytest.raises(ValueError, match="no usable pairs"):
+        prepare_dataset(exact, tiny_tokenizer, max_length=1 + len(enc(tiny_tokenizer, SKY)))
+
+
+def test_all_rows_dropped_is_an_error(tiny_tokenizer):
+    rows = [{"prompt": SKY, "chosen": " Blue.", "rejected": " Blue."}] * 2
+    with pytest.raises(ValueError, match=r"eval dataset: no usable pairs left .*2 \(chosen identical"):
+        prepare_dataset(rows, tiny_tokenizer, name="eval")
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_missing_column_dataset_level(tiny_tokenizer):
+    rows = [{"prompt": SKY, "chosen": " Blue."}]
+    with pytest.raises(ValueError, match=r"train dataset needs 'chosen' and 'rejected' columns") as err:
+        prepare_dataset(rows, tiny_tokenizer)
+    assert "['chosen', 'prompt']" in str(err.value)  # what the dataset does have
+
+
+def test_missing_field_row_level(tiny_tokenizer):
+    rows = [
+        {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
+        {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
+        {"prompt": SKY, "chosen": " Blue."},  # `datasets` fills the hole with None
+    ]
+    with pytest.raises(ValueError, match=r"row 2: missing field 'rejected'"):
+        prepare_dataset(rows, tiny_tokenizer)
+
+
+def test_non_string_content_in_a_list_of_rows(tiny_tokenizer):
+    # A list of dicts is the first thing users pass; a wrong type must be reported by row and field, not by
+    # pyarrow ("Expected bytes, got a 'int' object") while building the Dataset.
+    rows = [
+        {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
+        {"prompt": SKY, "chosen": 42, "rejected": " Green."},
+    ]
+    with pytest.raises(TypeError, match=r"row 1: field 'chosen' must be a string, got int"):
+        prepare_dataset(rows, tiny_tokenizer)
+
+
+def test_non_string_content_in_a_dataset(tiny_tokenizer):
+    ints = datasets.Dataset.from_list([{"prompt": SKY, "chosen": 1, "rejected": 2}])
+    with pytest.raises(TypeError, match=r"row 0: field 'chosen' must be a string, got int"):
+        prepare_dataset(ints, tiny_tokenizer)
+    rows = [
+        {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
+        {"chosen": [user(SKY), assistant(None)], "rejected": [user(SKY), assistant("Green.")]},
+    ]
+    with pytest.raises(TypeError, match=r"row 1: field 'chosen\[1\]\.content' must be a string, got NoneType"):
+        prepare_dataset(rows, tiny_tokenizer)
+    # Row by row (what `datasets.map` calls), with any index.
+    with pytest.raises(TypeError, match=r"row 7: field 'rejected' must be a string, got list"):
+        row_to_text({"prompt": SKY, "chosen": " Blue.", "rejected": ["Green."]}, 7, tiny_tokenizer)
+
+
+def test_empty_content(tiny_tokenizer):
+    rows = [
+        {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
+        {"prompt": SKY, "chosen": "   ", "rejected": " Green."},
+    ]
+    with pytest.raises(ValueError, match=r"row 1: field 'chosen' is empty"):
+        prepare_dataset(rows, tiny_tokenizer)
+    rows = [
+        {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
+        {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("")]},
+    ]
+    with pytest.raises(ValueError, match=r"row 1: field 'rejected\[1\]\.content' is empty"):
+        prepare_dataset(rows, tiny_tokenizer)
+
+
+def test_message_without_role_or_content(tiny_tokenizer):
+    # Through `datasets`, a missing key becomes None in the message struct.
+    rows = [
+        {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
+        {"chosen": [{"content": SKY}, assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
+    ]
+    with pytest.raises(TypeError, match=r"row 1: field 'chosen\[0\]\.role' must be a string"):
+        prepare_dataset(rows, tiny_tokenizer)
+    rows[1] = {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), {"role": "assistant"}]}
+    with pytest.raises(TypeError, match=r"row 1: field 'rejected\[1\]\.content' must be a string"):
+        prepare_dataset(rows, tiny_tokenizer)
+    # A plain dict row (no `datasets` in between) names the missing keys.
+    row = {"chosen": [user(SKY), {"role": "assistant"}], "rejected": [user(SKY), assistant("Green.")]}
+    with pytest.raises(ValueError, match=r"row 3: field 'chosen\[1\]' needs 'role' and 'content' keys"):
+        row_to_text(row, 3, tiny_tokenizer)
+
+
+def test_conversational_rows_need_a_chat_template(tiny_tokenizer_no_template):
+    rows = [
+        {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
+        {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
+    ]
+    prepare_dataset(rows, tiny_tokenizer_no_template)  # plain text is fine without one
+    rows = [{"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]}] * 2
+    with pytest.raises(ValueError, match=r"row 0: conversational data .* needs a tokenizer with a chat template"):
+        prepare_dataset(rows, tiny_tokenizer_no_template)
+
+
+def test_not_a_dataset(tiny_tokenizer):
+    with pytest.raises(TypeError, match="train dataset must be a datasets.Dataset or a list of dicts, got str"):
+        prepare_dataset("rows.jsonl", tiny_tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------- files
+ROWS = [
+    {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
+    {"prompt": FIRE, "chosen": " Yes.", "rejected": " No."},
+]
+
+
+def _jsonl(rows):
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_read_jsonl_reports_file_and_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(_jsonl(ROWS[:1]) + "\n" + _jsonl(ROWS[1:]) + '{"prompt": "x", "chosen": \n')
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:4: malformed JSON line"):
+        read_jsonl(path)
+    path.write_text(_jsonl(ROWS) + "[1, 2]\n")
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:3: expected a JSON object, got list"):
+        read_jsonl(path)
+    path.write_text(_jsonl(ROWS[:1]) + "\n\n" + _jsonl(ROWS[1:]))  # blank lines are skipped
+    assert read_jsonl(path) == ROWS
+
+
+def _rows(ds):
+    return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in ds]
+
+
+def test_load_jsonl(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(_jsonl(ROWS))
+    assert _rows(load_preference_dataset(str(path))) == ROWS
+
+
+def test_load_json_list_and_split_dict(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(ROWS))
+    assert _rows(load_preference_dataset(str(path))) == ROWS
+    path.write_text(json.dumps({"train": ROWS, "test": ROWS[:1]}))
+    assert _rows(load_preference_dataset(str(path), split="test")) == ROWS[:1]
+
+
+def test_load_json_with_json_lines_content(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(_jsonl(ROWS))
+    assert _rows(load_preference_dataset(str(path))) == ROWS
+
+
+def test_load_json_with_a_single_json_line(tmp_path):
+    # One row in JSON-lines form is also a valid JSON document (an object): still a one-row dataset.
+    path = tmp_path / "pairs.json"
+    path.write_text(_jsonl(ROWS[:1]))
+    assert _rows(load_preference_dataset(str(path))) == ROWS[:1]
+
+
+def test_load_parquet(tmp_path):
+    path = tmp_path / "pairs.parquet"
+    datasets.Dataset.from_list(ROWS).to_parquet(str(path))
+    assert _rows(load_preference_dataset(str(path))) == ROWS
+
+
+def test_load_saved_dataset_directories(tmp_path):
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "single"))
+    assert _rows(load_preference_dataset(str(tmp_path / "single"))) == ROWS
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[1:])})
+    dd.save_to_disk(str(tmp_path / "dict"))
+    assert _rows(load_preference_dataset(str(tmp_path / "dict"), split="test")) == ROWS[1:]
+
+
+def test_load_unsupported_file_type(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\n")
+    with pytest.raises(ValueError, match=r"pairs\.csv: unsupported file type '\.csv'"):
+        load_preference_dataset(str(path))
+
+
+def test_loaded_file_prepares_end_to_end(tmp_path, tiny_tokenizer):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(_jsonl(ROWS))
+    ds, stats = prepare_dataset(load_preference_dataset(str(path)), tiny_tokenizer)
+    assert stats.kept == 2
+    assert_pair(tiny_tokenizer, ds[1], FIRE, " Yes.", " No.")
