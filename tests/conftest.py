@@ -38,7 +38,7 @@ def tiny_tokenizer_no_template():
     return tok
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_model_factory(tiny_tokenizer):
     """`make(**overrides)` -> a float32 random-init Llama sized to the tiny tokenizer (hidden 32, 2 layers, 4 heads)."""
     from orpo_plugin.toy import build_model

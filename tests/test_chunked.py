@@ -99,7 +99,7 @@ def test_only_requested_grads_are_computed():
     hidden = hidden.detach()  # e.g. a frozen trunk: gradients for the head only
     logps, _ = chunked_target_logps(hidden, weight, targets, b, 5)
     gw, gb = torch.autograd.grad(logps, (weight, b), grad_outputs=upstream)
-    leaves64 = [hidden.double(), weight.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)]
+    leaves64 = [hidden.double()] + [t.detach().double().requires_grad_(True) for t in (weight, b)]
     ref, _ = reference(*leaves64, targets)
     gw_ref, gb_ref = torch.autograd.grad(ref, leaves64[1:], grad_outputs=upstream.double())
     torch.testing.assert_close(gw.double(), gw_ref, rtol=1e-5, atol=1e-5)

@@ -72,7 +72,7 @@ def test_standard_strings(tiny_tokenizer):
         {"prompt": FIRE, "chosen": " Yes.", "rejected": " No."},
     ]
     ds, stats = prepare_dataset(rows, tiny_tokenizer)
-    assert ds.column_names == list(data.COLUMNS) or set(ds.column_names) == set(data.COLUMNS)
+    assert set(ds.column_names) == set(data.COLUMNS)
     assert (stats.rows, stats.kept, stats.truncated_responses, sum(stats.dropped.values())) == (2, 2, 0, 0)
     assert_pair(tiny_tokenizer, ds[0], SKY, " Blue.", " Green.")
     assert_pair(tiny_tokenizer, ds[1], FIRE, " Yes.", " No.")
@@ -87,7 +87,8 @@ def test_standard_strings_with_a_merge_across_the_boundary(tiny_tokenizer):
     row = ds[0]
     bos, eos = tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id
     for name, response in (("chosen", chosen), ("rejected", rejected)):
-        assert row["prompt_input_ids"] + row[f"{name}_input_ids"] == [bos] + enc(tiny_tokenizer, prompt + response) + [eos]
+        whole = [bos] + enc(tiny_tokenizer, prompt + response) + [eos]
+        assert row["prompt_input_ids"] + row[f"{name}_input_ids"] == whole
     assert tiny_tokenizer.decode(row["prompt_input_ids"], skip_special_tokens=True) == "What color is the"
 
 
@@ -184,7 +185,8 @@ def test_long_responses_truncated_to_max_length(tiny_tokenizer):
     assert ds[1]["chosen_input_ids"] == full_long[:limit]
     assert len(ds[1]["rejected_input_ids"]) == limit
     for row in ds:
-        assert len(row["prompt_input_ids"]) + max(len(row["chosen_input_ids"]), len(row["rejected_input_ids"])) <= max_length
+        longest = max(len(row["chosen_input_ids"]), len(row["rejected_input_ids"]))
+        assert len(row["prompt_input_ids"]) + longest <= max_length
     assert "truncated" in stats.summary()
 
 
@@ -208,10 +210,25 @@ def test_drop_long_pairs(tiny_tokenizer):
         {"prompt": SKY, "chosen": LONG, "rejected": " Green."},
     ]
     prompt_len = 1 + len(enc(tiny_tokenizer, SKY))
-    ds, stats = prepare_dataset(rows, tiny_tokenizer, max_length=prompt_len + 5, drop_long_pairs=True)
+    room = 1 + max(len(enc(tiny_tokenizer, " Blue.")), len(enc(tiny_tokenizer, " Green.")))
+    assert len(enc(tiny_tokenizer, LONG)) + 1 > room
+    ds, stats = prepare_dataset(rows, tiny_tokenizer, max_length=prompt_len + room, drop_long_pairs=True)
     assert len(ds) == 1 and stats.kept == 1 and stats.rows == 2
     assert stats.dropped == {DROP_TOO_LONG: 1}
     assert_pair(tiny_tokenizer, ds[0], SKY, " Blue.", " Green.")
+
+
+def test_dropped_long_pairs_are_not_also_counted_as_truncated(tiny_tokenizer):
+    # A pair dropped by drop_long_pairs is not trained on, truncated or otherwise: the summary must not report
+    # truncated responses that are in no kept pair.
+    rows = [
+        {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
+        {"prompt": SKY, "chosen": LONG, "rejected": LONG + " one"},
+    ]
+    max_length = 1 + len(enc(tiny_tokenizer, SKY)) + len(enc(tiny_tokenizer, " Green.")) + 1
+    _, stats = prepare_dataset(rows, tiny_tokenizer, max_length=max_length, drop_long_pairs=True)
+    assert stats.dropped == {DROP_TOO_LONG: 1}
+    assert stats.truncated_responses == 0
 
 
 # ----------------------------------------------------------------------------------------------- drops
@@ -238,7 +255,8 @@ def test_identical_messages_are_dropped_and_counted(tiny_tokenizer):
 def test_many_leading_identical_pairs_do_not_break_the_column_types(tiny_tokenizer):
     # A dropped pair's empty id lists must not fix the column type for the rest: `datasets` writes rows in
     # batches of 1000, and a first batch of only dropped pairs used to type the id columns as list<null>.
-    rows = [{"prompt": "Q", "chosen": " a", "rejected": " a"}] * 1000 + [{"prompt": "Q", "chosen": " a", "rejected": " b"}]
+    same, differ = {"prompt": "Q", "chosen": " a", "rejected": " a"}, {"prompt": "Q", "chosen": " a", "rejected": " b"}
+    rows = [same] * 1000 + [differ]
     ds, stats = prepare_dataset(rows, tiny_tokenizer)
     assert len(ds) == 1 and stats.dropped == {DROP_IDENTICAL: 1000}
 

@@ -278,5 +278,7 @@ def test_orpo_loss_totals_make_gradient_accumulation_exact():
     torch.testing.assert_close(g_acc, g_whole, rtol=1e-6, atol=1e-7)
 
     # Without the totals, averaging the per-micro-batch means is not the whole-batch loss.
-    plain = [orpo_loss(*_micro_batch_inputs(token_logps, token_seq, token_is_chosen, p), beta=beta).loss for p in splits]
+    plain = [
+        orpo_loss(*_micro_batch_inputs(token_logps, token_seq, token_is_chosen, p), beta=beta).loss for p in splits
+    ]
     assert not torch.allclose(torch.stack(plain).mean(), whole.loss, rtol=1e-4, atol=1e-4)
