@@ -1,6 +1,7 @@
 """Attention for rows that hold several sequences: per-sequence (varlen) and prefix-shared.
 
-Registered with transformers' AttentionInterface as "orpo_sdpa", so every model built on that interface can use
+Registered with transformers' AttentionInterface as "orpo_sdpa" (and "orpo_flex" for prefix sharing on
+flex_attention models, with a BlockMask), so every model built on that interface can use
 it. It reads the layout from the keyword arguments the collator supplies:
 - `prefix_segments` [S, 4] (start, prompt_len, chosen_len, rejected_len): chosen queries see the prompt and
   earlier chosen keys; rejected queries see the prompt and earlier rejected keys, never chosen ones;
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_NAME = "orpo_sdpa"
+FLEX_NAME = "orpo_flex"
 # Implementations whose packed-sequence handling transformers provides from position_ids alone.
 NATIVE_PACKED = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
 
@@ -77,6 +79,54 @@ def prefix_sharing_mask(segments: torch.Tensor, total: int, device=None) -> torc
     return mask
 
 
+def _prefix_tables(segments: torch.Tensor, total: int, device):
+    """Per token: pair id, branch (0 prompt, 1 chosen, 2 rejected) and position inside its pair's layout."""
+    pair = torch.empty(total, dtype=torch.long)
+    branch = torch.empty(total, dtype=torch.long)
+    position = torch.empty(total, dtype=torch.long)
+    for i, (start, lp, lc, lr) in enumerate(segments.tolist()):
+        a, b, e = start, start + lp + lc, start + lp + lc + lr
+        pair[a:e] = i
+        branch[a : a + lp], branch[a + lp : b], branch[b:e] = 0, 1, 2
+        position[a:b] = torch.arange(lp + lc)
+        position[b:e] = torch.arange(lp, lp + lr)
+    return pair.to(device), branch.to(device), position.to(device)
+
+
+_flex_cache: dict = {}
+
+
+def prefix_sharing_block_mask(segments: torch.Tensor, total: int, device):
+    """flex_attention BlockMask of a prefix-shared row (built once per batch, reused by every layer)."""
+    key = (segments.data_ptr(), tuple(segments.shape), total, str(device))
+    cached = _flex_cache.get("mask")
+    if cached is not None and cached[0] == key and cached[1] is segments:
+        return cached[2]
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    pair, branch, position = _prefix_tables(segments, total, device)
+
+    def mask_mod(b, h, q, kv):
+        same_pair = pair[q] == pair[kv]
+        visible_branch = (branch[kv] == 0) | (branch[kv] == branch[q])
+        return same_pair & visible_branch & (position[kv] <= position[q])
+
+    mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=total, KV_LEN=total, device=device)
+    _flex_cache["mask"] = (key, segments, mask)
+    return mask
+
+
+def orpo_flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface function: flex_attention with the prefix-sharing BlockMask (else the model's own mask)."""
+    from transformers.integrations.flex_attention import flex_attention_forward
+
+    segments = kwargs.pop("prefix_segments", None)
+    if segments is None:
+        raise ValueError(f"{FLEX_NAME} needs `prefix_segments` from the collator")
+    mask = prefix_sharing_block_mask(segments, query.shape[2], query.device)
+    return flex_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
 def _no_mask(*args, **kwargs):
     return None
 
@@ -84,8 +134,8 @@ def _no_mask(*args, **kwargs):
 _registered = False
 
 
-def register() -> str:
-    """Register "orpo_sdpa" (and a no-op mask builder for it) with transformers; idempotent."""
+def register(name: str = ATTENTION_NAME) -> str:
+    """Register "orpo_sdpa" and "orpo_flex" (and no-op mask builders) with transformers; return `name`."""
     global _registered
     if not _registered:
         from transformers import AttentionInterface
@@ -93,8 +143,10 @@ def register() -> str:
 
         AttentionInterface.register(ATTENTION_NAME, orpo_sdpa_attention)
         AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
+        AttentionInterface.register(FLEX_NAME, orpo_flex_attention)
+        AttentionMaskInterface.register(FLEX_NAME, _no_mask)
         _registered = True
-    return ATTENTION_NAME
+    return name
 
 
 @contextlib.contextmanager

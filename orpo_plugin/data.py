@@ -196,10 +196,10 @@ def prepare_dataset(
 
     Already-tokenized datasets (with the three id columns) pass through the length checks only.
     """
-    from datasets import Dataset
+    from datasets import Dataset, Features, Sequence, Value
 
     if isinstance(dataset, list):
-        dataset = Dataset.from_list(dataset)
+        dataset = _rows_to_dataset(dataset, tokenizer)
     if not isinstance(dataset, Dataset):
         raise TypeError(f"{name} dataset must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}")
     columns = set(dataset.column_names)
@@ -231,16 +231,19 @@ def prepare_dataset(
         return out
 
     keep = set(COLUMNS)
+    # explicit types: a write batch made only of dropped pairs would otherwise type the id columns as null
+    features = Features({**{k: Sequence(Value("int64")) for k in COLUMNS}, "truncated": Value("int64"), "drop": Value("string")})
     tokenized = dataset.map(
         convert,
         with_indices=True,
         num_proc=num_proc,
+        features=features,
         remove_columns=[c for c in dataset.column_names if c not in keep],
         desc=f"Tokenizing {name} pairs",
     )
     stats = PrepareStats(rows=len(tokenized))
     stats.dropped = Counter(d for d in tokenized["drop"] if d)
-    stats.truncated_responses = sum(tokenized["truncated"])
+    stats.truncated_responses = sum(t for t, d in zip(tokenized["truncated"], tokenized["drop"]) if not d)
     tokenized = tokenized.filter(lambda d: not d, input_columns="drop", num_proc=num_proc)
     tokenized = tokenized.remove_columns(["drop", "truncated"])
     stats.kept = len(tokenized)
@@ -249,6 +252,19 @@ def prepare_dataset(
     if stats.kept == 0:
         raise ValueError(f"{name} dataset: no usable pairs left ({stats.summary()})")
     return tokenized, stats
+
+
+def _rows_to_dataset(rows: list, tokenizer):
+    """A list of dicts as a Dataset; rows that arrow cannot type get our row/field error instead of arrow's."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    try:
+        return Dataset.from_list(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+        for index, row in enumerate(rows):
+            row_to_text(row, index, tokenizer)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -285,6 +301,8 @@ def load_preference_dataset(name_or_path: str, split: str = "train", config: str
                 return datasets.Dataset.from_list(read_jsonl(path))
             if isinstance(data, dict) and split in data:
                 data = data[split]
+            elif isinstance(data, dict):  # a single row (one JSON line under a .json name)
+                data = [data]
             if not isinstance(data, list):
                 raise ValueError(f"{path}: expected a JSON list of rows (or {{'{split}': [...]}})")
             return datasets.Dataset.from_list(data)

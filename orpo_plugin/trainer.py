@@ -342,9 +342,11 @@ class ORPOTrainer(BaseTrainer):
         if layout == "prefix_sharing":
             if impl in ("sdpa", "eager", attention.ATTENTION_NAME):
                 return attention.register()
+            if impl in ("flex_attention", attention.FLEX_NAME):
+                return attention.register(attention.FLEX_NAME)
             raise ValueError(
-                f"prefix_sharing runs on sdpa or eager attention models (through orpo_plugin's '{attention.ATTENTION_NAME}'); "
-                f"this model uses attn_implementation={impl!r}"
+                f"prefix_sharing runs on sdpa, eager (through orpo_plugin's '{attention.ATTENTION_NAME}') or "
+                f"flex_attention models (a prefix-sharing BlockMask); this model uses attn_implementation={impl!r}"
             )
         if impl in ("sdpa", "eager") and args.varlen_attention:
             return attention.register()

@@ -315,9 +315,27 @@ def test_tokenizer_without_pad_token_uses_eos(tok, caplog):
     assert "no pad token" in caplog.text
 
 
+def test_prefix_sharing_flex_block_mask_forward_matches_padded():
+    """flex_attention with the prefix-sharing BlockMask (forward only: no flex backward on CPU in torch 2.13)."""
+    from orpo_plugin.attention import FLEX_NAME, attention_implementation, register
+    from orpo_plugin.modeling import OutputHead, orpo_forward
+
+    model = build_model(97, hidden_size=32, num_layers=2, attn_implementation="flex_attention").eval()
+    pairs = random_pairs(6, seed=6, vocab=97)
+    head = OutputHead.of(model)
+    with torch.no_grad():
+        padded = orpo_forward(model, PreferenceCollator(0, "padded")(pairs), head, 0.1)
+        with attention_implementation(model, register(FLEX_NAME)):
+            shared = orpo_forward(model, PreferenceCollator(0, "prefix_sharing", pad_to_multiple_of=16)(pairs), head, 0.1)
+    torch.testing.assert_close(shared.output.chosen_logps, padded.output.chosen_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.output.rejected_logps, padded.output.rejected_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared.output.loss, padded.output.loss, atol=1e-5, rtol=1e-5)
+
+
 def test_prefix_sharing_refuses_unsupported_attention(tok):
-    model = build_model(len(tok), hidden_size=32, attn_implementation="flex_attention")
-    with pytest.raises(ValueError, match="prefix_sharing runs on sdpa or eager"):
+    model = build_model(len(tok), hidden_size=32)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="prefix_sharing runs on sdpa, eager"):
         ORPOTrainer(model=model, args=ORPOConfig(**config(prefix_sharing=True)), train_dataset=ROWS, processing_class=tok)
 
 

@@ -7,6 +7,7 @@
 # The venv holds torch 2.13.0 (installed first, so a CPU build already on the machine is kept), Axolotl 0.19.0
 # and this repository (editable, no deps, reinstalled on every call). A marker file records what it was built
 # from (python, torch, axolotl, a hash of pyproject.toml); when that changes the venv is rebuilt from nothing.
+# A venv it did not build is never deleted: it is used (with this repo installed into it) if torch/axolotl match.
 #
 # Environment:
 #   ORPO_AXOLOTL_VENV    venv path (default: $HOME/.cache/orpo-plugin/axolotl-venv)
@@ -33,16 +34,13 @@ expected_marker() {
 
 build_venv() {
     if [ -e "$VENV" ]; then
-        if [ ! -f "$VENV/pyvenv.cfg" ]; then
-            log "refusing to replace $VENV: it exists and is not a virtualenv"
-            exit 2
-        fi
-        log "removing stale or incomplete venv $VENV"
+        log "removing stale or incomplete venv $VENV (built by this script)"
         rm -rf "$VENV"
     fi
     mkdir -p "$(dirname "$VENV")"
     log "creating $VENV with $BASE_PYTHON"
     "$BASE_PYTHON" -m venv "$VENV"
+    touch "$VENV/.orpo-plugin-built"  # ours from here on: a later call may delete and rebuild it
     local pip=("$VENV/bin/python" -m pip install --progress-bar off)
     if [ -n "${ORPO_TORCH_INDEX_URL:-}" ]; then
         pip+=(--extra-index-url "$ORPO_TORCH_INDEX_URL")
@@ -54,20 +52,37 @@ build_venv() {
     "$VENV/bin/python" -c 'import axolotl, torch, bitsandbytes; print("axolotl", axolotl.__version__, "torch", torch.__version__)' >&2
 }
 
+# A venv this script did not build (no .orpo-plugin-built) is never deleted: it is used if its pins match.
+adopt_venv() {
+    local have want
+    have=$("$VENV/bin/python" -c 'import importlib.metadata as m; print("torch==" + m.version("torch").split("+")[0], "axolotl==" + m.version("axolotl"))' 2>/dev/null || true)
+    want="${TORCH_SPEC} ${AXOLOTL_SPEC}"
+    if [ "$have" != "$want" ]; then
+        log "$VENV was not built by this script and has '${have:-no torch/axolotl}', not '$want'; remove it or set ORPO_AXOLOTL_VENV elsewhere"
+        exit 2
+    fi
+    log "using existing venv $VENV ($have)"
+}
+
 ensure_venv() {
     local want
     want=$(expected_marker)
     mkdir -p "$(dirname "$VENV")"
     exec 9>"$VENV.lock"
     flock 9 2>/dev/null || true  # one builder at a time; flock is absent on some systems
-    if [ ! -f "$VENV/.orpo-plugin-marker" ] || [ "$(cat "$VENV/.orpo-plugin-marker")" != "$want" ]; then
-        build_venv
-        # our package goes in before the marker, so a venv with a marker is always complete
-        install_repo
-        printf '%s\n' "$want" >"$VENV/.orpo-plugin-marker"
-    else
+    if [ -f "$VENV/.orpo-plugin-marker" ] && [ "$(cat "$VENV/.orpo-plugin-marker")" = "$want" ]; then
         log "reusing $VENV"
         install_repo
+    elif [ -f "$VENV/pyvenv.cfg" ] && [ ! -f "$VENV/.orpo-plugin-built" ]; then
+        adopt_venv
+        install_repo
+    elif [ -e "$VENV" ] && [ ! -f "$VENV/.orpo-plugin-built" ]; then
+        log "refusing to replace $VENV: it exists and is not a virtualenv"
+        exit 2
+    else
+        build_venv
+        install_repo  # before the marker, so a venv with a marker is always complete
+        printf '%s\n' "$want" >"$VENV/.orpo-plugin-marker"
     fi
     exec 9>&-
 }
