@@ -39,7 +39,7 @@ def test_prefix_sharing_mask_pattern():
 
 
 def test_prefix_shared_attention_equals_dense_mask():
-    segments = torch.tensor([[0, 3, 2, 4], [9, 0, 1, 1], [11, 5, 1, 3], [20, 1, 4, 0]])
+    segments = torch.tensor([[0, 3, 2, 4], [9, 0, 1, 1], [11, 5, 1, 3], [20, 1, 3, 0]])
     total = 24
     q, k, v = qkv(total)
     ours, _ = orpo_sdpa_attention(None, q, k, v, None, scaling=None, prefix_segments=segments)
