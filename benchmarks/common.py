@@ -232,6 +232,13 @@ def metered(trainer_cls, meter: StepMeter):
     return Metered
 
 
+def silence_printer(trainer) -> None:
+    """Drop the callback that prints every log dict when tqdm is disabled."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
 def quiet_logs():
     import logging
 

@@ -177,6 +177,7 @@ def child(opts) -> dict:
             processing_class=tokenizer,
             callbacks=[probe.callback(), meter.callback()],
         )
+        common.silence_printer(trainer)
         trainer.train()
     timing = meter.result()
     return {
@@ -193,6 +194,17 @@ def child(opts) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ parent side
+def _meminfo_gib(field: str) -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
+
+
 def run_child(method: str, opts) -> dict:
     argv = [sys.executable, __file__, "--child", method]
     for k in ("seq_len", "pairs", "hidden", "layers", "heads", "threads", "timed_steps", "seed"):
@@ -223,6 +235,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if CUDA is available")
     p.add_argument("--json", help="also write the per-run results here")
+    p.add_argument("--force", action="store_true", help="run even if TRL's estimated peak exceeds available RAM")
     p.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
@@ -240,6 +253,13 @@ def main(argv=None) -> int:
         f"sequences x {opts.seq_len} tokens (no padding); full float32 logits of the batch: {logits_gib:.2f} GiB; "
         f"load average at start {os.getloadavg()[0]:.1f}"
     )
+    need_gib = 1.5 + 4.5 * logits_gib  # rough TRL peak: logits, their copies/softmax and gradients, + fixed
+    avail_gib = _meminfo_gib("MemAvailable")
+    if "trl" in opts.methods and avail_gib is not None and need_gib > 0.9 * avail_gib and not opts.force:
+        raise SystemExit(
+            f"TRL's step needs roughly {need_gib:.0f} GiB here and only {avail_gib:.0f} GiB is available; lower "
+            "--seq-len/--pairs or pass --force (an out-of-memory kill may hit other processes on this machine)"
+        )
     t0 = time.perf_counter()
     runs = []
     for r in range(opts.repeats):

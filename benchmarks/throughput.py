@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -143,6 +144,7 @@ def run_one(method: str, rows, tokenizer, opts, budget: int) -> dict:
             model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
             callbacks=[meter.callback(), KeepLogs()],
         )
+        common.silence_printer(trainer)
         torch.manual_seed(opts.seed)
         trainer.train()
     result = meter.result()
@@ -200,7 +202,7 @@ def main(argv=None) -> int:
     if any(k == "trl" for k in (METHODS[m][0] for m in methods)):
         check_same_tokenization(rows, tokenizer, prepared, opts.max_length)
 
-    print(f"# throughput, set={opts.length_set}: {common.versions()}")
+    print(f"# throughput, set={opts.length_set}: {common.versions()}; load average {os.getloadavg()[0]:.1f}")
     print(
         f"model: Llama hidden {opts.hidden}, {opts.layers} layers, {opts.heads} heads, vocab {len(tokenizer)}; "
         f"max_length {opts.max_length}; {opts.warmup} warm-up + {opts.steps} timed steps; {opts.repeats} repeats"
@@ -264,7 +266,7 @@ def main(argv=None) -> int:
             rows_out,
         )
     )
-    print(f"\ntotal wall time {time.perf_counter() - t0:.0f}s")
+    print(f"\ntotal wall time {time.perf_counter() - t0:.0f}s; load average at end {os.getloadavg()[0]:.1f}")
     if opts.json:
         Path(opts.json).write_text(json.dumps({"opts": vars(opts), "budget": budget, "runs": runs}, indent=1))
     return 0

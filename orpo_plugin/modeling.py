@@ -137,9 +137,33 @@ def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
 
 
-def predicted_logps(model, batch: dict, head: OutputHead, chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _logps_from_model_logits(model, batch: dict, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model computes the logits of the needed positions inside its own forward (`logits_to_keep`).
+
+    For sharded engines (FSDP, ZeRO-3), whose output-layer weight only exists whole inside the forward, and
+    for models whose logits are not plain `lm_head(hidden)`.
+    """
+    positions = batch["pred_pos"]
+    rows, width = batch["input_ids"].shape
+    unique, inverse = torch.unique(positions, return_inverse=True)  # sorted flat positions
+    if rows == 1:
+        keep = unique
+    else:
+        keep = torch.zeros(rows * width, dtype=torch.bool, device=positions.device)
+        keep[unique] = True
+        keep = keep.view(rows, width)  # 2D boolean: kept positions come back flattened in row-major order
+    logits = model(**kwargs, logits_to_keep=keep, use_cache=False).logits
+    logits = logits.reshape(-1, logits.shape[-1])[inverse]  # [N, V]
+    return full_target_logps(logits, batch["pred_target"])
+
+
+def predicted_logps(
+    model, batch: dict, head: OutputHead, chunk_size: int | None, logits_in_forward: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(target), sum of logits) for every prediction of the batch; chunked when `chunk_size` is set."""
     kwargs = model_inputs(batch)
+    if logits_in_forward:
+        return _logps_from_model_logits(model, batch, kwargs)
     if _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
     with capture_hidden_states(model) as store:
@@ -169,9 +193,10 @@ def orpo_forward(
     chunk_size: int | None = None,
     total_pairs: float | None = None,
     total_nll_tokens: float | None = None,
+    logits_in_forward: bool = False,
 ) -> ForwardResult:
     """Loss of one micro-batch (normalised by the given totals) and the sums its metrics are made of."""
-    token_logps, logit_sums = predicted_logps(model, batch, head, chunk_size)
+    token_logps, logit_sums = predicted_logps(model, batch, head, chunk_size, logits_in_forward)
     pairs = int(batch["num_pairs"])
     seq = batch["pred_seq"]
     response = seq >= 0

@@ -285,9 +285,16 @@ class ORPOTrainer(BaseTrainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self.head = OutputHead.of(self.model)
-        verify_head(self.model, self.head)
         self.chunk_size = None
-        if args.chunked_loss:
+        # Sharded engines only hold the whole output layer inside the forward: let the model compute the logits.
+        self.logits_in_forward = bool(self.is_fsdp_enabled or self._zero3())
+        if not self.logits_in_forward:
+            try:
+                verify_head(self.model, self.head)
+            except ValueError as err:
+                logger.warning("%s; the model will compute the logits itself (no chunked loss)", err)
+                self.logits_in_forward = True
+        if args.chunked_loss and not self.logits_in_forward:
             if self.head.chunkable:
                 self.chunk_size = args.loss_chunk_size
             else:
@@ -355,6 +362,10 @@ class ORPOTrainer(BaseTrainer):
         raise ValueError(
             f"padding_free/packing needs attn_implementation in {attention.NATIVE_PACKED}; this model uses {impl!r}"
         )
+
+    def _zero3(self) -> bool:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return plugin is not None and getattr(plugin, "zero_stage", 0) == 3
 
     # ------------------------------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
@@ -430,7 +441,9 @@ class ORPOTrainer(BaseTrainer):
         self._check_batch(inputs)
         total_pairs, total_tokens = self._norm if (self._norm and model.training) else (None, None)
         with attention.attention_implementation(model, self.attention_override):
-            result = orpo_forward(model, inputs, self.head, self.beta, self.chunk_size, total_pairs, total_tokens)
+            result = orpo_forward(
+                model, inputs, self.head, self.beta, self.chunk_size, total_pairs, total_tokens, self.logits_in_forward
+            )
         mode = "train" if model.training else "eval"
         for k, v in result.sums.items():
             self._metric_sums[mode][k] = self._metric_sums[mode][k] + v

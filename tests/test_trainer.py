@@ -348,3 +348,24 @@ def test_training_reduces_loss_and_evaluates(tok, tmp_path):
     assert losses[-1] < losses[0]
     evals = [h for h in t.state.log_history if "eval_loss" in h]
     assert evals and "eval_rewards/accuracies" in evals[-1] and "eval_nll_loss" in evals[-1]
+
+
+@pytest.mark.parametrize("layout", ["padded", "padding_free", "prefix_sharing"])
+def test_logits_computed_inside_the_forward_match(layout):
+    """The path used under FSDP/ZeRO-3 (and for models with unknown logit transforms) gives the same results."""
+    vocab = 97
+    model = build_model(vocab, hidden_size=32, num_layers=2)
+    pairs = random_pairs(5, seed=7, vocab=vocab)
+    kw = {"padding_free": {"padding_free": True}, "prefix_sharing": {"prefix_sharing": True}}.get(layout, {})
+
+    def run(inside):
+        t = ORPOTrainer(model=copy.deepcopy(model), args=ORPOConfig(**config(**kw)), train_dataset=pairs, processing_class=_StubTokenizer())
+        t.logits_in_forward = inside
+        t.model.train()
+        loss = t.compute_loss(t.model, t._prepare_inputs(t.data_collator(pairs)))
+        loss.backward()
+        logs = {"loss": loss.item()}
+        t.log(logs)
+        return loss.item(), logs, {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+
+    assert_same(run(True), run(False), METRICS + ["logits/chosen", "logits/rejected"])
