@@ -10,6 +10,7 @@ import os
 import platform
 import random
 import statistics
+import threading
 import time
 import warnings
 
@@ -158,21 +159,64 @@ def batch_tokens(inputs: dict) -> tuple[int, int, int]:
     return int(cm.sum() + rm.sum()), 2 * cm.shape[0] * width, int(cm.shape[0])
 
 
-class StepMeter:
-    """Counts tokens per micro-batch (via a training_step wrapper) and times optimizer steps (via callbacks).
+class Turns:
+    """Round-robin turn-taking between trainers that run in threads, one optimizer step per turn.
 
-    Timed window: from the end of the last warm-up step to the end of the last step, so data loading and
-    collation, forward, backward and the optimizer step all count. `compute_s` is the part spent between
-    on_step_begin and on_step_end (forward, backward, optimizer; not fetching/collating the batch).
+    Only the thread holding the turn computes; the others wait on a condition variable. Interleaving methods step
+    by step means a burst of load from other jobs on a shared machine hits every method alike, instead of
+    whichever method happened to run during it.
     """
 
-    def __init__(self, warmup: int):
-        self.warmup = warmup
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.active = list(names)
+        self.current = self.names[0]
+        self.cond = threading.Condition()
+
+    def acquire(self, name: str) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.current == name)
+
+    def release(self, name: str, finished: bool = False) -> None:
+        with self.cond:
+            if finished and name in self.active:
+                i = self.active.index(name)
+                self.active.remove(name)
+                nxt = self.active[i % len(self.active)] if self.active else None
+            else:
+                i = self.active.index(name)
+                nxt = self.active[(i + 1) % len(self.active)]
+            self.current = nxt
+            self.cond.notify_all()
+
+
+class StepMeter:
+    """Counts tokens per micro-batch and times optimizer steps of one trainer.
+
+    A step is timed from the moment the trainer starts fetching its batch (`get_batch_samples`) to on_step_end,
+    so data loading and collation, forward, backward and the optimizer step all count; the first `warmup` steps
+    are not timed. `compute_s` is the part between on_step_begin and on_step_end (not fetching/collating). The
+    process's CPU time (all threads) is kept too: on a machine shared with other jobs, wall time also measures
+    their load, CPU time mostly this process's own work. With `turns`, the step waits for its turn first.
+    """
+
+    def __init__(self, warmup: int, name: str = "", turns: Turns | None = None):
+        self.warmup, self.name, self.turns = warmup, name, turns
         self.step = 0
         self.trained = self.computed = self.pairs = 0
-        self.t_start = self.t_end = None
-        self.compute_s = 0.0
-        self._t_begin = None
+        self.wall = self.cpu = self.compute_s = 0.0
+        self.step_wall: list[float] = []
+        self.in_step = False
+        self._t0 = self._cpu0 = self._t_begin = None
+
+    # called by the Metered subclass
+    def start_step(self):
+        if self.in_step:  # a second fetch within one step (an epoch boundary): same timed step
+            return
+        if self.turns is not None:
+            self.turns.acquire(self.name)
+        self.in_step = True
+        self._t0, self._cpu0 = time.perf_counter(), time.process_time()
 
     def count(self, inputs):
         if self.step >= self.warmup:  # inputs of step index `self.step` (0-based), counted once timed
@@ -180,6 +224,25 @@ class StepMeter:
             self.trained += t
             self.computed += c
             self.pairs += p
+
+    def end_step(self):
+        now, cpu = time.perf_counter(), time.process_time()
+        if self.step >= self.warmup:
+            self.wall += now - self._t0
+            self.cpu += cpu - self._cpu0
+            self.compute_s += now - self._t_begin
+            self.step_wall.append(now - self._t0)
+        self.step += 1
+        self.in_step = False
+        if self.turns is not None:
+            self.turns.release(self.name)
+
+    def finish(self):
+        """The trainer returned (or failed): let the others go on without it."""
+        if self.turns is not None:
+            if not self.in_step:
+                self.turns.acquire(self.name)
+            self.turns.release(self.name, finished=True)
 
     def callback(self):
         from transformers import TrainerCallback
@@ -191,39 +254,35 @@ class StepMeter:
                 meter._t_begin = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
-                now = time.perf_counter()
-                if meter.step >= meter.warmup:
-                    meter.compute_s += now - meter._t_begin
-                meter.step += 1
-                if meter.step == meter.warmup:
-                    meter.t_start = now
-                meter.t_end = now
+                meter.end_step()
 
         return _Cb()
 
-    @property
-    def seconds(self) -> float:
-        return self.t_end - self.t_start
-
     def result(self) -> dict:
-        s = self.seconds
         return {
-            "seconds": s,
+            "seconds": self.wall,
             "compute_s": self.compute_s,
+            "cpu_s": self.cpu,
             "trained": self.trained,
             "computed": self.computed,
             "pairs": self.pairs,
             "steps": self.step - self.warmup,
-            "tokens_per_s": self.trained / s,
+            "tokens_per_s": self.trained / self.wall,
+            "tokens_per_cpu_s": self.trained / self.cpu,
+            "step_wall": self.step_wall,
             "pad_fraction": 1.0 - self.trained / self.computed if self.computed else float("nan"),
             "computed_per_trained": self.computed / self.trained,
         }
 
 
 def metered(trainer_cls, meter: StepMeter):
-    """A subclass of `trainer_cls` whose training_step feeds `meter` the micro-batch it trains on."""
+    """A subclass of `trainer_cls` that reports its steps and micro-batches to `meter`."""
 
     class Metered(trainer_cls):
+        def get_batch_samples(self, *args, **kwargs):
+            meter.start_step()
+            return super().get_batch_samples(*args, **kwargs)
+
         def training_step(self, model, inputs, *args, **kwargs):
             meter.count(inputs)
             return super().training_step(model, inputs, *args, **kwargs)

@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -104,23 +105,31 @@ def cpu_args() -> dict:
     )
 
 
-def run_one(method: str, rows, tokenizer, opts, budget: int) -> dict:
+def build_trainer(method: str, rows, tokenizer, opts, budget: int, out: str, turns=None):
+    """A fresh model (same seed for every method) and a metered trainer for `method`."""
     import datasets
-    import torch
+    from transformers import TrainerCallback
 
     kind, fields = METHODS[method]
-    meter = common.StepMeter(opts.warmup)
+    meter = common.StepMeter(opts.warmup, method, turns)
     logs: list[dict] = []
-    from transformers import TrainerCallback
 
     class KeepLogs(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
             if logs:
-                logs_list.append(dict(logs))
+                kept.append(dict(logs))
 
-    logs_list = logs
+    kept = logs
     steps = opts.warmup + opts.steps
-    common_fields = dict(
+    if kind == "trl":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    else:
+        from orpo_plugin import ORPOConfig, ORPOTrainer
+
+        if fields.get("packing"):
+            fields = {**fields, "packing_max_tokens": budget}
+    args = ORPOConfig(
+        output_dir=out,
         max_length=opts.max_length,
         max_steps=steps,
         learning_rate=1e-4,
@@ -128,33 +137,65 @@ def run_one(method: str, rows, tokenizer, opts, budget: int) -> dict:
         data_seed=opts.seed,
         logging_steps=steps,
         **cpu_args(),
+        **fields,
     )
     model = common_model(tokenizer, opts.hidden, opts.layers, opts.heads, opts.seed)
-    dataset = datasets.Dataset.from_list(rows)
-    with tempfile.TemporaryDirectory() as out:
-        if kind == "trl":
-            from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-        else:
-            from orpo_plugin import ORPOConfig, ORPOTrainer
+    trainer = common.metered(ORPOTrainer, meter)(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[meter.callback(), KeepLogs()],
+    )
+    common.silence_printer(trainer)
+    return trainer, meter, logs
 
-            if fields.get("packing"):
-                fields = {**fields, "packing_max_tokens": budget}
-        args = ORPOConfig(output_dir=out, **common_fields, **fields)
-        trainer = common.metered(ORPOTrainer, meter)(
-            model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-            callbacks=[meter.callback(), KeepLogs()],
-        )
-        common.silence_printer(trainer)
-        torch.manual_seed(opts.seed)
-        trainer.train()
-    result = meter.result()
-    result["method"] = method
-    last = next((entry for entry in reversed(logs) if "loss" in entry), {})
-    result["logged_padding_fraction"] = last.get("tokens/padding_fraction")
-    result["logged_computed_per_trained"] = last.get("tokens/computed_per_trained")
-    del trainer, model
+
+def run_round(order: list[str], rows, tokenizer, opts, budget: int) -> list[dict]:
+    """Train every method once. Interleaved (default): all trainers run in threads taking turns, one optimizer
+    step each; otherwise one method after the other."""
+    results = []
+    with tempfile.TemporaryDirectory() as out:
+        if opts.sequential:
+            built = []
+            for m in order:
+                trainer, meter, logs = build_trainer(m, rows, tokenizer, opts, budget, f"{out}/{m}")
+                trainer.train()
+                built.append((m, meter, logs))
+                del trainer
+                gc.collect()
+        else:
+            turns = common.Turns(order)
+            built, threads, errors = [], [], {}
+            for m in order:
+                trainer, meter, logs = build_trainer(m, rows, tokenizer, opts, budget, f"{out}/{m}", turns)
+                built.append((m, meter, logs))
+
+                def work(trainer=trainer, meter=meter, m=m):
+                    try:
+                        trainer.train()
+                    except BaseException as err:  # reported after the join
+                        errors[m] = err
+                    finally:
+                        meter.finish()
+
+                threads.append(threading.Thread(target=work, name=m))
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                m, err = next(iter(errors.items()))
+                raise RuntimeError(f"{m} failed: {err!r}") from err
+    for m, meter, logs in built:
+        result = meter.result()
+        result["method"] = m
+        last = next((entry for entry in reversed(logs) if "loss" in entry), {})
+        result["logged_padding_fraction"] = last.get("tokens/padding_fraction")
+        result["logged_computed_per_trained"] = last.get("tokens/computed_per_trained")
+        results.append(result)
     gc.collect()
-    return result
+    return results
 
 
 def main(argv=None) -> int:
@@ -164,7 +205,12 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", help="the method ratios are taken against (default: trl, or packing for prompt-heavy)")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before timing")
-    p.add_argument("--repeats", type=int, default=3, help="runs per method (interleaved); the median is reported")
+    p.add_argument("--repeats", type=int, default=3, help="rounds (every method once, fresh models); medians reported")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="run the methods of a round one after the other instead of interleaving them step by step",
+    )
     p.add_argument("--pairs", type=int, default=600, help="pairs in the synthetic dataset")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--hidden", type=int, default=256)
@@ -217,37 +263,38 @@ def main(argv=None) -> int:
     runs: list[dict] = []
     for r in range(opts.repeats):
         order = methods[r % len(methods):] + methods[: r % len(methods)]
-        for m in order:
-            res = run_one(m, rows, tokenizer, opts, budget)
+        for res in run_round(order, rows, tokenizer, opts, budget):
             res["repeat"] = r
             runs.append(res)
             print(
-                f"  repeat {r} {m:24s} {res['tokens_per_s']:8.0f} real tok/s  ({res['trained']} tokens, "
-                f"{res['pairs']} pairs, {res['seconds']:.1f}s, pad {res['pad_fraction']:.3f})",
+                f"  repeat {r} {res['method']:24s} {res['tokens_per_s']:7.0f} real tok/s, "
+                f"{res['tokens_per_cpu_s']:6.0f} per CPU-s ({res['trained']} tokens, {res['pairs']} pairs, "
+                f"{res['seconds']:.1f}s, pad {res['pad_fraction']:.3f})",
                 flush=True,
             )
 
-    base = {x["repeat"]: x["tokens_per_s"] for x in runs if x["method"] == baseline}
+    def ratio_cell(m, key):
+        base = {x["repeat"]: x[key] for x in runs if x["method"] == baseline}
+        ratios = [x[key] / base[x["repeat"]] for x in runs if x["method"] == m]
+        spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+        return f"{common.median(ratios):.2f}x{spread}"
+
     rows_out = []
     for m in methods:
         mine = [x for x in runs if x["method"] == m]
-        tps = common.median([x["tokens_per_s"] for x in mine])
-        ratios = [x["tokens_per_s"] / base[x["repeat"]] for x in mine]
-        pad = common.median([x["pad_fraction"] for x in mine])
-        cpt = common.median([x["computed_per_trained"] for x in mine])
-        pairs_per_step = common.median([x["pairs"] / x["steps"] for x in mine])
-        tokens_per_step = common.median([x["trained"] / x["steps"] for x in mine])
-        outside = common.median([1 - x["compute_s"] / x["seconds"] for x in mine])
+        med = lambda key: common.median([x[key] for x in mine])  # noqa: E731
         rows_out.append(
             [
                 m,
-                f"{tps:,.0f}",
-                f"{common.median(ratios):.2f}x" + (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""),
-                f"{pad:.3f}",
-                f"{cpt:.3f}",
-                f"{pairs_per_step:.1f}",
-                f"{tokens_per_step:,.0f}",
-                f"{outside:.0%}",
+                f"{med('tokens_per_s'):,.0f}",
+                ratio_cell(m, "tokens_per_s"),
+                f"{med('tokens_per_cpu_s'):,.0f}",
+                ratio_cell(m, "tokens_per_cpu_s"),
+                f"{med('pad_fraction'):.3f}",
+                f"{med('computed_per_trained'):.3f}",
+                f"{common.median([x['pairs'] / x['steps'] for x in mine]):.1f}",
+                f"{common.median([x['trained'] / x['steps'] for x in mine]):,.0f}",
+                f"{common.median([1 - x['compute_s'] / x['seconds'] for x in mine]):.1%}",
             ]
         )
     print()
@@ -257,14 +304,20 @@ def main(argv=None) -> int:
                 "method",
                 "real tokens/s",
                 f"ratio vs {baseline} (min-max)",
+                "real tokens/CPU-s",
+                f"CPU-time ratio vs {baseline} (min-max)",
                 "pad fraction",
                 "computed/trained",
                 "pairs/step",
                 "real tokens/step",
-                "time outside fwd/bwd/opt",
+                "time collating",
             ],
             rows_out,
         )
+    )
+    print(
+        "ratios: median over repeats of (method / baseline of the same repeat); CPU-s = the process's CPU time "
+        "(all threads), less sensitive than wall time to other jobs on a shared machine"
     )
     print(f"\ntotal wall time {time.perf_counter() - t0:.0f}s; load average at end {os.getloadavg()[0]:.1f}")
     if opts.json:

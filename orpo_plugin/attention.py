@@ -6,8 +6,9 @@ it. It reads the layout from the keyword arguments the collator supplies:
 - `prefix_segments` [S, 4] (start, prompt_len, chosen_len, rejected_len): chosen queries see the prompt and
   earlier chosen keys; rejected queries see the prompt and earlier rejected keys, never chosen ones;
 - otherwise `cu_seq_lens_q` (sequence boundaries): causal attention inside each sequence.
-Attention runs per sequence with `scaled_dot_product_attention`, so its cost grows as sum(len^2), not
-(sum len)^2 as with a dense block-diagonal mask.
+Segments of similar length are gathered into padded buckets and each bucket is one batched
+`scaled_dot_product_attention` call, so the cost grows as sum(len^2), not (sum len)^2 as with a dense
+block-diagonal mask, without one kernel call per sequence.
 
 `prefix_sharing_mask` builds the same pattern as a dense boolean mask (the reference, and the sdpa/eager path).
 """
@@ -25,45 +26,93 @@ FLEX_NAME = "orpo_flex"
 NATIVE_PACKED = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
 
 
-def _sdpa(q, k, v, scaling, mask=None, is_causal=False):
-    # q [B, H, Lq, D]; k, v [B, Hkv, Lk, D]
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scaling)
-
-
 def _lower_right_causal(lq: int, lk: int, device) -> torch.Tensor:
     """[lq, lk] boolean mask: query i sees keys j <= lk - lq + i (queries are the last lq of lk positions)."""
     return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
 
 
+def _segments(kwargs) -> list[tuple[list[int], list[int]]]:
+    """(query positions, key positions) of every attention segment of the row."""
+    segments = kwargs.get("prefix_segments")
+    if segments is not None:
+        out = []
+        for start, lp, lc, lr in segments.tolist():
+            a, b, e = start, start + lp + lc, start + lp + lc + lr
+            out.append((list(range(a, b)), list(range(a, b))))
+            if lr:
+                out.append((list(range(b, e)), list(range(a, a + lp)) + list(range(b, e))))
+        return out
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        raise ValueError(f"{ATTENTION_NAME} needs `cu_seq_lens_q` or `prefix_segments` from the collator")
+    return [(list(range(a, b)), list(range(a, b))) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()) if b > a]
+
+
+def _plan(kwargs, device, bucket_ratio: float = 0.75, max_bucket: int = 256):
+    """Group segments of similar length into padded buckets: one batched sdpa call per bucket.
+
+    A segment's queries are the last Lq of its Lk key positions (causal aligned bottom-right). Padded query rows
+    see every real key of their segment, so no softmax row is empty; their outputs are discarded.
+    """
+    segs = sorted(_segments(kwargs), key=lambda s: -len(s[1]))
+    buckets, current = [], []
+    for seg in segs:
+        if current and (len(seg[1]) < bucket_ratio * len(current[0][1]) or len(current) >= max_bucket):
+            buckets.append(current)
+            current = []
+        current.append(seg)
+    if current:
+        buckets.append(current)
+    plans = []
+    for bucket in buckets:
+        mq, mk = max(len(q) for q, _ in bucket), len(bucket[0][1])
+        q_idx = torch.zeros(len(bucket), mq, dtype=torch.long)
+        k_idx = torch.zeros(len(bucket), mk, dtype=torch.long)
+        q_valid = torch.zeros(len(bucket), mq, dtype=torch.bool)
+        mask = torch.zeros(len(bucket), 1, mq, mk, dtype=torch.bool)
+        for n, (q, k) in enumerate(bucket):
+            lq, lk = len(q), len(k)
+            q_idx[n, :lq], k_idx[n, :lk], q_valid[n, :lq] = torch.tensor(q), torch.tensor(k), True
+            mask[n, 0, :lq, :lk] = _lower_right_causal(lq, lk, None)
+            mask[n, 0, lq:, :lk] = True
+        simple = all(len(q) == len(k) == mk for q, k in bucket)  # equal-length causal: no explicit mask needed
+        plans.append(
+            (q_idx.to(device), k_idx.to(device), q_valid.to(device), None if simple else mask.to(device))
+        )
+    return plans
+
+
+_plan_cache: dict = {}
+
+
+def _cached_plan(kwargs, device):
+    layout = kwargs.get("prefix_segments")
+    layout = layout if layout is not None else kwargs.get("cu_seq_lens_q")
+    key = (None if layout is None else (layout.data_ptr(), tuple(layout.shape)), str(device))
+    cached = _plan_cache.get("plan")
+    if cached is not None and cached[0] == key and cached[1] is layout:
+        return cached[2]
+    plan = _plan(kwargs, device)
+    _plan_cache["plan"] = (key, layout, plan)
+    return plan
+
+
 def orpo_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface function: query [B, H, T, D] -> output [B, T, H, D] (B must be 1)."""
+    """AttentionInterface function: query [1, H, T, D] -> output [1, T, H, D], attention within segments."""
     if query.shape[0] != 1:
         raise ValueError(f"{ATTENTION_NAME} expects one packed row per batch, got batch size {query.shape[0]}")
     if dropout:
         raise ValueError(f"{ATTENTION_NAME} does not implement attention dropout (disable_dropout=True)")
-    segments = kwargs.get("prefix_segments")
-    pieces = []
-    if segments is not None:
-        for start, lp, lc, lr in segments.tolist():
-            a, b, e = start, start + lp + lc, start + lp + lc + lr
-            pieces.append(_sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scaling, is_causal=True))
-            if lr:
-                ks = torch.cat([key[:, :, a : a + lp], key[:, :, b:e]], dim=2)
-                vs = torch.cat([value[:, :, a : a + lp], value[:, :, b:e]], dim=2)
-                mask = _lower_right_causal(lr, lp + lr, query.device)
-                pieces.append(_sdpa(query[:, :, b:e], ks, vs, scaling, mask=mask))
-    else:
-        cu = kwargs.get("cu_seq_lens_q")
-        if cu is None:
-            raise ValueError(f"{ATTENTION_NAME} needs `cu_seq_lens_q` or `prefix_segments` from the collator")
-        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-            pieces.append(_sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scaling, is_causal=True))
-    out = torch.cat(pieces, dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    out = q.new_zeros(q.shape[0], q.shape[1], value.shape[-1])
+    gqa = query.shape[1] != key.shape[1]
+    for q_idx, k_idx, q_valid, mask in _cached_plan(kwargs, query.device):
+        qb, kb, vb = q[q_idx].transpose(1, 2), k[k_idx].transpose(1, 2), v[k_idx].transpose(1, 2)  # [n, H, M, D]
+        res = F.scaled_dot_product_attention(
+            qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa
+        ).transpose(1, 2)  # [n, Mq, H, D]
+        out = out.index_put((q_idx[q_valid],), res[q_valid])
+    return out[None], None
 
 
 def prefix_sharing_mask(segments: torch.Tensor, total: int, device=None) -> torch.Tensor:

@@ -75,13 +75,21 @@ def _demo(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="orpo-plugin demo", description="Offline CPU demo: a tiny model learns a preference.")
     p.add_argument("--output_dir", default="orpo-demo")
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 120; 60 per run with --compare-sft)")
+    p.add_argument("--compare-sft", "--compare_sft", dest="compare_sft", action="store_true",
+                   help="train SFT on chosen and ORPO on the same data; write compare_sft.png and compare_sft.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_packing", action="store_true", help="train with padded batches instead of packing")
     return demo.main(p.parse_args(argv))
 
 
-COMMANDS = {"train": _train, "demo": _demo}
+def _eval(argv: list[str]) -> int:
+    from . import eval_cli
+
+    return eval_cli.main(argv)
+
+
+COMMANDS = {"train": _train, "demo": _demo, "eval": _eval}
 
 
 def main(argv: list[str] | None = None) -> int:

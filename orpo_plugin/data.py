@@ -48,6 +48,10 @@ class PrepareStats:
 def _check_text(value: Any, row: int, name: str, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise TypeError(f"row {row}: field '{name}' must be a string, got {type(value).__name__}")
+    try:  # a lone surrogate (legal in JSON escapes) would fail later in arrow or the tokenizer, unnamed
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"row {row}: field '{name}' is not valid unicode text ({err.reason} at position {err.start})") from None
     if not allow_empty and not value.strip():
         raise ValueError(f"row {row}: field '{name}' is empty")
     return value
@@ -254,16 +258,45 @@ def prepare_dataset(
     return tokenized, stats
 
 
+_ROW_FIELDS = ("prompt", "chosen", "rejected", "system", *COLUMNS)
+
+
+def _slim(row: Any) -> Any:
+    """Only the fields (and message keys) we read: junk in an unused column must not fail the whole dataset in arrow."""
+    if not isinstance(row, dict):
+        return row
+
+    def slim_value(value):
+        if not _is_messages(value):
+            return value
+        return [{k: m[k] for k in ("role", "content") if k in m} if isinstance(m, dict) else m for m in value]
+
+    return {k: slim_value(v) for k, v in row.items() if k in _ROW_FIELDS}
+
+
 def _rows_to_dataset(rows: list, tokenizer):
     """A list of dicts as a Dataset; rows that arrow cannot type get our row/field error instead of arrow's."""
-    import pyarrow as pa
     from datasets import Dataset
 
+    rows = [_slim(row) for row in rows]
     try:
         return Dataset.from_list(rows)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+    except Exception:  # arrow's errors vary (ArrowInvalid, ArrowTypeError, OverflowError, AttributeError ...)
         for index, row in enumerate(rows):
             row_to_text(row, index, tokenizer)
+        # every row is fine alone: a column mixes formats (strings in one row, message lists in another)
+        first: dict[str, tuple[str, int]] = {}
+        for index, row in enumerate(rows):
+            for name, value in row.items():
+                if value is None:
+                    continue
+                kind = {str: "string", list: "list of messages"}.get(type(value), type(value).__name__)
+                seen_kind, seen_row = first.setdefault(name, (kind, index))
+                if kind != seen_kind:
+                    raise TypeError(
+                        f"row {index}: field '{name}' is a {kind} but row {seen_row} has a {seen_kind}; "
+                        "each column must hold one format"
+                    ) from None
         raise
 
 

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="local model directory (from save_pretrained)")
     g.add_argument("--adapter", default=None, help="local PEFT adapter directory to apply on --model")
     g.add_argument("--dataset", required=True, help="a .json/.jsonl/.parquet file or a dataset directory")
-    g.add_argument("--split", default="test", help="split of a dataset directory or {'split': rows} JSON (default test)")
+    g.add_argument("--split", default="test", help="split of a dataset dir or {split: rows} JSON (default test)")
     g.add_argument("--max_pairs", type=int, default=None, help="evaluate only the first N pairs")
     g.add_argument("--max_length", type=int, default=1024, help="pairs are truncated like in training (default 1024)")
     g.add_argument("--batch_size", type=int, default=16, help="pairs per forward (default 16)")
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_model(model_path: str, adapter: str | None, device: str, dtype: str):
-    """The causal LM (with the PEFT adapter applied when given) and its tokenizer (from the adapter dir if saved there)."""
+    """The causal LM (PEFT adapter applied when given) and its tokenizer (the adapter's when saved with it)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -93,7 +93,10 @@ def evaluate(args) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     model, tokenizer = load_model(args.model, args.adapter, device, args.dtype)
-    rows = load_preference_dataset(args.dataset, args.split)
+    try:
+        rows = load_preference_dataset(args.dataset, args.split)
+    except KeyError:
+        raise ValueError(f"--dataset {args.dataset} has no split '{args.split}'; choose one with --split") from None
     if args.max_pairs is not None:
         rows = rows.select(range(min(args.max_pairs, len(rows))))
     pairs, stats = prepare_dataset(rows, tokenizer, max_length=args.max_length, name="eval")

@@ -6,7 +6,7 @@ import torch
 
 from .collators import PreferenceCollator
 from .losses import log_odds
-from .modeling import OutputHead, predicted_logps, unwrap
+from .modeling import OutputHead, predicted_logps, unwrap, verify_head
 
 
 @torch.no_grad()
@@ -20,10 +20,16 @@ def pair_logps(model, pairs, pad_token_id: int, batch_size: int = 16) -> tuple[t
     device = next(base.parameters()).device
     chosen, rejected = [], []
     try:
+        try:  # a model whose logits are not plain lm_head(hidden) computes them inside its own forward
+            verify_head(base, head)
+            logits_in_forward = False
+        except ValueError:
+            logits_in_forward = True
         for start in range(0, len(pairs), batch_size):
             batch = collate([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))])
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            token_logps, _ = predicted_logps(model, batch, head, chunk_size=1024 if head.chunkable else None)
+            chunk_size = 1024 if head.chunkable else None
+            token_logps, _ = predicted_logps(model, batch, head, chunk_size, logits_in_forward)
             p = int(batch["num_pairs"])
             seq = batch["pred_seq"]
             resp = seq >= 0

@@ -6,16 +6,18 @@ Each run trains a tiny random-init Llama (saved locally) on a local `chat_templa
 reads the logged metrics from the checkpoint's trainer_state.json.
 
 Without the venv (and no way to build it) these tests skip, or fail when ORPO_REQUIRE_INTEGRATION=1 (CI).
+The first tests (not integration-marked) check the YAML keys' pydantic model on the host, without Axolotl.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,14 +30,44 @@ TINY_CONFIG = REPO / "configs" / "axolotl" / "tiny-cpu-orpo.yml"
 SHIPPED_CONFIGS = sorted((REPO / "configs" / "axolotl").glob("*.yml"))
 REQUIRED = os.environ.get("ORPO_REQUIRE_INTEGRATION") == "1"
 STEPS = 2
-PLUGIN_KEYS = ("orpo_padding_free", "orpo_packing", "orpo_packing_max_tokens", "orpo_prefix_sharing",
-               "orpo_chunked_loss", "orpo_nll_on_prompt")
+PLUGIN_KEYS = (
+    "orpo_padding_free", "orpo_packing", "orpo_packing_max_tokens", "orpo_prefix_sharing", "orpo_chunked_loss",
+    "orpo_nll_on_prompt",
+)
 ORPO_METRICS = ("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/accuracies", "tokens/real")
 
-pytestmark = pytest.mark.integration
+
+# ------------------------------------------------------------------------------------------------------ host tests
+def test_plugin_package_imports_without_axolotl():
+    """`orpo_plugin` never imports Axolotl; the keys' model (args.py) needs only pydantic."""
+    code = (
+        "import sys, orpo_plugin, orpo_plugin.axolotl\n"
+        "from orpo_plugin.axolotl import ORPOPluginArgs\n"
+        "assert 'axolotl' not in sys.modules, 'orpo_plugin imported axolotl'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_plugin_keys_validation_names_the_key():
+    pydantic = pytest.importorskip("pydantic")
+    from orpo_plugin.axolotl.args import ORPOPluginArgs
+
+    ok = ORPOPluginArgs(rl="orpo", orpo_packing=True, orpo_packing_max_tokens=4096, orpo_chunked_loss=False)
+    assert ok.orpo_packing is True and ok.orpo_packing_max_tokens == 4096 and ok.orpo_prefix_sharing is None
+    for bad, key in [
+        (dict(rl="orpo", orpo_packing="maybe"), "orpo_packing"),
+        (dict(rl="orpo", orpo_packing=True, orpo_packing_max_tokens=1), "orpo_packing_max_tokens"),
+        (dict(rl="orpo", orpo_nll_on_prompt=[1]), "orpo_nll_on_prompt"),
+        (dict(rl="dpo", orpo_prefix_sharing=True), "orpo_prefix_sharing"),
+        (dict(rl="orpo", orpo_packing=False, orpo_packing_max_tokens=2048), "orpo_packing_max_tokens"),
+    ]:
+        with pytest.raises(pydantic.ValidationError, match=key):
+            ORPOPluginArgs(**bad)
 
 
 def _unavailable(reason: str):
+    reason += "\n(point ORPO_AXOLOTL_VENV at an Axolotl 0.19.0 + torch 2.13.0 venv, or let run.sh build one online)"
     if REQUIRED:
         pytest.fail(f"{reason} (ORPO_REQUIRE_INTEGRATION=1)")
     pytest.skip(reason)
@@ -127,14 +159,19 @@ class AxolotlRun:
         return [h for h in self.log_history if "loss" in h]
 
 
-def _train(python: Path, cfg: dict, workdir: Path) -> AxolotlRun:
+def _train(python: Path, cfg: dict, workdir: Path, threads: int | None = None) -> AxolotlRun:
+    """`axolotl train cfg.yml` in `workdir` (in-process launcher: one process, no accelerate re-launch)."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "cfg.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = _env(python)
+    env["HF_DATASETS_CACHE"] = str(workdir / "hf-datasets")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     proc = subprocess.run(
         [str(python.parent / "axolotl"), "train", str(path), "--launcher", "python"],
-        capture_output=True, text=True, timeout=600, cwd=workdir, env=_env(python),
+        capture_output=True, text=True, timeout=600, cwd=workdir, env=env,
     )
     run = AxolotlRun(cfg, proc, time.perf_counter() - start)
     (workdir / "axolotl.log").write_text(run.output)
@@ -146,20 +183,46 @@ def _trained(run: AxolotlRun) -> AxolotlRun:
     return run
 
 
-_RUNS: dict[str, AxolotlRun] = {}
+# Each test's `axolotl train` runs; the session starts the selected ones together (ORPO_AXOLOTL_JOBS at a time)
+QLORA = dict(load_in_4bit=True, adapter="qlora", lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_linear=True)
+RUN_SPECS = {
+    "plugin-padded": dict(),
+    "builtin": dict(plugin=False),
+    # with an eval split: our eval metrics go through Axolotl's evaluation loop
+    "plugin-packed": dict(orpo_packing=True, orpo_packing_max_tokens=1024, val_set_size=0.25, eval_steps=STEPS),
+    # pad_to_multiple_of makes Axolotl pass its DPO collator, which ours replaces; accumulation over 2 packed batches
+    "plugin-qlora-packed": dict(
+        orpo_packing=True, orpo_packing_max_tokens=1024, pad_to_multiple_of=8, gradient_accumulation_steps=2,
+        learning_rate=1e-3, **QLORA,
+    ),
+    "wrong-value": dict(orpo_packing="maybe"),
+}
+USED_BY = {
+    "test_plugin_matches_builtin_orpo_first_step": ("plugin-padded", "builtin"),
+    "test_plugin_packing": ("plugin-packed",),
+    "test_plugin_qlora_packing": ("plugin-qlora-packed",),
+    "test_plugin_qlora_backprop_avoids_cpu_inference_kernel": ("plugin-qlora-packed",),
+    "test_wrong_key_value_names_the_key": ("wrong-value",),
+}
 
 
 @pytest.fixture(scope="session")
-def train(axolotl_python, fixtures_dir, tmp_path_factory):
-    """train(name, plugin=True, **yaml overrides) -> AxolotlRun, each configuration run once per session."""
-
-    def run(name: str, plugin: bool = True, **overrides) -> AxolotlRun:
-        if name not in _RUNS:
+def axolotl_runs(request, axolotl_python, fixtures_dir, tmp_path_factory):
+    """name -> Future[AxolotlRun] for the runs the selected tests need, started concurrently."""
+    wanted = {name for item in request.session.items for name in USED_BY.get(getattr(item, "originalname", ""), ())}
+    jobs = int(os.environ.get("ORPO_AXOLOTL_JOBS", 0)) or max(2, min(len(wanted), os.cpu_count() or 1))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    futures = {}
+    for name, spec in RUN_SPECS.items():
+        if name in wanted:
+            spec = dict(spec)
+            plugin = spec.pop("plugin", True)
             workdir = tmp_path_factory.mktemp(f"axolotl-{name}")
-            _RUNS[name] = _train(axolotl_python, _config(fixtures_dir, workdir, plugin, **overrides), workdir)
-        return _RUNS[name]
-
-    return run
+            cfg = _config(fixtures_dir, workdir, plugin, **spec)
+            futures[name] = pool.submit(_train, axolotl_python, cfg, workdir, threads)
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_orpo_metrics(run: AxolotlRun):
@@ -173,59 +236,12 @@ def _check_orpo_metrics(run: AxolotlRun):
 
 
 # ------------------------------------------------------------------------------------------------------ tests
-def test_plugin_matches_builtin_orpo_first_step(train):
-    """(a) the plugin, padded layout: same first-step loss as Axolotl's own `rl: orpo` on the same data and seed."""
-    ours = _trained(train("plugin-padded"))
-    builtin = _trained(train("builtin", plugin=False))
-    _check_orpo_metrics(ours)
-    assert "tokens/real" not in builtin.steps[0]  # two different trainers: only ours logs token counts
-    first, ref = ours.steps[0], builtin.steps[0]
-    assert abs(first["loss"] - ref["loss"]) < 1e-4, (first, ref)
-    for key in ("nll_loss", "log_odds_ratio", "rewards/accuracies"):
-        assert abs(first[key] - ref[key]) < 1e-4, (key, first[key], ref[key])
-    assert (ours.out_dir / "model.safetensors").exists()
+@pytest.mark.integration
+def test_shipped_configs_validate(axolotl_python, axolotl_runs, tmp_path):
+    """Every configs/axolotl/*.yml passes Axolotl's own validator with the plugin registered; bad keys do not.
 
-
-def test_plugin_packing(train):
-    """(b) `orpo_packing: true`: trains, logs our metrics with no padding tokens, saves the model."""
-    run = _trained(train("plugin-packed", orpo_packing=True, orpo_packing_max_tokens=1024))
-    _check_orpo_metrics(run)
-    assert all(entry["tokens/padding_fraction"] == 0 for entry in run.steps), run.steps
-    assert (run.out_dir / "model.safetensors").exists()
-
-
-def test_plugin_qlora_packing(train):
-    """(c) QLoRA (4-bit nf4 base, bitsandbytes on CPU) with packing: trains and saves the adapter."""
-    run = _trained(
-        train(
-            "plugin-qlora-packed",
-            orpo_packing=True,
-            orpo_packing_max_tokens=1024,
-            load_in_4bit=True,
-            adapter="qlora",
-            lora_r=8,
-            lora_alpha=16,
-            lora_dropout=0.0,
-            lora_target_linear=True,
-            learning_rate=1e-3,
-        )
-    )
-    _check_orpo_metrics(run)
-    assert (run.out_dir / "adapter_config.json").exists()
-    assert (run.out_dir / "adapter_model.safetensors").exists()
-
-
-def test_wrong_key_value_names_the_key(axolotl_python, fixtures_dir, tmp_path):
-    """A wrong orpo_* value stops `axolotl train` with Axolotl's (pydantic) validation error naming the key."""
-    cfg = _config(fixtures_dir, tmp_path, orpo_packing="maybe")
-    run = _train(axolotl_python, cfg, tmp_path)
-    assert run.proc.returncode != 0
-    assert "orpo_packing" in run.output and "valid boolean" in run.output, _tail(run.output)
-    assert not (tmp_path / "out" / f"checkpoint-{STEPS}").exists()
-
-
-def test_shipped_configs_validate(axolotl_python, tmp_path):
-    """Every configs/axolotl/*.yml passes Axolotl's own validator with the plugin registered; bad keys do not."""
+    First in the file: requesting `axolotl_runs` starts the training runs, which go on while this one validates.
+    """
     assert SHIPPED_CONFIGS
     bad = tmp_path / "bad.yml"
     cfg = yaml.safe_load(TINY_CONFIG.read_text())
@@ -249,3 +265,62 @@ def test_shipped_configs_validate(axolotl_python, tmp_path):
         assert item["orpo"].get("orpo_packing") is True, item
     assert not results[str(bad)]["ok"] and "orpo_packing_max_tokens" in results[str(bad)]["error"]
     assert not results[str(wrong_rl)]["ok"] and "rl: orpo" in results[str(wrong_rl)]["error"]
+
+
+@pytest.mark.integration
+def test_plugin_matches_builtin_orpo_first_step(axolotl_runs):
+    """(a) the plugin, padded layout: same first-step loss as Axolotl's own `rl: orpo` on the same data and seed."""
+    ours = _trained(axolotl_runs["plugin-padded"].result())
+    builtin = _trained(axolotl_runs["builtin"].result())
+    _check_orpo_metrics(ours)
+    assert "tokens/real" not in builtin.steps[0]  # two different trainers: only ours logs token counts
+    first, ref = ours.steps[0], builtin.steps[0]
+    assert abs(first["loss"] - ref["loss"]) < 1e-4, (first, ref)
+    for key in ("nll_loss", "log_odds_ratio", "rewards/accuracies"):
+        assert abs(first[key] - ref[key]) < 1e-4, (key, first[key], ref[key])
+    # the same loss after one optimizer step: the gradients agree too
+    assert abs(ours.steps[1]["loss"] - builtin.steps[1]["loss"]) < 1e-4, (ours.steps[1], builtin.steps[1])
+    assert (ours.out_dir / "model.safetensors").exists()
+
+
+@pytest.mark.integration
+def test_plugin_packing(axolotl_runs):
+    """(b) `orpo_packing: true`: trains, logs our metrics with no padding tokens, saves the model."""
+    run = _trained(axolotl_runs["plugin-packed"].result())
+    _check_orpo_metrics(run)
+    assert all(entry["tokens/padding_fraction"] == 0 for entry in run.steps), run.steps
+    evals = [h for h in run.log_history if "eval_loss" in h]
+    assert evals and all(math.isfinite(h["eval_log_odds_ratio"]) and "eval_nll_loss" in h for h in evals), evals
+    assert (run.out_dir / "model.safetensors").exists()
+
+
+@pytest.mark.integration
+def test_plugin_qlora_packing(axolotl_runs):
+    """(c) QLoRA (4-bit nf4 base, bitsandbytes on CPU) with packing: trains and saves the adapter."""
+    run = _trained(axolotl_runs["plugin-qlora-packed"].result())
+    _check_orpo_metrics(run)
+    assert (run.out_dir / "adapter_config.json").exists()
+    assert (run.out_dir / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.xfail(
+    reason="core bug: orpo_plugin/modeling.py verify_head() runs an eval-mode forward at trainer init; on CPUs with "
+    "AVX512-BF16, bitsandbytes' Linear4bit then repacks its weights for CPU inference and later training backprops "
+    "through bitsandbytes::gemv_4bit, which has no autograd kernel (LoRA gradients silently wrong). Remove this "
+    "marker once verify_head keeps the model's training mode.",
+    strict=False,
+)
+def test_plugin_qlora_backprop_avoids_cpu_inference_kernel(axolotl_runs):
+    """QLoRA on CPU: no backward pass through bitsandbytes' inference-only 4-bit kernel."""
+    run = _trained(axolotl_runs["plugin-qlora-packed"].result())
+    assert "gemv_4bit: an autograd kernel was not registered" not in run.output
+
+
+@pytest.mark.integration
+def test_wrong_key_value_names_the_key(axolotl_runs):
+    """A wrong orpo_* value stops `axolotl train` with Axolotl's (pydantic) validation error naming the key."""
+    run = axolotl_runs["wrong-value"].result()
+    assert run.proc.returncode != 0
+    assert "orpo_packing" in run.output and "valid boolean" in run.output, _tail(run.output)
+    assert not (run.out_dir / f"checkpoint-{STEPS}").exists()

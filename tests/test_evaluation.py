@@ -52,6 +52,21 @@ def test_pair_logps_matches_hand_computation(tiny_tokenizer, tiny_model_factory,
         assert rejected[i].item() == pytest.approx(want_r, abs=1e-5)
 
 
+def test_pair_logps_model_with_unknown_logit_transform(tiny_tokenizer, tiny_model_factory):
+    # Llama ignores final_logit_softcapping, so hidden states + lm_head + softcap would not be its logits:
+    # pair_logps must notice and let the model compute its own logits.
+    model = tiny_model_factory(seed=4, final_logit_softcapping=0.5).eval()
+    pairs, _ = prepare_dataset(ROWS[:2], tiny_tokenizer, max_length=64)
+    chosen, rejected = pair_logps(model, pairs, tiny_tokenizer.pad_token_id, batch_size=2)
+    for i, pair in enumerate(pairs):
+        assert chosen[i].item() == pytest.approx(
+            _hand_logps(model, pair["prompt_input_ids"], pair["chosen_input_ids"]), abs=1e-5
+        )
+        assert rejected[i].item() == pytest.approx(
+            _hand_logps(model, pair["prompt_input_ids"], pair["rejected_input_ids"]), abs=1e-5
+        )
+
+
 def test_pair_logps_restores_training_mode(tiny_tokenizer, tiny_model_factory):
     model = tiny_model_factory().train()
     pairs, _ = prepare_dataset(ROWS[:2], tiny_tokenizer, max_length=64)
@@ -106,7 +121,12 @@ def test_diversity_matches_pairwise_reference():
         (unit[i, a] @ unit[i, b]).item() for i in range(5) for a in range(4) for b in range(4) if a != b
     ) / (5 * 4 * 3)
     cross = [
-        (unit[i, a] @ unit[j, b]).item() for i in range(5) for j in range(5) if i != j for a in range(4) for b in range(4)
+        (unit[i, a] @ unit[j, b]).item()
+        for i in range(5)
+        for j in range(5)
+        if i != j
+        for a in range(4)
+        for b in range(4)
     ]
     d = diversity(emb)
     assert d["pid"] == pytest.approx(pid, abs=1e-12)

@@ -53,7 +53,8 @@ def write_fixtures(out: Path, rows: int = 32, seed: int = 0) -> dict[str, str]:
     corpus = [m["content"] for r in data for m in r["chosen"] + r["rejected"]] + WORDS
     tokenizer = build_tokenizer(corpus, vocab_size=512)
     model = build_model(
-        len(tokenizer), hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position_embeddings=512, seed=seed
+        len(tokenizer), hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position_embeddings=512,
+        seed=seed,
     )
     model_dir = out / "model"
     tokenizer.save_pretrained(model_dir)

@@ -14,6 +14,7 @@
 #   ORPO_AXOLOTL_PYTHON  interpreter that creates the venv (default: python3)
 #   ORPO_TORCH_SPEC      torch requirement (default: torch==2.13.0); ORPO_TORCH_INDEX_URL an extra index for it
 set -euo pipefail
+shopt -s inherit_errexit 2>/dev/null || true
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 VENV=${ORPO_AXOLOTL_VENV:-$HOME/.cache/orpo-plugin/axolotl-venv}

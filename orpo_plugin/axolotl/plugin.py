@@ -20,6 +20,7 @@ from axolotl.integrations.base import BasePlugin
 
 from .args import KEY_TO_FIELD
 
+ORPO_ARG_KEYS = (*KEY_TO_FIELD, "orpo_pad_to_multiple_of")  # the fields of args.ORPOTrainingArgsMixin
 LOG = logging.getLogger("orpo_plugin.axolotl")
 
 
@@ -34,6 +35,7 @@ class ORPOPlugin(BasePlugin):
     def __init__(self):
         super().__init__()
         self.model = None
+        self.orpo_args: dict = {}  # our keys' values, also for a trainer whose arguments lack the mixin
 
     def get_input_args(self) -> str:
         return "orpo_plugin.axolotl.args.ORPOPluginArgs"
@@ -43,7 +45,9 @@ class ORPOPlugin(BasePlugin):
 
     def register(self, cfg):
         if not _is_orpo(cfg):
-            LOG.warning("orpo_plugin.axolotl.ORPOPlugin is listed but rl is %r: it only acts with `rl: orpo`", cfg.get("rl"))
+            LOG.warning(
+                "orpo_plugin.axolotl.ORPOPlugin is listed but rl is %r: it acts only with `rl: orpo`", cfg.get("rl")
+            )
 
     def post_model_load(self, cfg, model):
         self.model = model  # the trainer below is built without it (see the module docstring)
@@ -51,9 +55,15 @@ class ORPOPlugin(BasePlugin):
     def get_training_args(self, cfg):
         if not _is_orpo(cfg):
             return None
-        values = {key: cfg.get(key) for key in KEY_TO_FIELD}
-        values["orpo_pad_to_multiple_of"] = cfg.get("pad_to_multiple_of")
-        return values
+        self.orpo_args = {key: cfg.get(key) for key in KEY_TO_FIELD}
+        self.orpo_args["orpo_pad_to_multiple_of"] = cfg.get("pad_to_multiple_of")
+        # Axolotl merges plugin mixins into its training arguments when axolotl.core.training_args is first
+        # imported; if that happened before this plugin was registered, the keys cannot go through the arguments.
+        from axolotl.core.training_args import AxolotlTrainingMixins
+
+        from .args import ORPOTrainingArgsMixin
+
+        return self.orpo_args if issubclass(AxolotlTrainingMixins, ORPOTrainingArgsMixin) else None
 
     def get_trainer_cls(self, cfg):
         if not _is_orpo(cfg):
@@ -84,17 +94,21 @@ def axolotl_config_class():
     return AxolotlORPOPluginConfig
 
 
-def to_plugin_config(args):
-    """Copy Axolotl's training arguments (an `AxolotlORPOConfig`) into `axolotl_config_class()`, mapping our keys."""
+def to_plugin_config(args, orpo_args: dict | None = None):
+    """Copy Axolotl's training arguments (an `AxolotlORPOConfig`) into `axolotl_config_class()`, mapping our keys.
+
+    `orpo_args` (the plugin's copy of our YAML values) fills in keys the arguments do not carry.
+    """
     cls = axolotl_config_class()
     if isinstance(args, cls):
         return args
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
-    for key, name in KEY_TO_FIELD.items():
-        if getattr(args, key, None) is not None:
-            values[name] = getattr(args, key)
-    if getattr(args, "orpo_pad_to_multiple_of", None):
-        values["pad_to_multiple_of"] = args.orpo_pad_to_multiple_of
+    ours = {k: v for k, v in (orpo_args or {}).items() if v is not None}
+    ours.update({k: getattr(args, k) for k in ORPO_ARG_KEYS if getattr(args, k, None) is not None})
+    values.update(ours)  # the orpo_* fields themselves, kept for the record
+    values.update({KEY_TO_FIELD[k]: v for k, v in ours.items() if k in KEY_TO_FIELD})
+    if "orpo_pad_to_multiple_of" in ours:
+        values["pad_to_multiple_of"] = ours["orpo_pad_to_multiple_of"]
     return cls(**values)
 
 
@@ -130,7 +144,8 @@ def axolotl_trainer_class():
                 )
             if data_collator is not None:
                 LOG.info("replacing Axolotl's %s with orpo_plugin's PreferenceCollator", type(data_collator).__name__)
-            super().__init__(model=model, args=to_plugin_config(args), data_collator=None, **kwargs)
+            orpo_args = self.orpo_plugin.orpo_args if self.orpo_plugin is not None else None
+            super().__init__(model=model, args=to_plugin_config(args, orpo_args), data_collator=None, **kwargs)
 
     return AxolotlORPOPluginTrainer
 
