@@ -115,8 +115,10 @@ def verify_head(model, head: OutputHead, vocab_size: int | None = None) -> float
     device = next(base.parameters()).device
     vocab = vocab_size or head.module.weight.shape[0]
     ids = torch.arange(1, 9, device=device).remainder(vocab)[None]
+    # One forward in training mode: the hidden states and the logits come from the same pass (same
+    # dropout draw), and eval() is avoided (bitsandbytes repacks 4-bit weights for inference on some CPUs).
     was_training = base.training
-    base.eval()
+    base.train()
     try:
         with torch.no_grad(), capture_hidden_states(base) as store:
             logits = base(input_ids=ids, use_cache=False).logits.float()
@@ -147,13 +149,11 @@ def _logps_from_model_logits(model, batch: dict, kwargs: dict) -> tuple[torch.Te
     rows, width = batch["input_ids"].shape
     unique, inverse = torch.unique(positions, return_inverse=True)  # sorted flat positions
     if rows == 1:
-        keep = unique
-    else:
-        keep = torch.zeros(rows * width, dtype=torch.bool, device=positions.device)
-        keep[unique] = True
-        keep = keep.view(rows, width)  # 2D boolean: kept positions come back flattened in row-major order
-    logits = model(**kwargs, logits_to_keep=keep, use_cache=False).logits
-    logits = logits.reshape(-1, logits.shape[-1])[inverse]  # [N, V]
+        logits = model(**kwargs, logits_to_keep=unique, use_cache=False).logits
+        logits = logits.reshape(-1, logits.shape[-1])[inverse]  # [N, V]
+    else:  # padded rows: all positions (a 2D logits_to_keep needs a newer transformers than we support)
+        logits = model(**kwargs, use_cache=False).logits
+        logits = logits.reshape(-1, logits.shape[-1])[positions]
     return full_target_logps(logits, batch["pred_target"])
 
 

@@ -399,7 +399,14 @@ class ORPOTrainer(BaseTrainer):
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
         )
-        loader = self.accelerator.prepare(loader)
+        # The sampler already gives every rank the same number of groups; accelerate (<= 1.13) refuses a
+        # batch sampler without batch_size under several processes unless even_batches is off.
+        even = self.accelerator.even_batches
+        self.accelerator.even_batches = False
+        try:
+            loader = self.accelerator.prepare(loader)
+        finally:
+            self.accelerator.even_batches = even
         # Our sampler is already rank-aware: make accelerate's shard wrapper a pass-through.
         shard = getattr(loader, "batch_sampler", None)
         if shard is not None and getattr(shard, "batch_sampler", None) is sampler:

@@ -304,13 +304,6 @@ def test_plugin_qlora_packing(axolotl_runs):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    reason="core bug: orpo_plugin/modeling.py verify_head() runs an eval-mode forward at trainer init; on CPUs with "
-    "AVX512-BF16, bitsandbytes' Linear4bit then repacks its weights for CPU inference and later training backprops "
-    "through bitsandbytes::gemv_4bit, which has no autograd kernel (LoRA gradients silently wrong). Remove this "
-    "marker once verify_head keeps the model's training mode.",
-    strict=False,
-)
 def test_plugin_qlora_backprop_avoids_cpu_inference_kernel(axolotl_runs):
     """QLoRA on CPU: no backward pass through bitsandbytes' inference-only 4-bit kernel."""
     run = _trained(axolotl_runs["plugin-qlora-packed"].result())

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import yaml
@@ -52,7 +53,11 @@ def test_train_qlora_two_steps_padding_free(tiny, tmp_path):
     out = tmp_path / "qlora"
     argv = ["train", *common(tiny, out), "--load_in_4bit", "--use_peft", "--lora_r", "8",
             "--lora_target_modules", "all-linear", "--padding_free", "True", "--learning_rate", "1e-3"]
-    assert cli.main(argv) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(argv) == 0
+    # no backward through bitsandbytes' inference-only CPU kernel (it appears after an eval-mode forward)
+    assert not [w for w in caught if "autograd kernel was not registered" in str(w.message)]
     steps = [h for h in logged(out) if "loss" in h]
     assert len(steps) == 2 and all("log_odds_ratio" in h and "nll_loss" in h for h in steps)
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
