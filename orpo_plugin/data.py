@@ -198,7 +198,7 @@ def prepare_dataset(
 ):
     """Validate, render and tokenize a preference dataset; drop and count unusable pairs. Returns (dataset, stats).
 
-    Already-tokenized datasets (with the three id columns) pass through the length checks only.
+    Already-tokenized datasets (with the three id columns) are only checked, truncated and dropped like text rows.
     """
     from datasets import Dataset, Features, Sequence, Value
 
@@ -225,6 +225,16 @@ def prepare_dataset(
                 out["drop"] = DROP_IDENTICAL
             elif max_length is not None and len(ids["prompt_input_ids"]) >= max_length:
                 out["drop"] = DROP_LONG_PROMPT
+            # responses cut to max_length/max_completion_length exactly as for text rows
+            limit = None if max_length is None else max_length - len(ids["prompt_input_ids"])
+            if max_completion_length is not None:
+                limit = max_completion_length if limit is None else min(limit, max_completion_length)
+            for k in ("chosen_input_ids", "rejected_input_ids"):
+                if limit is not None and len(ids[k]) > limit:
+                    out[k] = ids[k][: max(limit, 0)]
+                    out["truncated"] += 1
+            if drop_long_pairs and out["truncated"] and not out["drop"]:
+                out["drop"] = DROP_TOO_LONG
             return out
         prompt, chosen, rejected = row_to_text(dict(row), index, tokenizer)
         if chosen == rejected:
@@ -262,41 +272,54 @@ _ROW_FIELDS = ("prompt", "chosen", "rejected", "system", *COLUMNS)
 
 
 def _slim(row: Any) -> Any:
-    """Only the fields (and message keys) we read: junk in an unused column must not fail the whole dataset in arrow."""
+    """The fields (and message keys) row_to_text reads, so junk elsewhere cannot fail the whole dataset in arrow."""
     if not isinstance(row, dict):
         return row
+    conversational = any(_is_messages(row.get(k)) for k in ("prompt", "chosen", "rejected"))
 
     def slim_value(value):
         if not _is_messages(value):
             return value
         return [{k: m[k] for k in ("role", "content") if k in m} if isinstance(m, dict) else m for m in value]
 
-    return {k: slim_value(v) for k, v in row.items() if k in _ROW_FIELDS}
+    return {k: slim_value(v) for k, v in row.items() if k in _ROW_FIELDS and (k != "system" or conversational)}
 
 
 def _rows_to_dataset(rows: list, tokenizer):
-    """A list of dicts as a Dataset; rows that arrow cannot type get our row/field error instead of arrow's."""
+    """A list of dicts as a Dataset; a value arrow cannot store gets our row/field error instead of arrow's."""
     from datasets import Dataset
 
     rows = [_slim(row) for row in rows]
+    for index, row in enumerate(rows):
+        # a value no valid row has (a mapping, a number, a list that is not messages ...) may pass arrow and then
+        # fail when read back: refuse it now
+        plain = isinstance(row, dict) and all(
+            v is None or isinstance(v, str) or _is_messages(v) for k, v in row.items() if k not in COLUMNS
+        )
+        if not plain:
+            row_to_text(row, index, tokenizer)
     try:
         return Dataset.from_list(rows)
-    except Exception:  # arrow's errors vary (ArrowInvalid, ArrowTypeError, OverflowError, AttributeError ...)
-        for index, row in enumerate(rows):
-            row_to_text(row, index, tokenizer)
-        # every row is fine alone: a column mixes formats (strings in one row, message lists in another)
+    except Exception as err:  # arrow's errors vary (ArrowInvalid, ArrowTypeError, OverflowError, ...)
+        for index, row in enumerate(rows):  # now also the rows that lack a column
+            if not all(k in row for k in COLUMNS):
+                row_to_text(row, index, tokenizer)
         first: dict[str, tuple[str, int]] = {}
         for index, row in enumerate(rows):
             for name, value in row.items():
                 if value is None:
                     continue
-                kind = {str: "string", list: "list of messages"}.get(type(value), type(value).__name__)
+                kind = {str: "string", list: "list"}.get(type(value), type(value).__name__)
                 seen_kind, seen_row = first.setdefault(name, (kind, index))
                 if kind != seen_kind:
                     raise TypeError(
                         f"row {index}: field '{name}' is a {kind} but row {seen_row} has a {seen_kind}; "
                         "each column must hold one format"
                     ) from None
+                try:
+                    Dataset.from_list([{name: value}])
+                except Exception:
+                    raise TypeError(f"row {index}: field '{name}' holds a value arrow cannot store ({err})") from None
         raise
 
 

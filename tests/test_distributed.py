@@ -18,7 +18,9 @@ How the global batches are made equal, by construction rather than by trusting t
   ranks then train on (repeated, as DistributedSampler pads). A hang fails the subprocess timeout.
 
 The per-step `loss` compared is what the CLI writes to <output_dir>/metrics.jsonl on the main process (the mean
-over ranks of each rank's summed micro-batch losses; with our normalisation that is the global batch's loss).
+over ranks of each rank's summed micro-batch losses; with our normalisation that is the global batch's loss), and
+so is `grad_norm` (the norm of the gradient after DDP's average, before clipping): each rank scales its micro-batch
+losses by world_size / global totals, so DDP's average is the gradient of the global batch's loss.
 Note: `accelerate launch --num_processes 2 --cpu` starts ONE process in accelerate 1.x (its simple launcher; several
 CPU processes need mpirun). Two CPU processes come from the multi-GPU launcher (torchrun) with `--use_cpu True` in
 the training flags: here through the shipped configs/accelerate/ddp.yaml, and through `--multi_gpu`.
@@ -37,7 +39,6 @@ from pathlib import Path
 import pytest
 
 from orpo_plugin import cli
-from orpo_plugin.data import load_preference_dataset
 from orpo_plugin.toy import build_model, build_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,7 +61,8 @@ def make_rows(n, seed):
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     tok = build_tokenizer([" ".join(WORDS)] * 4, vocab_size=300)
-    model = build_model(len(tok), hidden_size=32, num_layers=2)
+    # a wide init spreads the per-token NLL, so normalising by a rank's own totals would visibly differ
+    model = build_model(len(tok), hidden_size=32, num_layers=2, initializer_range=0.2)
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     for name, rows in {"batch8": make_rows(8, 0), "packed": make_rows(14, 1), "single": make_rows(1, 2)}.items():
@@ -79,9 +81,12 @@ def base_args(tiny, data, out, **kw):
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
+def logged(out):
+    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl", encoding="utf-8")]
+
+
 def losses(out):
-    rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl", encoding="utf-8")]
-    return [(r["step"], r["loss"], r["epoch"]) for r in rows if "loss" in r]
+    return [(r["step"], r["loss"], r["epoch"]) for r in logged(out) if "loss" in r]
 
 
 def free_port():
@@ -126,11 +131,10 @@ class FixedGroups:
                 columns = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
                 lengths = [pair_cost(f, self.args.layout) for f in ds.select_columns(columns)]
                 seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-                budget = self.args.packing_budget()
-                sampler = PackedBatchSampler(lengths, budget, seed=seed, window=self.args.packing_window,
-                                             num_replicas=cls.world, rank=0)
+                budget, window = self.args.packing_budget(), self.args.packing_window
+                sampler = PackedBatchSampler(lengths, budget, seed=seed, window=window, num_replicas=cls.world, rank=0)
                 cls.groups = sampler.groups  # epoch 0, the global order: rank r takes groups[r::world]
-                cls.single_rank_groups = pack_groups(lengths, budget, seed=seed, epoch=0, window=self.args.packing_window)
+                cls.single_rank_groups = pack_groups(lengths, budget, seed=seed, epoch=0, window=window)
                 loader = DataLoader(ds, batch_sampler=cls.groups, collate_fn=self.data_collator)
                 return self.accelerator.prepare(loader)
 
@@ -187,6 +191,10 @@ def test_two_processes_equal_one_process_per_step(tiny, tmp_path, monkeypatch):
         for (step, a, _), (_, b, _) in zip(got, want):
             assert a == pytest.approx(b, abs=1e-5), f"{name} step {step}: 2 processes {a} vs 1 process {b}"
         assert len({round(b, 6) for _, b, _ in want}) == len(want), f"{name}: the loss should change every step"
+        # the gradient DDP averaged equals the 1-process one (Adam and clipping would hide a constant factor)
+        pairs = zip(logged(two / name), logged(one / name))
+        for a, b in [(x["grad_norm"], y["grad_norm"]) for x, y in pairs if "loss" in x]:
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-6), f"{name}: grad norm {a} vs {b}"
     # One step per epoch proves the 2-process dense runs shared the 8 pairs: 1 process with 2 pairs x 2 would need 2.
     assert [e for _, _, e in losses(two / "padded")] == [1.0, 2.0, 3.0]
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -73,7 +71,6 @@ def check_kept(ds, stats, tok, n_rows):
             assert ids[name], f"empty {name}"
             assert len(ids["prompt_input_ids"]) + len(ids[name]) <= MAX_LENGTH
             unterminated += ids[name][-1] != eos
-        assert ids["chosen_input_ids"] != ids["rejected_input_ids"]
     # a response lacks its final EOS only when it was cut, and every cut response of a kept pair is counted
     assert unterminated <= stats.truncated_responses <= 2 * stats.kept
 
@@ -91,12 +88,14 @@ def check_refusal(err, rows_in, tok):
     index = int(match.group(1))
     assert index < len(rows_in), msg
     assert FIELD_NAMES.search(msg) or "mapping" in msg, f"the error does not name the field: {msg}"
+    if "each column must hold one format" in msg:  # the row is fine alone; it clashes with an earlier row
+        return
     # the named row is bad on its own too (the error is not about another row)
     with pytest.raises((ValueError, TypeError)):
         prepare_dataset([rows_in[index]], tok, max_length=MAX_LENGTH)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(rows_in=st.lists(any_row, min_size=1, max_size=4))
 def test_hostile_rows_are_kept_dropped_or_refused_by_name(tiny_tokenizer, rows_in):
     try:
@@ -135,20 +134,20 @@ def test_known_hostile_rows_name_row_and_field(tiny_tokenizer, rows_in, field):
 
 # ----------------------------------------------------------------------------------------------- YAML configs
 def test_yaml_config_with_python_tag_is_refused_without_running_it(tmp_path):
+    """`orpo-plugin train --config bad.yaml` (cli.main, what the console script and `python -m` call)."""
+    import yaml
+
+    from orpo_plugin import cli
+
     marker = tmp_path / "pwned"
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         f"model_name_or_path: !!python/object/apply:os.system ['touch {marker}']\n"
         f"dataset_name: x.jsonl\noutput_dir: {tmp_path / 'out'}\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "orpo_plugin.cli", "train", "--config", str(bad)],
-        capture_output=True, text=True, timeout=120, env=env,
-    )
-    assert run.returncode != 0
+    with pytest.raises(yaml.constructor.ConstructorError, match="python/object/apply"):
+        cli.main(["train", "--config", str(bad)])
     assert not marker.exists(), "the YAML tag was executed"
-    assert "python/object/apply" in run.stderr  # refused by the safe loader (yaml.constructor.ConstructorError)
 
 
 def test_trl_parser_reads_configs_with_the_safe_loader(tmp_path, monkeypatch):
@@ -175,3 +174,85 @@ def test_trl_parser_reads_configs_with_the_safe_loader(tmp_path, monkeypatch):
     with pytest.raises(yaml.constructor.ConstructorError):
         parser.parse_args_and_config(["--config", str(bad)])
     assert calls
+
+
+# ----------------------------------------------------------------------------------------------- oversized pairs
+class _StubTokenizer:
+    """Enough of a tokenizer for pre-tokenized rows (no text is ever tokenized)."""
+
+    pad_token_id, eos_token_id, bos_token_id = 0, 2, 1
+    pad_token, eos_token = "<pad>", "</s>"
+    chat_template = None
+
+    def save_pretrained(self, *a, **k):
+        return ()
+
+
+def _trainer(tmp_path, tok, rows, **kw):
+    from orpo_plugin import ORPOConfig, ORPOTrainer
+    from orpo_plugin.toy import build_model
+
+    base = dict(
+        output_dir=str(tmp_path), packing=True, max_length=MAX_LENGTH, per_device_train_batch_size=2, max_steps=2,
+        learning_rate=1e-3, bf16=False, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+        gradient_checkpointing=False,
+    )
+    base.update(kw)
+    vocab = len(tok) if hasattr(tok, "__len__") else 300
+    return ORPOTrainer(model=build_model(vocab, hidden_size=32, num_layers=2), args=ORPOConfig(**base),
+                       train_dataset=rows, processing_class=tok)
+
+
+def _assert_within(trainer, budget):
+    lengths = [len(p["prompt_input_ids"]) + max(len(p["chosen_input_ids"]), len(p["rejected_input_ids"]))
+               for p in trainer.train_dataset]
+    assert max(lengths) <= MAX_LENGTH, "a pair longer than max_length reached the trainer"
+    sizes = [int(b["real_tokens"]) for b in trainer.get_train_dataloader()]
+    assert sizes and max(sizes) <= budget
+    assert all(b["input_ids"].shape[-1] <= budget for b in trainer.get_train_dataloader())
+
+
+def test_text_pairs_longer_than_max_length_never_make_an_oversized_packed_row(tiny_tokenizer, tmp_path):
+    long = " one two three four five six seven eight nine ten" * 20
+    rows = [
+        {"prompt": "What color is the sky?", "chosen": long, "rejected": " Blue."},
+        {"prompt": "Q: Is fire hot?" * 3, "chosen": " Yes.", "rejected": long + long},
+        {"prompt": "hello world", "chosen": long, "rejected": long + " one"},
+        {"prompt": "Be brief.", "chosen": " Blue.", "rejected": " Green."},
+    ] * 3
+    t = _trainer(tmp_path, tiny_tokenizer, rows)
+    budget = t.args.packing_budget()
+    assert budget == 2 * MAX_LENGTH  # the default: max_length x batch size, at least 2 x max_length
+    assert t.data_stats["train"].truncated_responses > 0
+    _assert_within(t, budget)
+    t.train()
+    logged = [h for h in t.state.log_history if "loss" in h]
+    assert all(h["tokens/real"] <= budget for h in logged)
+
+
+def test_pretokenized_pairs_longer_than_max_length_are_truncated_and_counted(tmp_path):
+    rows = [
+        {"prompt_input_ids": [1, 5, 6], "chosen_input_ids": list(range(3, 200)), "rejected_input_ids": [7, 2]},
+        {"prompt_input_ids": [1, 8], "chosen_input_ids": [9, 2], "rejected_input_ids": [10] * 100},
+        {"prompt_input_ids": [1, 8], "chosen_input_ids": [9, 2], "rejected_input_ids": [11, 2]},
+    ]
+    # a generous explicit budget: only max_length can keep these pairs short
+    t = _trainer(tmp_path, _StubTokenizer(), rows, packing_max_tokens=1000)
+    assert t.data_stats["train"].truncated_responses == 2
+    _assert_within(t, 1000)
+    assert list(t.train_dataset[0]["chosen_input_ids"]) == list(range(3, 3 + MAX_LENGTH - 3))
+    t2 = _trainer(tmp_path, _StubTokenizer(), rows, drop_long_pairs=True)
+    assert len(t2.train_dataset) == 1 and sum(t2.data_stats["train"].dropped.values()) == 2
+
+
+def test_pair_over_an_explicit_budget_is_refused_by_name(tiny_tokenizer, tmp_path):
+    long = " one two three four five six seven eight nine ten" * 20
+    rows = [{"prompt": "Be brief.", "chosen": " Blue.", "rejected": " Green."}] * 3
+    rows.insert(2, {"prompt": "What color is the sky?", "chosen": long, "rejected": long + " one"})
+    t = _trainer(tmp_path, tiny_tokenizer, rows, packing_max_tokens=40)
+    cost = 2 * len(t.train_dataset[2]["prompt_input_ids"]) + len(t.train_dataset[2]["chosen_input_ids"]) + len(
+        t.train_dataset[2]["rejected_input_ids"]
+    )
+    assert cost > 40
+    with pytest.raises(ValueError, match=rf"pair 2 needs {cost} tokens but packing_max_tokens is 40"):
+        t.get_train_dataloader()

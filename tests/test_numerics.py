@@ -133,9 +133,16 @@ def test_extremely_confident_model(stressed, autocast, chunk_size):
 def test_extremely_wrong_model_near_minus_100(stressed, autocast, chunk_size):
     """lm_head scaled so the argmin responses average about -100: finite, and bf16 close to float32."""
     model, pairs = stressed
-    probe = forward(scaled(model, 1.0), pairs, "padded", None, False)
-    factor = 100.0 / -probe.rejected_logps.mean().item() * 1.0
-    m = scaled(model, factor * 1.0)
+    # logits scale with lm_head; far out, log p(token) ~ factor * (its logit - the top logit)
+    gaps = []
+    with torch.no_grad():
+        for pair in pairs:
+            ids = pair["prompt_input_ids"] + pair["rejected_input_ids"]
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+            for j in range(len(pair["prompt_input_ids"]) - 1, len(ids) - 1):
+                gaps.append((logits[j, ids[j + 1]] - logits[j].max()).item())
+    factor = 100.0 / -(sum(gaps) / len(gaps))
+    m = scaled(model, factor)
     out = forward(m, pairs, "padded", chunk_size, autocast)
     assert torch.isfinite(out.loss)
     assert ((out.rejected_logps < -50) & (out.rejected_logps > -200)).all(), out.rejected_logps

@@ -93,3 +93,6 @@ def test_resumed_packed_run_matches_uninterrupted(setup, uninterrupted, tmp_path
     assert sorted(resumed) == list(range(k + 1, N_STEPS + 1))
     for step, loss in resumed.items():
         assert loss == pytest.approx(full[step], abs=1e-5), f"k={k}: step {step} resumed {loss} vs {full[step]}"
+    if where == "mid_epoch":  # control: re-drawing the order from the epoch start (no skip) is caught
+        _, redrawn = train(model, data, args(tmp_path, max_steps=k + 1, ignore_data_skip=True), resume=str(checkpoint))
+        assert redrawn[k + 1] != pytest.approx(full[k + 1], abs=1e-5)
