@@ -25,6 +25,8 @@ COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 DROP_IDENTICAL = "chosen identical to rejected"
 DROP_LONG_PROMPT = "prompt alone fills max_length"
 DROP_TOO_LONG = "pair longer than max_length (drop_long_pairs)"
+DROP_IDENTICAL_TRUNCATED = "chosen identical to rejected after truncation"
+DROP_UNSCORED = "a response with no scored token (empty prompt, no BOS)"
 
 
 @dataclass
@@ -187,6 +189,19 @@ def tokenize_pair(
     return out
 
 
+def _final_checks(out: dict) -> dict:
+    """Drop reasons that only show after truncation: identical responses, a response with nothing to score."""
+    if out["drop"]:
+        return out
+    chosen, rejected = out["chosen_input_ids"], out["rejected_input_ids"]
+    if chosen == rejected:
+        out["drop"] = DROP_IDENTICAL_TRUNCATED
+    elif not out["prompt_input_ids"] and min(len(chosen), len(rejected)) < 2:
+        # without a prompt token the first response token is never predicted
+        out["drop"] = DROP_UNSCORED
+    return out
+
+
 def prepare_dataset(
     dataset,
     tokenizer,
@@ -235,14 +250,14 @@ def prepare_dataset(
                     out["truncated"] += 1
             if drop_long_pairs and out["truncated"] and not out["drop"]:
                 out["drop"] = DROP_TOO_LONG
-            return out
+            return _final_checks(out)
         prompt, chosen, rejected = row_to_text(dict(row), index, tokenizer)
         if chosen == rejected:
             return {k: [] for k in COLUMNS} | {"truncated": 0, "drop": DROP_IDENTICAL}
         out = tokenize_pair(prompt, chosen, rejected, tokenizer, max_length, max_completion_length)
         if drop_long_pairs and out["truncated"] and not out["drop"]:
             out["drop"] = DROP_TOO_LONG
-        return out
+        return _final_checks(out)
 
     keep = set(COLUMNS)
     # explicit types: a write batch made only of dropped pairs would otherwise type the id columns as null

@@ -54,6 +54,7 @@ class OutputHead:
     softcap: float | None = None
     chunkable: bool = True
     reason: str = ""
+    vocab_size: int = 0  # from the config: a sharded (ZeRO-3) weight may be an empty placeholder
 
     @classmethod
     def of(cls, model) -> "OutputHead":
@@ -67,7 +68,9 @@ class OutputHead:
         scale = getattr(text_config, "logit_scale", None)
         if scale is not None and not isinstance(scale, (int, float)):
             scale = None
-        head = cls(module, scale=float(scale) if scale is not None else None, softcap=softcap)
+        weight = getattr(module, "weight", None)
+        vocab = weight.shape[0] if weight is not None and weight.numel() > 0 else getattr(text_config, "vocab_size", 1)
+        head = cls(module, scale=float(scale) if scale is not None else None, softcap=softcap, vocab_size=int(vocab))
         if type(module) is not torch.nn.Linear:
             head.chunkable = False
             head.reason = f"the output layer is a {type(module).__name__} (adapter or quantized), not a plain Linear"
@@ -206,7 +209,7 @@ def orpo_forward(
     nll_tokens = int(nll_mask.sum())
     nll_sum = -token_logps[nll_mask].sum()
     out = orpo_loss(chosen_logps, rejected_logps, nll_sum, nll_tokens, beta, total_pairs, total_nll_tokens)
-    vocab = head.module.weight.shape[0] if hasattr(head.module, "weight") else 1
+    vocab = head.vocab_size
     lc, lr = batch["pred_logit_c"], batch["pred_logit_r"]
     with torch.no_grad():
         c, r = chosen_logps.detach().float(), rejected_logps.detach().float()

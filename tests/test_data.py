@@ -170,7 +170,7 @@ LONG = " one two three four five six seven eight nine ten."
 def test_long_responses_truncated_to_max_length(tiny_tokenizer):
     rows = [
         {"prompt": SKY, "chosen": LONG, "rejected": " Green."},  # one response truncated
-        {"prompt": SKY, "chosen": LONG, "rejected": LONG + " one"},  # both truncated
+        {"prompt": SKY, "chosen": LONG, "rejected": " Green" + LONG},  # both truncated, still different
         {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},  # none
     ]
     prompt_len = 1 + len(enc(tiny_tokenizer, SKY))
@@ -456,3 +456,27 @@ def test_loaded_file_prepares_end_to_end(tmp_path, tiny_tokenizer):
     ds, stats = prepare_dataset(load_preference_dataset(str(path)), tiny_tokenizer)
     assert stats.kept == 2
     assert_pair(tiny_tokenizer, ds[1], FIRE, " Yes.", " No.")
+
+
+def test_pairs_identical_after_truncation_are_dropped(tiny_tokenizer):
+    from orpo_plugin.data import DROP_IDENTICAL_TRUNCATED, prepare_dataset
+
+    rows = [
+        {"prompt": "hi", "chosen": " apple banana cherry", "rejected": " apple banana plum"},
+        {"prompt": "hi", "chosen": " dog", "rejected": " cat"},
+    ]
+    prompt_len = len(tiny_tokenizer("hi", add_special_tokens=False)["input_ids"]) + 1  # + BOS
+    first = tiny_tokenizer(" apple", add_special_tokens=False)["input_ids"]
+    ds, stats = prepare_dataset(rows, tiny_tokenizer, max_length=prompt_len + len(first))
+    assert stats.dropped[DROP_IDENTICAL_TRUNCATED] == 1 and stats.kept == 1
+
+
+def test_pretokenized_pair_without_prompt_and_one_token_response_is_dropped():
+    from orpo_plugin.data import DROP_UNSCORED, prepare_dataset
+
+    rows = [
+        {"prompt_input_ids": [], "chosen_input_ids": [5], "rejected_input_ids": [6, 7]},
+        {"prompt_input_ids": [], "chosen_input_ids": [5, 8], "rejected_input_ids": [6, 7]},
+    ]
+    ds, stats = prepare_dataset(rows, tokenizer=None)
+    assert stats.dropped[DROP_UNSCORED] == 1 and stats.kept == 1

@@ -248,7 +248,7 @@ def test_pretokenized_pairs_longer_than_max_length_are_truncated_and_counted(tmp
 def test_pair_over_an_explicit_budget_is_refused_by_name(tiny_tokenizer, tmp_path):
     long = " one two three four five six seven eight nine ten" * 20
     rows = [{"prompt": "Be brief.", "chosen": " Blue.", "rejected": " Green."}] * 3
-    rows.insert(2, {"prompt": "What color is the sky?", "chosen": long, "rejected": long + " one"})
+    rows.insert(2, {"prompt": "What color is the sky?", "chosen": long, "rejected": " zero" + long})
     t = _trainer(tmp_path, tiny_tokenizer, rows, packing_max_tokens=40)
     cost = 2 * len(t.train_dataset[2]["prompt_input_ids"]) + len(t.train_dataset[2]["chosen_input_ids"]) + len(
         t.train_dataset[2]["rejected_input_ids"]
