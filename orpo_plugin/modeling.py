@@ -8,6 +8,7 @@ go through the output layer: in chunks (`chunked.py`) or as one logits tensor.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 from dataclasses import dataclass
@@ -103,8 +104,13 @@ def capture_hidden_states(model):
 
 
 def _accepts(model, name: str) -> bool:
+    return _forward_accepts(type(unwrap(model)), name)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_accepts(cls: type, name: str) -> bool:
     try:
-        return name in inspect.signature(unwrap(model).forward).parameters
+        return name in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return False
 
