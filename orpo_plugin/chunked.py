@@ -20,25 +20,50 @@ def _chunk_logits(h, weight, bias, scale, softcap):
     return logits
 
 
+def _dlogits(logits, lse, targets, scale, softcap):
+    """d log p(target) / d raw logits of one chunk: (onehot - softmax), through soft-capping and scaling."""
+    grad = torch.exp(logits - lse[:, None]).neg_()
+    grad.scatter_add_(-1, targets[:, None], torch.ones_like(grad[:, :1]))
+    if softcap is not None:
+        grad.mul_(1.0 - (logits / softcap) ** 2)
+    if scale is not None:
+        grad.mul_(scale)
+    return grad
+
+
 class _ChunkedTargetLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap):
         n = hidden.shape[0]
         logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
         logit_sums = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        # With a frozen output layer (LoRA/QLoRA) only d logp / d hidden is needed: a [N, H] tensor, computed
+        # here so backward needs no second pass over the vocabulary.
+        frozen = not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        grad_unit = torch.empty_like(hidden, dtype=torch.float32) if frozen and ctx.needs_input_grad[0] else None
         for start in range(0, n, chunk_size):
             sl = slice(start, start + chunk_size)
             logits = _chunk_logits(hidden[sl], weight, bias, scale, softcap)  # [c, V]
             lse = torch.logsumexp(logits, dim=-1)
             logps[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse
             logit_sums[sl] = logits.sum(-1)
-        ctx.save_for_backward(hidden, weight, bias, targets)
+            if grad_unit is not None:
+                grad_unit[sl] = _dlogits(logits, lse, targets[sl], scale, softcap) @ weight.float()
+        if grad_unit is not None:
+            ctx.save_for_backward(grad_unit)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.frozen_fast = grad_unit is not None
         ctx.chunk_size, ctx.scale, ctx.softcap = chunk_size, scale, softcap
+        ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(logit_sums)
         return logps, logit_sums
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_logit_sums):
+        if ctx.frozen_fast:
+            (grad_unit,) = ctx.saved_tensors
+            return (grad_unit * grad_logps[:, None].float()).to(ctx.hidden_dtype), None, None, None, None, None, None
         hidden, weight, bias, targets = ctx.saved_tensors
         scale, softcap = ctx.scale, ctx.softcap
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -49,14 +74,8 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             sl = slice(start, start + ctx.chunk_size)
             h = hidden[sl]
             logits = _chunk_logits(h, weight, bias, scale, softcap)  # [c, V]
-            # d logp / d logits = onehot(target) - softmax(logits)
-            grad = torch.softmax(logits, dim=-1).neg_()
-            grad.scatter_add_(-1, targets[sl, None], torch.ones_like(grad[:, :1]))
+            grad = _dlogits(logits, torch.logsumexp(logits, dim=-1), targets[sl], scale, softcap)
             grad.mul_(grad_logps[sl, None].float())
-            if softcap is not None:
-                grad.mul_(1.0 - (logits / softcap) ** 2)
-            if scale is not None:
-                grad.mul_(scale)
             if need_h:
                 grad_h[sl] = (grad @ weight.float()).to(hidden.dtype)
             if need_w:

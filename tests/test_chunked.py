@@ -188,3 +188,29 @@ def test_tied_llama_head_matches_model_logits(tiny_model_factory):
     torch.testing.assert_close(logps, ref.detach(), rtol=1e-5, atol=1e-5)
     logps.sum().backward()
     torch.testing.assert_close(head.weight.grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_output_layer_fast_path_matches_reference():
+    """LoRA/QLoRA: the output layer is frozen, so d logp/d hidden is formed in forward (no vocabulary pass in backward)."""
+    import torch.nn.functional as F
+
+    from orpo_plugin.chunked import chunked_target_logps
+
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(13, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g)  # requires_grad False
+    targets = torch.randint(0, 50, (13,), generator=g)
+    upstream = torch.randn(13, generator=g)
+    for scale, softcap in [(None, None), (0.5, 3.0)]:
+        logps, _ = chunked_target_logps(hidden, weight, targets, chunk_size=4, scale=scale, softcap=softcap)
+        (grad,) = torch.autograd.grad((logps * upstream).sum(), hidden)
+        h64 = hidden.detach().double().requires_grad_()
+        logits = F.linear(h64, weight.double())
+        if scale is not None:
+            logits = logits * scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        ref = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+        (ref_grad,) = torch.autograd.grad((ref * upstream.double()).sum(), h64)
+        torch.testing.assert_close(logps.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-5)
