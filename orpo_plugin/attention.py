@@ -51,35 +51,54 @@ def _segments(kwargs) -> list[tuple[list[int], list[int]]]:
 def _plan(kwargs, device, bucket_ratio: float = 0.75, max_bucket: int = 256):
     """Group segments of similar length into padded buckets: one batched sdpa call per bucket.
 
-    A segment's queries are the last Lq of its Lk key positions (causal aligned bottom-right). Padded query rows
-    see every real key of their segment, so no softmax row is empty; their outputs are discarded.
+    A segment's queries are the last Lq of its Lk key positions (causal aligned bottom-right). Segments whose
+    queries are their keys (Lq == Lk) are bucketed apart and run with `is_causal` and no mask: right padding
+    is then invisible to real queries. The others (rejected branches of prefix-shared pairs) get an explicit
+    mask; their padded query rows see every real key, so no softmax row is empty. Padded outputs are dropped.
+    Returns the buckets and the permutation that puts the concatenated real outputs back in row order.
     """
-    segs = sorted(_segments(kwargs), key=lambda s: -len(s[1]))
-    buckets, current = [], []
-    for seg in segs:
-        if current and (len(seg[1]) < bucket_ratio * len(current[0][1]) or len(current) >= max_bucket):
+    square, other = [], []
+    for seg in _segments(kwargs):
+        (square if len(seg[0]) == len(seg[1]) else other).append(seg)
+    buckets = []
+    for group in (square, other):
+        group.sort(key=lambda s: -len(s[1]))
+        current = []
+        for seg in group:
+            if current and (len(seg[1]) < bucket_ratio * len(current[0][1]) or len(current) >= max_bucket):
+                buckets.append(current)
+                current = []
+            current.append(seg)
+        if current:
             buckets.append(current)
-            current = []
-        current.append(seg)
-    if current:
-        buckets.append(current)
-    plans = []
+    plans, order = [], []
     for bucket in buckets:
         mq, mk = max(len(q) for q, _ in bucket), len(bucket[0][1])
         q_idx = torch.zeros(len(bucket), mq, dtype=torch.long)
         k_idx = torch.zeros(len(bucket), mk, dtype=torch.long)
         q_valid = torch.zeros(len(bucket), mq, dtype=torch.bool)
-        mask = torch.zeros(len(bucket), 1, mq, mk, dtype=torch.bool)
+        causal = all(len(q) == len(k) for q, k in bucket)
+        mask = None if causal else torch.zeros(len(bucket), 1, mq, mk, dtype=torch.bool)
         for n, (q, k) in enumerate(bucket):
             lq, lk = len(q), len(k)
             q_idx[n, :lq], k_idx[n, :lk], q_valid[n, :lq] = torch.tensor(q), torch.tensor(k), True
-            mask[n, 0, :lq, :lk] = _lower_right_causal(lq, lk, None)
-            mask[n, 0, lq:, :lk] = True
-        simple = all(len(q) == len(k) == mk for q, k in bucket)  # equal-length causal: no explicit mask needed
+            order.extend(q)
+            if mask is not None:
+                mask[n, 0, :lq, :lk] = _lower_right_causal(lq, lk, None)
+                mask[n, 0, lq:, :lk] = True
+        valid_rows = q_valid.flatten().nonzero().squeeze(1)
         plans.append(
-            (q_idx.to(device), k_idx.to(device), q_valid.to(device), None if simple else mask.to(device))
+            (
+                q_idx.flatten().to(device),
+                k_idx.flatten().to(device),
+                valid_rows.to(device),
+                (len(bucket), mq, mk),
+                None if mask is None else mask.to(device),
+            )
         )
-    return plans
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return plans, inverse.to(device)
 
 
 _plan_cache: dict = {}
@@ -104,14 +123,19 @@ def orpo_sdpa_attention(module, query, key, value, attention_mask, scaling=None,
     if dropout:
         raise ValueError(f"{ATTENTION_NAME} does not implement attention dropout (disable_dropout=True)")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
-    out = q.new_zeros(q.shape[0], q.shape[1], value.shape[-1])
     gqa = query.shape[1] != key.shape[1]
-    for q_idx, k_idx, q_valid, mask in _cached_plan(kwargs, query.device):
-        qb, kb, vb = q[q_idx].transpose(1, 2), k[k_idx].transpose(1, 2), v[k_idx].transpose(1, 2)  # [n, H, M, D]
+    plans, inverse = _cached_plan(kwargs, query.device)
+    pieces = []
+    for q_idx, k_idx, valid_rows, (n, mq, mk), mask in plans:
+        # index_select (not fancy indexing): its backward is a fast scatter on CPU
+        qb = q.index_select(0, q_idx).view(n, mq, *q.shape[1:]).transpose(1, 2)  # [n, H, Mq, D]
+        kb = k.index_select(0, k_idx).view(n, mk, *k.shape[1:]).transpose(1, 2)
+        vb = v.index_select(0, k_idx).view(n, mk, *v.shape[1:]).transpose(1, 2)
         res = F.scaled_dot_product_attention(
             qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa
         ).transpose(1, 2)  # [n, Mq, H, D]
-        out = out.index_put((q_idx[q_valid],), res[q_valid])
+        pieces.append(res.reshape(n * mq, *res.shape[2:]).index_select(0, valid_rows))
+    out = torch.cat(pieces).index_select(0, inverse)  # back to row order
     return out[None], None
 
 
