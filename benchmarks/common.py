@@ -117,14 +117,31 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 4096, maker: TextMaker | No
     return toy_tokenizer(maker.corpus(random.Random(seed + 2)), vocab_size=vocab_size, chat_template=False)
 
 
+def library_revision() -> str:
+    """The orpo_plugin commit the benchmark ran against (+ "dirty" if its files differ from it), if in a git tree."""
+    import subprocess
+
+    import orpo_plugin
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(orpo_plugin.__file__)))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "orpo_plugin"], cwd=root, capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev.stdout.strip() + (" (dirty)" if dirty.stdout.strip() else "")
+
+
 def versions() -> str:
     import torch
     import transformers
     import trl
 
     return (
-        f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
-        f"python {platform.python_version()}, threads {torch.get_num_threads()}"
+        f"orpo_plugin {library_revision()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"trl {trl.__version__}, python {platform.python_version()}, threads {torch.get_num_threads()}"
     )
 
 
@@ -142,21 +159,24 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-def batch_tokens(inputs: dict) -> tuple[int, int, int]:
-    """(trained tokens, computed positions, pairs) of one collated micro-batch, for TRL's or our batches.
+def batch_tokens(inputs: dict) -> tuple[int, int, int, int]:
+    """(trained tokens, computed positions, non-pad computed positions, pairs) of one collated micro-batch, for
+    TRL's or our batches.
 
     Trained tokens are counted the same way for every layout: 2*prompt + chosen + rejected per pair (a prompt
     shared by both branches still counts twice, as it does in a padded batch). Computed positions are what the
     model runs over: pad included, a shared prompt once.
     """
     if "pred_pos" in inputs:  # orpo_plugin's collator
-        trained = int(inputs["unshared_tokens"]) if "unshared_tokens" in inputs else int(inputs["real_tokens"])
-        return trained, int(inputs["input_ids"].numel()), int(inputs["num_pairs"])
+        real = int(inputs["real_tokens"])  # non-pad positions of the row(s)
+        trained = int(inputs["unshared_tokens"]) if "unshared_tokens" in inputs else real
+        return trained, int(inputs["input_ids"].numel()), real, int(inputs["num_pairs"])
     # TRL's DPODataCollatorWithPadding: chosen/rejected = prompt + response, padded separately per batch;
     # concatenated_forward pads both to the longer one and runs [2B, T].
     cm, rm = inputs["chosen_attention_mask"], inputs["rejected_attention_mask"]
     width = max(cm.shape[1], rm.shape[1])
-    return int(cm.sum() + rm.sum()), 2 * cm.shape[0] * width, int(cm.shape[0])
+    real = int(cm.sum() + rm.sum())
+    return real, 2 * cm.shape[0] * width, real, int(cm.shape[0])
 
 
 class Turns:
@@ -203,7 +223,7 @@ class StepMeter:
     def __init__(self, warmup: int, name: str = "", turns: Turns | None = None):
         self.warmup, self.name, self.turns = warmup, name, turns
         self.step = 0
-        self.trained = self.computed = self.pairs = 0
+        self.trained = self.computed = self.nonpad = self.pairs = 0
         self.wall = self.cpu = self.compute_s = 0.0
         self.step_wall: list[float] = []
         self.in_step = False
@@ -220,9 +240,10 @@ class StepMeter:
 
     def count(self, inputs):
         if self.step >= self.warmup:  # inputs of step index `self.step` (0-based), counted once timed
-            t, c, p = batch_tokens(inputs)
+            t, c, n, p = batch_tokens(inputs)
             self.trained += t
             self.computed += c
+            self.nonpad += n
             self.pairs += p
 
     def end_step(self):
@@ -270,7 +291,7 @@ class StepMeter:
             "tokens_per_s": self.trained / self.wall,
             "tokens_per_cpu_s": self.trained / self.cpu,
             "step_wall": self.step_wall,
-            "pad_fraction": 1.0 - self.trained / self.computed if self.computed else float("nan"),
+            "pad_fraction": 1.0 - self.nonpad / self.computed if self.computed else float("nan"),
             "computed_per_trained": self.computed / self.trained,
         }
 

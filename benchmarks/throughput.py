@@ -3,12 +3,21 @@
     python benchmarks/throughput.py                      # TRL vs ours: padded, padding_free, packing
     python benchmarks/throughput.py --set prompt-heavy   # packing vs packing + prefix_sharing
 
-Every method trains the same random-init tiny Llama (rebuilt from the same seed for each run) on the same
-synthetic preference set (log-normal prompt/response lengths) for a fixed number of optimizer steps after a
-few untimed warm-up steps. Real tokens are counted from the micro-batches each run actually trained on, the same
-way for every method: 2*prompt + chosen + rejected per pair. Methods run one after the other in one process, in
-a rotating order, `--repeats` times; the table shows medians, and each ratio is the median of the per-repeat
-ratios (each taken against the baseline run of the same repeat).
+Every method trains the same random-init tiny Llama (a fresh copy built from the same seed for each run) on the
+same synthetic preference set (log-normal prompt/response lengths) for a fixed number of optimizer steps after
+a few untimed warm-up steps. Real tokens are counted from the micro-batches each run actually trained on, the
+same way for every method: 2*prompt + chosen + rejected per pair (prefix sharing computes the prompt once but
+trains the same tokens). A step is timed from fetching its batch to the end of the optimizer step.
+
+In one round every method trains once; by default the methods' trainers run side by side in threads that take
+turns one optimizer step each (only one computes at a time), so bursts of load from other jobs on a shared
+machine hit all methods alike; `--sequential` runs them one after the other instead. `--repeats` rounds (fresh
+models, rotated order); the table shows medians, each ratio being the median of the per-round ratios against
+the baseline of the same round.
+
+Packing budget: `packing_max_tokens` is calibrated so that a packed micro-batch holds, on average, as many real
+tokens as TRL's batch of 8 pairs. Prefix sharing keeps the same budget, which then bounds the computed positions
+(a shared prompt once), so its micro-batches hold more pairs.
 """
 
 from __future__ import annotations
@@ -310,7 +319,7 @@ def main(argv=None) -> int:
                 "computed/trained",
                 "pairs/step",
                 "real tokens/step",
-                "time collating",
+                "time fetching+collating",
             ],
             rows_out,
         )
