@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 ATTENTION_NAME = "orpo_sdpa"
 FLEX_NAME = "orpo_flex"
+FLASH_NAME = "orpo_flash"
 # Implementations whose packed-sequence handling transformers provides from position_ids alone.
 NATIVE_PACKED = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
 
@@ -139,6 +140,72 @@ def orpo_sdpa_attention(module, query, key, value, attention_mask, scaling=None,
     return out[None], None
 
 
+def varlen_layout(segments: torch.Tensor, device=None):
+    """Flash-attention varlen arguments of a prefix-shared row.
+
+    Queries stay in row order, one sequence per branch: chosen = [prompt + chosen], rejected = [rejected].
+    Keys/values are gathered per branch: chosen = [prompt + chosen], rejected = [prompt + rejected]. With
+    cu_seqlens_q != cu_seqlens_k, flash-attn (>= 2.1) aligns the causal mask bottom-right, which is exactly
+    "rejected token i sees the prompt and rejected tokens <= i".
+    Returns (kv_index, cu_seqlens_q, cu_seqlens_k, max_q, max_k).
+    """
+    kv_index, q_lens, k_lens = [], [], []
+    for start, lp, lc, lr in segments.tolist():
+        a, b, e = start, start + lp + lc, start + lp + lc + lr
+        kv_index.extend(range(a, b))
+        q_lens.append(b - a)
+        k_lens.append(b - a)
+        if lr:
+            kv_index.extend(range(a, a + lp))
+            kv_index.extend(range(b, e))
+            q_lens.append(lr)
+            k_lens.append(lp + lr)
+    cu_q = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_k = torch.tensor([0] + k_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    index = torch.tensor(kv_index, dtype=torch.long)
+    return index.to(device), cu_q.to(device), cu_k.to(device), max(q_lens), max(k_lens)
+
+
+def varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=True):
+    """The flash-attention varlen contract on any device (q/k/v as [tokens, heads, dim]), causal bottom-right."""
+    out = []
+    for i in range(len(cu_seqlens_q) - 1):
+        qa, qb = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])
+        ka, kb = int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])
+        mask = _lower_right_causal(qb - qa, kb - ka, q.device) if causal else None
+        res = F.scaled_dot_product_attention(
+            q[qa:qb].transpose(0, 1), k[ka:kb].transpose(0, 1), v[ka:kb].transpose(0, 1),
+            attn_mask=mask, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1],
+        )
+        out.append(res.transpose(0, 1))
+    return torch.cat(out)
+
+
+def _flash_kernel():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as err:  # pragma: no cover - needs CUDA
+        raise ImportError("prefix_sharing with flash_attention_2 needs the flash-attn package") from err
+    return flash_attn_varlen_func
+
+
+def orpo_flash_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kernel=None, **kwargs):
+    """AttentionInterface function: prefix-shared row through a flash-attention varlen kernel."""
+    segments = kwargs.get("prefix_segments")
+    if segments is None:
+        raise ValueError(f"{FLASH_NAME} needs `prefix_segments` from the collator")
+    if query.shape[0] != 1:
+        raise ValueError(f"{FLASH_NAME} expects one packed row per batch, got batch size {query.shape[0]}")
+    kernel = kernel or _flash_kernel()
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    index, cu_q, cu_k, max_q, max_k = varlen_layout(segments, query.device)
+    out = kernel(
+        q, k.index_select(0, index), v.index_select(0, index), cu_q, cu_k, max_q, max_k,
+        softmax_scale=scaling, causal=True,
+    )
+    return out[None], None
+
+
 def prefix_sharing_mask(segments: torch.Tensor, total: int, device=None) -> torch.Tensor:
     """Dense [total, total] boolean mask (True = may attend) of a prefix-shared row."""
     mask = torch.zeros(total, total, dtype=torch.bool, device=device)
@@ -218,6 +285,8 @@ def register(name: str = ATTENTION_NAME) -> str:
         AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
         AttentionInterface.register(FLEX_NAME, orpo_flex_attention)
         AttentionMaskInterface.register(FLEX_NAME, _no_mask)
+        AttentionInterface.register(FLASH_NAME, orpo_flash_attention)
+        AttentionMaskInterface.register(FLASH_NAME, _no_mask)
         _registered = True
     return name
 

@@ -351,9 +351,13 @@ class ORPOTrainer(BaseTrainer):
                 return attention.register()
             if impl in ("flex_attention", attention.FLEX_NAME):
                 return attention.register(attention.FLEX_NAME)
+            if impl in ("flash_attention_2", attention.FLASH_NAME):
+                attention._flash_kernel()  # fail now, with a clear message, if flash-attn is missing
+                return attention.register(attention.FLASH_NAME)
             raise ValueError(
-                f"prefix_sharing runs on sdpa, eager (through orpo_plugin's '{attention.ATTENTION_NAME}') or "
-                f"flex_attention models (a prefix-sharing BlockMask); this model uses attn_implementation={impl!r}"
+                f"prefix_sharing runs on sdpa, eager (through orpo_plugin's '{attention.ATTENTION_NAME}'), "
+                f"flex_attention (a prefix-sharing BlockMask) or flash_attention_2 (varlen, different cu_seqlens "
+                f"for queries and keys) models; this model uses attn_implementation={impl!r}"
             )
         if impl in ("sdpa", "eager") and args.varlen_attention:
             return attention.register()

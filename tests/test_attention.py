@@ -66,3 +66,25 @@ def test_refuses_batched_rows_and_missing_layout():
         orpo_sdpa_attention(None, q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), None)
     with pytest.raises(ValueError, match="needs `cu_seq_lens_q`"):
         orpo_sdpa_attention(None, q, k, v, None)
+
+
+def test_prefix_sharing_through_the_flash_varlen_interface():
+    """The flash path's layout (gathered keys, cu_seqlens_q != cu_seqlens_k) with the varlen contract run on CPU."""
+    from orpo_plugin.attention import orpo_flash_attention, varlen_reference
+
+    segments = torch.tensor([[0, 3, 2, 4], [9, 0, 1, 1], [11, 5, 1, 3], [20, 1, 3, 0]])
+    total = 24
+    q, k, v = qkv(total, seed=2)
+    ours, _ = orpo_flash_attention(None, q, k, v, None, prefix_segments=segments, kernel=varlen_reference)
+    torch.testing.assert_close(ours, dense(q, k, v, prefix_sharing_mask(segments, total)), atol=1e-12, rtol=1e-12)
+
+
+def test_varlen_reference_is_bottom_right_causal():
+    from orpo_plugin.attention import varlen_reference
+
+    q, k, v = qkv(5, heads=2, kv_heads=2, seed=3)
+    cu_q = torch.tensor([0, 2], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5], dtype=torch.int32)
+    out = varlen_reference(q[0, :, 3:].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_q, cu_k, 2, 5)
+    full = F.scaled_dot_product_attention(q, k, v, is_causal=True)[0, :, 3:].transpose(0, 1)
+    torch.testing.assert_close(out, full, atol=1e-12, rtol=1e-12)

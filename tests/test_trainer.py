@@ -334,7 +334,7 @@ def test_prefix_sharing_flex_block_mask_forward_matches_padded():
 
 def test_prefix_sharing_refuses_unsupported_attention(tok):
     model = build_model(len(tok), hidden_size=32)
-    model.config._attn_implementation = "flash_attention_2"
+    model.config._attn_implementation = "flash_attention_3"
     with pytest.raises(ValueError, match="prefix_sharing runs on sdpa, eager"):
         ORPOTrainer(model=model, args=ORPOConfig(**config(prefix_sharing=True)), train_dataset=ROWS, processing_class=tok)
 
