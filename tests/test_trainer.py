@@ -268,8 +268,10 @@ def test_packing_trains_within_budget_and_logs_token_metrics(tmp_path):
     t = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=_StubTokenizer())
     loader = t.get_train_dataloader()
     sizes = [int(b["real_tokens"]) for b in loader]
+    kept = t.train_dataset  # pairs without a prompt and a one-token response are dropped (nothing to score)
+    assert 0 < len(kept) <= len(pairs)
     assert max(sizes) <= 120 and sum(sizes) == sum(
-        2 * len(p["prompt_input_ids"]) + len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs
+        2 * len(p["prompt_input_ids"]) + len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in kept
     )
     t.train()
     logged = [h for h in t.state.log_history if "loss" in h]
