@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .collators import PreferenceCollator
-from .losses import log_odds
+from .losses import log_odds, sequence_logps
 from .modeling import OutputHead, predicted_logps, unwrap, verify_head
 
 
@@ -33,9 +33,7 @@ def pair_logps(model, pairs, pad_token_id: int, batch_size: int = 16) -> tuple[t
             p = int(batch["num_pairs"])
             seq = batch["pred_seq"]
             resp = seq >= 0
-            sums = torch.zeros(2 * p, device=device).index_add(0, seq[resp], token_logps[resp].float())
-            counts = torch.bincount(seq[resp], minlength=2 * p).clamp(min=1)
-            logps = (sums / counts).cpu()
+            logps = sequence_logps(token_logps[resp].float(), seq[resp], 2 * p).cpu()
             chosen.append(logps[:p])
             rejected.append(logps[p:])
     finally:
