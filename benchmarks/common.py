@@ -296,6 +296,29 @@ class StepMeter:
         }
 
 
+def train_interleaved(jobs) -> None:
+    """Train (name, trainer, meter) jobs in threads that take turns step by step; re-raise the first failure."""
+    threads, errors = [], {}
+    for name, trainer, meter in jobs:
+
+        def work(trainer=trainer, meter=meter, name=name):
+            try:
+                trainer.train()
+            except BaseException as err:  # reported after the join
+                errors[name] = err
+            finally:
+                meter.finish()
+
+        threads.append(threading.Thread(target=work, name=name))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        name, err = next(iter(errors.items()))
+        raise RuntimeError(f"{name} failed: {err!r}") from err
+
+
 def metered(trainer_cls, meter: StepMeter):
     """A subclass of `trainer_cls` that reports its steps and micro-batches to `meter`."""
 

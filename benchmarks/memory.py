@@ -33,7 +33,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -210,27 +209,12 @@ def timing_child(opts) -> list[dict]:
     methods = opts.timing_methods
     turns = common.Turns(methods)
     steps = 1 + opts.timed_steps
-    meters, threads, errors = {}, [], {}
+    meters, jobs = {}, []
     with tempfile.TemporaryDirectory() as out:
         for m in methods:
             meters[m] = common.StepMeter(1, m, turns)
-            trainer = build_trainer(m, opts, steps, [], meters[m], f"{out}/{m}", cuda)
-
-            def work(trainer=trainer, meter=meters[m], m=m):
-                try:
-                    trainer.train()
-                except BaseException as err:
-                    errors[m] = repr(err)
-                finally:
-                    meter.finish()
-
-            threads.append(threading.Thread(target=work, name=m))
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    if errors:
-        raise RuntimeError(f"timing failed: {errors}")
+            jobs.append((m, build_trainer(m, opts, steps, [], meters[m], f"{out}/{m}", cuda), meters[m]))
+        common.train_interleaved(jobs)
     return [{"method": m, "device": "cuda" if cuda else "cpu", **meters[m].result()} for m in methods]
 
 

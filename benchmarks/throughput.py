@@ -29,7 +29,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -175,27 +174,12 @@ def run_round(order: list[str], rows, tokenizer, opts, budget: int) -> list[dict
                 gc.collect()
         else:
             turns = common.Turns(order)
-            built, threads, errors = [], [], {}
+            built, jobs = [], []
             for m in order:
                 trainer, meter, logs = build_trainer(m, rows, tokenizer, opts, budget, f"{out}/{m}", turns)
                 built.append((m, meter, logs))
-
-                def work(trainer=trainer, meter=meter, m=m):
-                    try:
-                        trainer.train()
-                    except BaseException as err:  # reported after the join
-                        errors[m] = err
-                    finally:
-                        meter.finish()
-
-                threads.append(threading.Thread(target=work, name=m))
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            if errors:
-                m, err = next(iter(errors.items()))
-                raise RuntimeError(f"{m} failed: {err!r}") from err
+                jobs.append((m, trainer, meter))
+            common.train_interleaved(jobs)
     for m, meter, logs in built:
         result = meter.result()
         result["method"] = m
