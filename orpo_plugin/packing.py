@@ -24,37 +24,37 @@ packing the whole dataset at once would produce nearly the same groups every epo
 """
 
 
-def _positive_int(value: Any, what: str) -> int:
+def _as_int(value: Any) -> int | None:
+    """The value as a plain int (numpy/torch integers too), or None for bools and non-integers."""
     if isinstance(value, bool):
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    try:
-        as_int = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{what} must be a positive int, got {value!r}") from None
-    if as_int <= 0:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return as_int
-
-
-def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be an int, got {value!r}")
+        return None
     try:
         return operator.index(value)
     except TypeError:
-        raise ValueError(f"{what} must be an int, got {value!r}") from None
+        return None
+
+
+def _positive_int(value: Any, what: str) -> int:
+    n = _as_int(value)
+    if n is None or n <= 0:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return n
+
+
+def _int(value: Any, what: str) -> int:
+    n = _as_int(value)
+    if n is None:
+        raise ValueError(f"{what} must be an int, got {value!r}")
+    return n
 
 
 def _validate_lengths(lengths: Sequence[int], max_tokens: int) -> list[int]:
     """Lengths as plain ints; every one positive and within the budget, else a ValueError naming the pair."""
     out: list[int] = []
     for i, raw in enumerate(lengths):
-        if isinstance(raw, bool):
+        n = _as_int(raw)
+        if n is None:
             raise ValueError(f"pair {i} has invalid length {raw!r}: lengths must be positive ints")
-        try:
-            n = operator.index(raw)
-        except TypeError:
-            raise ValueError(f"pair {i} has invalid length {raw!r}: lengths must be positive ints") from None
         if n <= 0:
             raise ValueError(f"pair {i} has invalid length {n}: lengths must be positive ints")
         if n > max_tokens:
