@@ -16,6 +16,7 @@ block-diagonal mask, without one kernel call per sequence.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -291,13 +292,29 @@ def register(name: str = ATTENTION_NAME) -> str:
     return name
 
 
+_configs_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _configs_of(model) -> dict:
+    """The distinct configs carrying an attention implementation in `model` (walked once per model)."""
+    configs = _configs_cache.get(model)
+    if configs is None:
+        configs = {
+            id(m.config): m.config
+            for m in model.modules()
+            if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")
+        }
+        _configs_cache[model] = configs
+    return configs
+
+
 @contextlib.contextmanager
 def attention_implementation(model, name: str | None):
     """Temporarily run `model` with another attention implementation (its saved config never sees it)."""
     if name is None:
         yield
         return
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")}
+    configs = _configs_of(model)
     previous = {k: c._attn_implementation for k, c in configs.items()}
     try:
         for c in configs.values():
