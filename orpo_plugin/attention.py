@@ -57,7 +57,11 @@ def _plan(kwargs, device, bucket_ratio: float = 0.75, max_bucket: int = 256):
     queries are their keys (Lq == Lk) are bucketed apart and run with `is_causal` and no mask: right padding
     is then invisible to real queries. The others (rejected branches of prefix-shared pairs) get an explicit
     mask; their padded query rows see every real key, so no softmax row is empty. Padded outputs are dropped.
-    Returns the buckets and the permutation that puts the concatenated real outputs back in row order.
+
+    All buckets are gathered with one index per tensor (q, k/v), so backward scatters into one zero-filled
+    gradient per tensor and layer, not one per bucket. Returns (shapes, masks, q_index, k_index, out_index):
+    bucket n's queries are rows [sum of earlier n*mq, + n*mq) of `x.index_select(0, q_index)`, and
+    `out_index[t]` is where row token t's output sits among the concatenated padded bucket outputs.
     """
     square, other = [], []
     for seg in _segments(kwargs):
@@ -73,34 +77,30 @@ def _plan(kwargs, device, bucket_ratio: float = 0.75, max_bucket: int = 256):
             current.append(seg)
         if current:
             buckets.append(current)
-    plans, order = [], []
+    shapes, masks, q_parts, k_parts = [], [], [], []
+    out_of_token: dict[int, int] = {}
+    offset = 0
     for bucket in buckets:
         mq, mk = max(len(q) for q, _ in bucket), len(bucket[0][1])
         q_idx = torch.zeros(len(bucket), mq, dtype=torch.long)
         k_idx = torch.zeros(len(bucket), mk, dtype=torch.long)
-        q_valid = torch.zeros(len(bucket), mq, dtype=torch.bool)
         causal = all(len(q) == len(k) for q, k in bucket)
         mask = None if causal else torch.zeros(len(bucket), 1, mq, mk, dtype=torch.bool)
         for n, (q, k) in enumerate(bucket):
             lq, lk = len(q), len(k)
-            q_idx[n, :lq], k_idx[n, :lk], q_valid[n, :lq] = torch.tensor(q), torch.tensor(k), True
-            order.extend(q)
+            q_idx[n, :lq], k_idx[n, :lk] = torch.tensor(q), torch.tensor(k)
+            for i, t in enumerate(q):
+                out_of_token[t] = offset + n * mq + i
             if mask is not None:
                 mask[n, 0, :lq, :lk] = _lower_right_causal(lq, lk, None)
                 mask[n, 0, lq:, :lk] = True
-        valid_rows = q_valid.flatten().nonzero().squeeze(1)
-        plans.append(
-            (
-                q_idx.flatten().to(device),
-                k_idx.flatten().to(device),
-                valid_rows.to(device),
-                (len(bucket), mq, mk),
-                None if mask is None else mask.to(device),
-            )
-        )
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    return plans, inverse.to(device)
+        offset += len(bucket) * mq
+        shapes.append((len(bucket), mq, mk))
+        masks.append(None if mask is None else mask.to(device))
+        q_parts.append(q_idx.flatten())
+        k_parts.append(k_idx.flatten())
+    out_index = torch.tensor([out_of_token[t] for t in sorted(out_of_token)], dtype=torch.long)
+    return shapes, masks, torch.cat(q_parts).to(device), torch.cat(k_parts).to(device), out_index.to(device)
 
 
 _plan_cache: dict = {}
@@ -124,20 +124,27 @@ def orpo_sdpa_attention(module, query, key, value, attention_mask, scaling=None,
         raise ValueError(f"{ATTENTION_NAME} expects one packed row per batch, got batch size {query.shape[0]}")
     if dropout:
         raise ValueError(f"{ATTENTION_NAME} does not implement attention dropout (disable_dropout=True)")
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    # squeeze, not [0]: the backward of a view is a view, where select would zero-fill a full-size gradient
+    q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     gqa = query.shape[1] != key.shape[1]
-    plans, inverse = _cached_plan(kwargs, query.device)
+    shapes, masks, q_index, k_index, out_index = _cached_plan(kwargs, query.device)
+    # index_select (not fancy indexing): its backward is one scatter-add per tensor on CPU
+    qs = q.index_select(0, q_index).split([n * mq for n, mq, _ in shapes])
+    ks = k.index_select(0, k_index).split([n * mk for n, _, mk in shapes])
+    vs = v.index_select(0, k_index).split([n * mk for n, _, mk in shapes])
     pieces = []
-    for q_idx, k_idx, valid_rows, (n, mq, mk), mask in plans:
-        # index_select (not fancy indexing): its backward is a fast scatter on CPU
-        qb = q.index_select(0, q_idx).view(n, mq, *q.shape[1:]).transpose(1, 2)  # [n, H, Mq, D]
-        kb = k.index_select(0, k_idx).view(n, mk, *k.shape[1:]).transpose(1, 2)
-        vb = v.index_select(0, k_idx).view(n, mk, *v.shape[1:]).transpose(1, 2)
+    for (n, mq, mk), mask, qb, kb, vb in zip(shapes, masks, qs, ks, vs):
         res = F.scaled_dot_product_attention(
-            qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa
+            qb.view(n, mq, *q.shape[1:]).transpose(1, 2),  # [n, H, Mq, D]
+            kb.view(n, mk, *k.shape[1:]).transpose(1, 2),
+            vb.view(n, mk, *v.shape[1:]).transpose(1, 2),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scaling,
+            enable_gqa=gqa,
         ).transpose(1, 2)  # [n, Mq, H, D]
-        pieces.append(res.reshape(n * mq, *res.shape[2:]).index_select(0, valid_rows))
-    out = torch.cat(pieces).index_select(0, inverse)  # back to row order
+        pieces.append(res.reshape(n * mq, *res.shape[2:]))
+    out = torch.cat(pieces).index_select(0, out_index)  # real outputs, back in row order
     return out[None], None
 
 
@@ -198,7 +205,8 @@ def orpo_flash_attention(module, query, key, value, attention_mask, scaling=None
     if query.shape[0] != 1:
         raise ValueError(f"{FLASH_NAME} expects one packed row per batch, got batch size {query.shape[0]}")
     kernel = kernel or _flash_kernel()
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    # squeeze, not [0]: the backward of a view is a view, where select would zero-fill a full-size gradient
+    q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     index, cu_q, cu_k, max_q, max_k = varlen_layout(segments, query.device)
     out = kernel(
         q, k.index_select(0, index), v.index_select(0, index), cu_q, cu_k, max_q, max_k,
