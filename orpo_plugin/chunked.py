@@ -1,13 +1,23 @@
 """Target-token log-probs from hidden states and the output-layer weight, without [tokens x vocab] logits.
 
 The tokens are processed in chunks; backward recomputes each chunk's logits, so at most one chunk of logits
-(float32) exists at a time. The per-token mean logit (for the `logits/*` metrics) comes out as a by-product.
+(float32) exists at a time. When all tokens fit in one chunk, forward keeps that chunk's gradient for backward
+instead (no second pass over the vocabulary, and no more memory than the recompute would take). The per-token
+mean logit (for the `logits/*` metrics) comes out as a by-product.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+# Default chunk: as many tokens as keep one chunk of float32 logits at 512 MiB (1,024 tokens at a 128k vocabulary).
+DEFAULT_CHUNK_BYTES = 1024 * 128_256 * 4
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk for a vocabulary of `vocab_size` under the default memory bound."""
+    return max(1, DEFAULT_CHUNK_BYTES // (4 * max(1, int(vocab_size))))
 
 
 def _chunk_logits(h, weight, bias, scale, softcap):
@@ -33,14 +43,22 @@ def _dlogits(logits, lse, targets, scale, softcap):
 
 class _ChunkedTargetLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap, grad_enabled):
         n = hidden.shape[0]
         logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
         logit_sums = torch.empty(n, dtype=torch.float32, device=hidden.device)
         # With a frozen output layer (LoRA/QLoRA) only d logp / d hidden is needed: a [N, H] tensor, computed
         # here so backward needs no second pass over the vocabulary.
+        # (needs_input_grad is set under no_grad too: `grad_enabled` tells whether a backward can follow.)
         frozen = not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        grad_unit = torch.empty_like(hidden, dtype=torch.float32) if frozen and ctx.needs_input_grad[0] else None
+        grad_unit = (
+            torch.empty_like(hidden, dtype=torch.float32)
+            if grad_enabled and frozen and ctx.needs_input_grad[0]
+            else None
+        )
+        # One chunk and a trainable output layer: keep d logp / d logits for backward rather than recompute it.
+        keep = grad_enabled and not frozen and n <= chunk_size
+        kept = None
         for start in range(0, n, chunk_size):
             sl = slice(start, start + chunk_size)
             logits = _chunk_logits(hidden[sl], weight, bias, scale, softcap)  # [c, V]
@@ -49,8 +67,12 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             logit_sums[sl] = logits.sum(-1)
             if grad_unit is not None:
                 grad_unit[sl] = _dlogits(logits, lse, targets[sl], scale, softcap) @ weight.float()
+            elif keep:
+                kept = _dlogits(logits, lse, targets[sl], scale, softcap)
         if grad_unit is not None:
             ctx.save_for_backward(grad_unit)
+        elif kept is not None:
+            ctx.save_for_backward(hidden, weight, bias, targets, kept)
         else:
             ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.frozen_fast = grad_unit is not None
@@ -63,8 +85,8 @@ class _ChunkedTargetLogps(torch.autograd.Function):
     def backward(ctx, grad_logps, _grad_logit_sums):
         if ctx.frozen_fast:
             (grad_unit,) = ctx.saved_tensors
-            return (grad_unit * grad_logps[:, None].float()).to(ctx.hidden_dtype), None, None, None, None, None, None
-        hidden, weight, bias, targets = ctx.saved_tensors
+            return (grad_unit * grad_logps[:, None].float()).to(ctx.hidden_dtype), *([None] * 7)
+        hidden, weight, bias, targets, *kept = ctx.saved_tensors
         scale, softcap = ctx.scale, ctx.softcap
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -73,9 +95,12 @@ class _ChunkedTargetLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             sl = slice(start, start + ctx.chunk_size)
             h = hidden[sl]
-            logits = _chunk_logits(h, weight, bias, scale, softcap)  # [c, V]
-            grad = _dlogits(logits, torch.logsumexp(logits, dim=-1), targets[sl], scale, softcap)
-            grad.mul_(grad_logps[sl, None].float())
+            if kept:  # the only chunk: its gradient was kept by forward (left intact for a second backward)
+                grad = kept[0] * grad_logps[sl, None].float()
+            else:
+                logits = _chunk_logits(h, weight, bias, scale, softcap)  # [c, V]
+                grad = _dlogits(logits, torch.logsumexp(logits, dim=-1), targets[sl], scale, softcap)
+                grad.mul_(grad_logps[sl, None].float())
             if need_h:
                 grad_h[sl] = (grad @ weight.float()).to(hidden.dtype)
             if need_w:
@@ -84,7 +109,7 @@ class _ChunkedTargetLogps(torch.autograd.Function):
                 grad_b.add_(grad.sum(0))
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def chunked_target_logps(
@@ -102,7 +127,9 @@ def chunked_target_logps(
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"expected hidden [N, H] and targets [N], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
-    return _ChunkedTargetLogps.apply(hidden, weight, bias, targets, int(chunk_size), scale, softcap)
+    return _ChunkedTargetLogps.apply(
+        hidden, weight, bias, targets, int(chunk_size), scale, softcap, torch.is_grad_enabled()
+    )
 
 
 def full_target_logps(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .chunked import default_chunk_size
 from .collators import PreferenceCollator
 from .losses import log_odds, sequence_logps
 from .modeling import OutputHead, predicted_logps, unwrap, verify_head
@@ -28,7 +29,7 @@ def pair_logps(model, pairs, pad_token_id: int, batch_size: int = 16) -> tuple[t
         for start in range(0, len(pairs), batch_size):
             batch = collate([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))])
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            chunk_size = 1024 if head.chunkable else None
+            chunk_size = default_chunk_size(head.vocab_size) if head.chunkable else None
             token_logps, _ = predicted_logps(model, batch, head, chunk_size, logits_in_forward)
             p = int(batch["num_pairs"])
             seq = batch["pred_seq"]

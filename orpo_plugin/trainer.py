@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from . import attention
 from ._compat import BaseConfig, BaseTrainer
+from .chunked import default_chunk_size
 from .collators import PreferenceCollator, pair_cost
 from .data import prepare_dataset
 from .modeling import OutputHead, metrics_from_sums, orpo_forward, unwrap, verify_head
@@ -119,7 +120,14 @@ class ORPOConfig(BaseConfig):
             "not a plain Linear."
         },
     )
-    loss_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the chunked loss."})
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per chunk of the chunked loss. Default: as many as keep one chunk of float32 logits "
+            "within 512 MiB (1024 tokens at a 128k vocabulary, 4096 at 32k). A micro-batch whose predictions fit "
+            "in one chunk keeps that chunk's gradient for backward instead of recomputing its logits."
+        },
+    )
 
     # ---- model
     disable_dropout: bool = field(default=True, metadata={"help": "Whether to disable dropout in the model."})
@@ -147,7 +155,7 @@ class ORPOConfig(BaseConfig):
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
-        if self.loss_chunk_size < 1:
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
         if self.packing_max_tokens is not None and self.packing_max_tokens < 2:
             raise ValueError(f"packing_max_tokens must be >= 2, got {self.packing_max_tokens}")
@@ -296,7 +304,7 @@ class ORPOTrainer(BaseTrainer):
                 self.logits_in_forward = True
         if args.chunked_loss and not self.logits_in_forward:
             if self.head.chunkable:
-                self.chunk_size = args.loss_chunk_size
+                self.chunk_size = args.loss_chunk_size or default_chunk_size(self.head.vocab_size)
             else:
                 logger.warning("chunked_loss: using full logits because %s", self.head.reason)
         if hasattr(self.model, "add_model_tags"):

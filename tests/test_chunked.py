@@ -214,3 +214,61 @@ def test_frozen_output_layer_fast_path_matches_reference():
         (ref_grad,) = torch.autograd.grad((ref * upstream.double()).sum(), h64)
         torch.testing.assert_close(logps.double(), ref.detach(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ one chunk: kept gradient
+def _count_calls(monkeypatch, name):
+    import orpo_plugin.chunked as chunked
+
+    calls = []
+    original = getattr(chunked, name)
+
+    def counted(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(chunked, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("chunk_size, forward_calls, backward_calls", [(N, 1, 0), (100, 1, 0), (5, 3, 3)])
+def test_one_chunk_keeps_its_gradient_instead_of_recomputing(monkeypatch, chunk_size, forward_calls, backward_calls):
+    """A trainable head whose tokens fit one chunk: backward does no second pass over the vocabulary."""
+    logits_calls = _count_calls(monkeypatch, "_chunk_logits")
+    (hidden, weight, b), targets, upstream = _inputs()
+    logps, _ = chunked_target_logps(hidden, weight, targets, b, chunk_size)
+    assert len(logits_calls) == forward_calls
+    _grads(logps, [hidden, weight, b], upstream)
+    assert len(logits_calls) == forward_calls + backward_calls
+
+
+def test_kept_gradient_survives_a_second_backward():
+    (hidden, weight, b), targets, upstream = _inputs()
+    logps, _ = chunked_target_logps(hidden, weight, targets, b, chunk_size=N)
+    first = torch.autograd.grad(logps, (hidden, weight, b), grad_outputs=upstream, retain_graph=True)
+    second = torch.autograd.grad(logps, (hidden, weight, b), grad_outputs=upstream)
+    for g1, g2 in zip(first, second):
+        torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+def test_no_gradient_work_without_grad_mode(monkeypatch):
+    """Evaluation (no_grad): neither the kept gradient nor the frozen-head fast path is formed."""
+    dlogits_calls = _count_calls(monkeypatch, "_dlogits")
+    (hidden, weight, b), targets, _ = _inputs()
+    with torch.no_grad():
+        chunked_target_logps(hidden, weight, targets, b, chunk_size=N)  # trainable head, one chunk
+        chunked_target_logps(hidden, weight.detach(), targets, None, chunk_size=4)  # frozen head
+    assert dlogits_calls == []
+    chunked_target_logps(hidden, weight, targets, b, chunk_size=N)
+    chunked_target_logps(hidden, weight.detach(), targets, None, chunk_size=4)
+    assert len(dlogits_calls) == 1 + 4  # the kept chunk; the frozen fast path once per chunk
+
+
+def test_default_chunk_size_bounds_the_logits_bytes():
+    from orpo_plugin.chunked import DEFAULT_CHUNK_BYTES, default_chunk_size
+
+    assert default_chunk_size(128_256) == 1024  # Llama 3
+    assert default_chunk_size(32_064) == 4096  # Phi-3
+    for vocab in (2_443, 32_000, 151_936, 256_000):
+        size = default_chunk_size(vocab)
+        assert size * vocab * 4 <= DEFAULT_CHUNK_BYTES < (size + 1) * vocab * 4
