@@ -30,9 +30,12 @@ def _chunk_logits(h, weight, bias, scale, softcap):
     return logits
 
 
-def _dlogits(logits, lse, targets, scale, softcap):
-    """d log p(target) / d raw logits of one chunk: (onehot - softmax), through soft-capping and scaling."""
-    grad = torch.exp(logits - lse[:, None]).neg_()
+def _dlogits(logits, log_probs, targets, scale, softcap):
+    """d log p(target) / d raw logits of one chunk: (onehot - softmax), through soft-capping and scaling.
+
+    Built in the storage of `log_probs` (the chunk's log-softmax), which it consumes.
+    """
+    grad = log_probs.exp_().neg_()
     grad.scatter_add_(-1, targets[:, None], torch.ones_like(grad[:, :1]))
     if softcap is not None:
         grad.mul_(1.0 - (logits / softcap) ** 2)
@@ -62,13 +65,13 @@ class _ChunkedTargetLogps(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             sl = slice(start, start + chunk_size)
             logits = _chunk_logits(hidden[sl], weight, bias, scale, softcap)  # [c, V]
-            lse = torch.logsumexp(logits, dim=-1)
-            logps[sl] = logits.gather(-1, targets[sl, None]).squeeze(-1) - lse
+            log_probs = torch.log_softmax(logits, dim=-1)
+            logps[sl] = log_probs.gather(-1, targets[sl, None]).squeeze(-1)
             logit_sums[sl] = logits.sum(-1)
             if grad_unit is not None:
-                grad_unit[sl] = _dlogits(logits, lse, targets[sl], scale, softcap) @ weight.float()
+                grad_unit[sl] = _dlogits(logits, log_probs, targets[sl], scale, softcap) @ weight.float()
             elif keep:
-                kept = _dlogits(logits, lse, targets[sl], scale, softcap)
+                kept = _dlogits(logits, log_probs, targets[sl], scale, softcap)
         if grad_unit is not None:
             ctx.save_for_backward(grad_unit)
         elif kept is not None:
@@ -99,7 +102,7 @@ class _ChunkedTargetLogps(torch.autograd.Function):
                 grad = kept[0] * grad_logps[sl, None].float()
             else:
                 logits = _chunk_logits(h, weight, bias, scale, softcap)  # [c, V]
-                grad = _dlogits(logits, torch.logsumexp(logits, dim=-1), targets[sl], scale, softcap)
+                grad = _dlogits(logits, torch.log_softmax(logits, dim=-1), targets[sl], scale, softcap)
                 grad.mul_(grad_logps[sl, None].float())
             if need_h:
                 grad_h[sl] = (grad @ weight.float()).to(hidden.dtype)
