@@ -50,7 +50,7 @@ def _segments(kwargs) -> list[tuple[list[int], list[int]]]:
     return [(list(range(a, b)), list(range(a, b))) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()) if b > a]
 
 
-def _plan(kwargs, device, bucket_ratio: float = 0.75, max_bucket: int = 256):
+def _plan(kwargs, device, bucket_ratio: float = 0.9, max_bucket: int = 256):
     """Group segments of similar length into padded buckets: one batched sdpa call per bucket.
 
     A segment's queries are the last Lq of its Lk key positions (causal aligned bottom-right). Segments whose
