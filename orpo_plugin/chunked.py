@@ -44,6 +44,15 @@ def _dlogits(logits, log_probs, targets, scale, softcap):
     return grad
 
 
+def _times_weight(grad, weight):
+    """grad [c, V] @ weight [V, H] in float32, without a float32 copy of a half-precision weight (2 GiB for a
+    128k x 4096 output layer): the product then runs in the weight's dtype, accumulating in float32, like the
+    backward of the model's own half-precision output layer."""
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        return (grad.to(weight.dtype) @ weight).float()
+    return grad @ weight.float()
+
+
 class _ChunkedTargetLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap, grad_enabled):
@@ -69,7 +78,7 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             logps[sl] = log_probs.gather(-1, targets[sl, None]).squeeze(-1)
             logit_sums[sl] = logits.sum(-1)
             if grad_unit is not None:
-                grad_unit[sl] = _dlogits(logits, log_probs, targets[sl], scale, softcap) @ weight.float()
+                grad_unit[sl] = _times_weight(_dlogits(logits, log_probs, targets[sl], scale, softcap), weight)
             elif keep:
                 kept = _dlogits(logits, log_probs, targets[sl], scale, softcap)
         if grad_unit is not None:
@@ -105,7 +114,7 @@ class _ChunkedTargetLogps(torch.autograd.Function):
                 grad = _dlogits(logits, torch.log_softmax(logits, dim=-1), targets[sl], scale, softcap)
                 grad.mul_(grad_logps[sl, None].float())
             if need_h:
-                grad_h[sl] = (grad @ weight.float()).to(hidden.dtype)
+                grad_h[sl] = _times_weight(grad, weight).to(hidden.dtype)
             if need_w:
                 grad_w.addmm_(grad.t(), h.float())
             if grad_b is not None:

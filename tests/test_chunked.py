@@ -272,3 +272,34 @@ def test_default_chunk_size_bounds_the_logits_bytes():
     for vocab in (2_443, 32_000, 151_936, 256_000):
         size = default_chunk_size(vocab)
         assert size * vocab * 4 <= DEFAULT_CHUNK_BYTES < (size + 1) * vocab * 4
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-head", "trainable-head"])
+def test_half_precision_weight_is_never_copied_to_float32(frozen):
+    """A bf16 output layer (QLoRA keeps lm_head in bf16) is multiplied in bf16: no [V, H] float32 copy per chunk."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    (hidden, weight, b), targets, upstream = _inputs(torch.bfloat16, bias=False)
+    if frozen:
+        weight = weight.detach()
+    copies = []
+
+    class Spy(TorchDispatchMode):  # a dispatch mode also sees the ops of custom backward functions
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            reads_values = func not in (torch.ops.aten.zeros_like.default, torch.ops.aten.empty_like.default)
+            if (
+                reads_values  # (the trainable head's float32 gradient accumulator is allocated, not copied)
+                and isinstance(out, torch.Tensor)
+                and out.dtype == torch.float32
+                and tuple(out.shape) == tuple(weight.shape)
+                and any(isinstance(a, torch.Tensor) and a.data_ptr() == weight.data_ptr() for a in args)
+            ):
+                copies.append(str(func))
+            return out
+
+    with Spy():
+        logps, _ = chunked_target_logps(hidden, weight, targets, None, chunk_size=4)
+        grads = torch.autograd.grad(logps, [hidden] + ([] if frozen else [weight]), grad_outputs=upstream)
+    assert copies == []
+    assert all(torch.isfinite(g).all() for g in grads)
