@@ -86,6 +86,34 @@ class OutputHead:
         return logits
 
 
+def cpu_4bit_layers(model) -> list:
+    """bitsandbytes 4-bit layers that may switch to an inference-only CPU weight layout (see below)."""
+    return [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+
+
+@contextlib.contextmanager
+def training_weight_layout(layers: list):
+    """Evaluate 4-bit layers without letting bitsandbytes repack their weights for CPU inference.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first eval-mode forward without grad;
+    a later training step then backpropagates through a kernel that has no autograd (the gradient reaching the
+    layers below is wrong, with only a warning). Inside training, evaluation keeps the training layout.
+    """
+    saved = [m.support_avx512bf16_for_cpu for m in layers]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, saved):
+            m.support_avx512bf16_for_cpu = flag
+
+
+def repacked_layers(layers: list) -> int:
+    """How many of the 4-bit `layers` bitsandbytes has repacked for CPU inference."""
+    return sum(bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)) for m in layers)
+
+
 @contextlib.contextmanager
 def capture_hidden_states(model):
     """Collect the decoder's final hidden states (after its last norm) during a forward."""

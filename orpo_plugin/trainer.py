@@ -21,7 +21,16 @@ from ._compat import BaseConfig, BaseTrainer
 from .chunked import default_chunk_size
 from .collators import PreferenceCollator, pair_cost
 from .data import prepare_dataset
-from .modeling import OutputHead, metrics_from_sums, orpo_forward, unwrap, verify_head
+from .modeling import (
+    OutputHead,
+    cpu_4bit_layers,
+    metrics_from_sums,
+    orpo_forward,
+    repacked_layers,
+    training_weight_layout,
+    unwrap,
+    verify_head,
+)
 from .packing import PackedBatchSampler
 
 logger = logging.getLogger("orpo_plugin")
@@ -468,6 +477,37 @@ class ORPOTrainer(BaseTrainer):
             self._metric_sums[mode][k] = self._metric_sums[mode][k] + v
         loss = result.output.loss
         return (loss, result.sums) if return_outputs else loss
+
+    # ------------------------------------------------------------------------------------------ 4-bit on CPU
+    def _4bit_layers(self) -> list:
+        if getattr(self, "_cpu_4bit", None) is None:
+            self._cpu_4bit = cpu_4bit_layers(self.model)
+        return self._cpu_4bit
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        layers = self._4bit_layers()
+        repacked = repacked_layers(layers) if layers else 0
+        if repacked:
+            raise RuntimeError(
+                f"{repacked} bitsandbytes 4-bit layers of the model were repacked for CPU inference (bitsandbytes does "
+                "this on the first eval-mode forward without grad on CPUs with AVX512-BF16, here before training "
+                "started). Training through them backpropagates wrong gradients, and bitsandbytes' inverse does not "
+                "restore the weights exactly: reload the model, and run any inference before training in train mode"
+            )
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        # covers evaluation steps and any callback that runs the model in eval mode during training
+        with training_weight_layout(self._4bit_layers()):
+            return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        with training_weight_layout(self._4bit_layers()):
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        with training_weight_layout(self._4bit_layers()):
+            return super().predict(*args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

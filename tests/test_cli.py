@@ -94,3 +94,109 @@ def test_module_entry_point_and_help():
     assert run.returncode == 0 and "train" in run.stdout and "demo" in run.stdout
     run = subprocess.run([sys.executable, "-m", "orpo_plugin.cli", "nonsense"], capture_output=True, text=True)
     assert run.returncode == 2
+
+
+# ------------------------------------------------------------------------ bitsandbytes' CPU inference layout
+def _qlora_trainer(tiny, tmp_path):
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from orpo_plugin import ORPOConfig, ORPOTrainer
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model", quantization_config=quant, device_map={"": "cpu"})
+    args = ORPOConfig(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, per_device_eval_batch_size=4,
+        bf16=False, use_cpu=True, report_to=[], save_strategy="no", max_length=64, disable_tqdm=True,
+    )
+    return ORPOTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(ROWS), eval_dataset=datasets.Dataset.from_list(ROWS),
+        processing_class=AutoTokenizer.from_pretrained(tiny / "model"),
+        peft_config=LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False),
+    )
+
+
+def _lora_grads(trainer, batch):
+    trainer.model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.training_step(trainer.model, dict(batch))
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return grads, [str(w.message) for w in caught if "autograd kernel was not registered" in str(w.message)]
+
+
+def _repacked(trainer):
+    return sum(bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) for m in trainer._4bit_layers())
+
+
+@pytest.fixture
+def qlora(tiny, tmp_path):
+    from bitsandbytes.nn import Linear4bit
+
+    layer = Linear4bit(8, 8)
+    if not layer.support_avx512bf16_for_cpu:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks 4-bit weights here")
+    trainer = _qlora_trainer(tiny, tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    return trainer, batch
+
+
+def test_qlora_evaluation_mid_training_keeps_the_training_weight_layout(qlora):
+    """trainer.evaluate() between steps (eval_strategy) leaves the LoRA gradients of the next step unchanged."""
+    trainer, batch = qlora
+    before, warned = _lora_grads(trainer, batch)
+    assert before and not warned
+    trainer.evaluate()
+    assert _repacked(trainer) == 0
+    after, warned = _lora_grads(trainer, batch)
+    assert not warned
+    assert before.keys() == after.keys()
+    for name in before:
+        torch_close(after[name], before[name], name)
+
+
+def test_qlora_eval_mode_forward_in_a_callback_during_training_does_not_repack(qlora):
+    """Sampling from the model in a callback (eval mode, no grad) during train() keeps the training layout."""
+    import torch
+    from transformers import TrainerCallback
+
+    trainer, batch = qlora
+    seen = []
+
+    class Sample(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=batch["input_ids"][:, :8], use_cache=False)
+            model.train()
+            seen.append(_repacked(trainer))
+
+    trainer.add_callback(Sample())
+    trainer.args.max_steps = 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert seen == [0, 0]
+    assert not [w for w in caught if "autograd kernel was not registered" in str(w.message)]
+
+
+def test_qlora_weights_repacked_before_training_stop_the_first_step(qlora):
+    """The model ran in eval mode before training (weights repacked, not exactly reversible): a clear error."""
+    import torch
+
+    trainer, batch = qlora
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.model(input_ids=batch["input_ids"][:, :8], use_cache=False)
+    trainer.model.train()
+    assert _repacked(trainer) > 0  # the situation this guards against really arises here
+    with pytest.raises(RuntimeError, match=r"\d+ bitsandbytes 4-bit layers .* repacked for CPU inference.*reload the model"):
+        trainer.training_step(trainer.model, dict(batch))
+
+
+def torch_close(a, b, name):
+    import torch
+
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
