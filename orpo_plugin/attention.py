@@ -77,30 +77,30 @@ def _plan(kwargs, device, bucket_ratio: float = 0.9, max_bucket: int = 256):
             current.append(seg)
         if current:
             buckets.append(current)
-    shapes, masks, q_parts, k_parts = [], [], [], []
-    out_of_token: dict[int, int] = {}
-    offset = 0
+    shapes, masks, q_parts, k_parts, valid_parts = [], [], [], [], []
     for bucket in buckets:
         mq, mk = max(len(q) for q, _ in bucket), len(bucket[0][1])
         q_idx = torch.zeros(len(bucket), mq, dtype=torch.long)
         k_idx = torch.zeros(len(bucket), mk, dtype=torch.long)
+        q_valid = torch.zeros(len(bucket), mq, dtype=torch.bool)
         causal = all(len(q) == len(k) for q, k in bucket)
         mask = None if causal else torch.zeros(len(bucket), 1, mq, mk, dtype=torch.bool)
         for n, (q, k) in enumerate(bucket):
             lq, lk = len(q), len(k)
-            q_idx[n, :lq], k_idx[n, :lk] = torch.tensor(q), torch.tensor(k)
-            for i, t in enumerate(q):
-                out_of_token[t] = offset + n * mq + i
+            q_idx[n, :lq], k_idx[n, :lk], q_valid[n, :lq] = torch.tensor(q), torch.tensor(k), True
             if mask is not None:
                 mask[n, 0, :lq, :lk] = _lower_right_causal(lq, lk, None)
                 mask[n, 0, lq:, :lk] = True
-        offset += len(bucket) * mq
         shapes.append((len(bucket), mq, mk))
         masks.append(None if mask is None else mask.to(device))
         q_parts.append(q_idx.flatten())
         k_parts.append(k_idx.flatten())
-    out_index = torch.tensor([out_of_token[t] for t in sorted(out_of_token)], dtype=torch.long)
-    return shapes, masks, torch.cat(q_parts).to(device), torch.cat(k_parts).to(device), out_index.to(device)
+        valid_parts.append(q_valid.flatten())
+    q_index = torch.cat(q_parts)
+    slots = torch.cat(valid_parts).nonzero().squeeze(1)  # padded-output rows that hold a real query
+    out_index = torch.empty_like(slots)
+    out_index[q_index[slots]] = slots
+    return shapes, masks, q_index.to(device), torch.cat(k_parts).to(device), out_index.to(device)
 
 
 _plan_cache: dict = {}
