@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from orpo_plugin.data import COLUMNS, prepare_dataset
 
+from helpers.stubs import StubTokenizer  # tests/helpers
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MAX_LENGTH = 32
@@ -177,17 +179,6 @@ def test_trl_parser_reads_configs_with_the_safe_loader(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------- oversized pairs
-class _StubTokenizer:
-    """Enough of a tokenizer for pre-tokenized rows (no text is ever tokenized)."""
-
-    pad_token_id, eos_token_id, bos_token_id = 0, 2, 1
-    pad_token, eos_token = "<pad>", "</s>"
-    chat_template = None
-
-    def save_pretrained(self, *a, **k):
-        return ()
-
-
 def _trainer(tmp_path, tok, rows, **kw):
     from orpo_plugin import ORPOConfig, ORPOTrainer
     from orpo_plugin.toy import build_model
@@ -237,11 +228,11 @@ def test_pretokenized_pairs_longer_than_max_length_are_truncated_and_counted(tmp
         {"prompt_input_ids": [1, 8], "chosen_input_ids": [9, 2], "rejected_input_ids": [11, 2]},
     ]
     # a generous explicit budget: only max_length can keep these pairs short
-    t = _trainer(tmp_path, _StubTokenizer(), rows, packing_max_tokens=1000)
+    t = _trainer(tmp_path, StubTokenizer(), rows, packing_max_tokens=1000)
     assert t.data_stats["train"].truncated_responses == 2
     _assert_within(t, 1000)
     assert list(t.train_dataset[0]["chosen_input_ids"]) == list(range(3, 3 + MAX_LENGTH - 3))
-    t2 = _trainer(tmp_path, _StubTokenizer(), rows, drop_long_pairs=True)
+    t2 = _trainer(tmp_path, StubTokenizer(), rows, drop_long_pairs=True)
     assert len(t2.train_dataset) == 1 and sum(t2.data_stats["train"].dropped.values()) == 2
 
 

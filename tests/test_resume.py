@@ -19,24 +19,12 @@ from datasets import Dataset
 from orpo_plugin import ORPOConfig, ORPOTrainer
 from orpo_plugin.toy import build_model
 
+from helpers.stubs import StubTokenizer  # tests/helpers
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB = 97
 N_STEPS = 7
-
-
-class _StubTokenizer:
-    """Enough of a tokenizer for pre-tokenized rows (no text is ever tokenized)."""
-
-    pad_token_id = 0
-    eos_token_id = 2
-    bos_token_id = 1
-    pad_token = "<pad>"
-    eos_token = "</s>"
-    chat_template = None
-
-    def save_pretrained(self, *a, **k):
-        return ()
 
 
 def pairs(n, seed):
@@ -65,7 +53,7 @@ def args(out, **kw):
 
 
 def train(model, data, cfg, resume=None):
-    t = ORPOTrainer(model=copy.deepcopy(model), args=cfg, train_dataset=data, processing_class=_StubTokenizer())
+    t = ORPOTrainer(model=copy.deepcopy(model), args=cfg, train_dataset=data, processing_class=StubTokenizer())
     t.train(resume_from_checkpoint=resume)
     return t, {h["step"]: h["loss"] for h in t.state.log_history if "loss" in h}
 

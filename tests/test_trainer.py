@@ -15,6 +15,8 @@ from orpo_plugin import ORPOConfig, ORPOTrainer
 from orpo_plugin.collators import PreferenceCollator
 from orpo_plugin.toy import build_model, build_tokenizer
 
+from helpers.stubs import StubTokenizer  # tests/helpers
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROWS = [
@@ -181,7 +183,7 @@ def test_layouts_equal_padded(layout, attn, varlen, chunked):
     vocab = 97
     model = build_model(vocab, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, attn_implementation=attn)
     pairs = random_pairs(7, seed=1, vocab=vocab)
-    tok_stub = _StubTokenizer()
+    tok_stub = StubTokenizer()
 
     def run(**kw):
         m = copy.deepcopy(model)
@@ -219,20 +221,6 @@ def test_flex_attention_padding_free_forward_matches_padded():
     torch.testing.assert_close(free.output.rejected_logps, padded.output.rejected_logps, atol=1e-5, rtol=1e-5)
 
 
-class _StubTokenizer:
-    """Enough of a tokenizer for pre-tokenized datasets."""
-
-    pad_token_id = 0
-    eos_token_id = 2
-    bos_token_id = 1
-    eos_token = "</s>"
-    pad_token = "<pad>"
-    chat_template = None
-
-    def save_pretrained(self, *a, **k):
-        return ()
-
-
 def test_gradient_accumulation_of_packed_micro_batches_is_exact():
     """4 packed micro-batches of uneven size accumulate to the gradient of one batch holding all their pairs."""
     vocab = 97
@@ -243,7 +231,7 @@ def test_gradient_accumulation_of_packed_micro_batches_is_exact():
     def grads(micro, ga):
         m = copy.deepcopy(model)
         args = ORPOConfig(**config(padding_free=True, gradient_accumulation_steps=ga))
-        t = ORPOTrainer(model=m, args=args, train_dataset=Dataset.from_list(pairs), processing_class=_StubTokenizer())
+        t = ORPOTrainer(model=m, args=args, train_dataset=Dataset.from_list(pairs), processing_class=StubTokenizer())
         batches, _ = t.get_batch_samples(iter([t.data_collator(g) for g in micro]), ga, t.args.device)
         t.model.train()
         total = 0.0
@@ -265,7 +253,7 @@ def test_packing_trains_within_budget_and_logs_token_metrics(tmp_path):
     pairs = random_pairs(40, seed=4, vocab=vocab)
     model = build_model(vocab, hidden_size=32, num_layers=2)
     args = ORPOConfig(**config(output_dir=str(tmp_path), packing=True, packing_max_tokens=120, max_steps=4))
-    t = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=_StubTokenizer())
+    t = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=StubTokenizer())
     loader = t.get_train_dataloader()
     sizes = [int(b["real_tokens"]) for b in loader]
     kept = t.train_dataset  # pairs without a prompt and a one-token response are dropped (nothing to score)
@@ -284,7 +272,7 @@ def test_pair_longer_than_packing_budget_is_refused():
     pairs = random_pairs(6, seed=5, vocab=97)
     pairs[3]["chosen_input_ids"] = list(range(3, 60))
     args = ORPOConfig(**config(packing=True, packing_max_tokens=40))
-    t = ORPOTrainer(model=build_model(97, hidden_size=32), args=args, train_dataset=pairs, processing_class=_StubTokenizer())
+    t = ORPOTrainer(model=build_model(97, hidden_size=32), args=args, train_dataset=pairs, processing_class=StubTokenizer())
     with pytest.raises(ValueError, match="pair 3 needs"):
         t.get_train_dataloader()
 
@@ -361,7 +349,7 @@ def test_logits_computed_inside_the_forward_match(layout):
     kw = {"padding_free": {"padding_free": True}, "prefix_sharing": {"prefix_sharing": True}}.get(layout, {})
 
     def run(inside):
-        t = ORPOTrainer(model=copy.deepcopy(model), args=ORPOConfig(**config(**kw)), train_dataset=pairs, processing_class=_StubTokenizer())
+        t = ORPOTrainer(model=copy.deepcopy(model), args=ORPOConfig(**config(**kw)), train_dataset=pairs, processing_class=StubTokenizer())
         t.logits_in_forward = inside
         t.model.train()
         loss = t.compute_loss(t.model, t._prepare_inputs(t.data_collator(pairs)))
