@@ -494,7 +494,10 @@ class ORPOTrainer(BaseTrainer):
                 "started). Training through them backpropagates wrong gradients, and bitsandbytes' inverse does not "
                 "restore the weights exactly: reload the model, and run any inference before training in train mode"
             )
-        return super().training_step(model, inputs, *args, **kwargs)
+        # Forward and backward under one attention override: gradient checkpointing recomputes the layers during
+        # backward, and the recomputation must run the same attention as the forward did.
+        with attention.attention_implementation(model, self.attention_override):
+            return super().training_step(model, inputs, *args, **kwargs)
 
     def train(self, *args, **kwargs):
         # covers evaluation steps and any callback that runs the model in eval mode during training
