@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +29,108 @@ FLASH_NAME = "orpo_flash"
 NATIVE_PACKED = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
 
 
-def _lower_right_causal(lq: int, lk: int, device) -> torch.Tensor:
-    """[lq, lk] boolean mask: query i sees keys j <= lk - lq + i (queries are the last lq of lk positions)."""
-    return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
+def _lower_right_causal(lq: int, lk: int, device, window: int | None = None) -> torch.Tensor:
+    """[lq, lk] boolean mask: query i (at key position p = lk - lq + i) sees keys j <= p, and p - j < window."""
+    mask = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
+    if window is not None:
+        mask &= torch.ones(lq, lk, dtype=torch.bool, device=device).triu(diagonal=lk - lq - window + 1)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The keyword arguments transformers passes to an attention function. Each one is either honoured by a path, inert
+# (does not change what attention computes), or refused: an unknown keyword with a value stops the forward, because
+# dropping it silently is how a loss goes wrong without anyone noticing.
+
+FEATURES = {
+    "sliding_window": "a sliding attention window",
+    "softcap": "attention-logit soft-capping",
+    "s_aux": "attention sinks",
+    "dropout": "attention dropout",
+}
+# Keywords that do not change attention (layout keywords are read by the paths themselves).
+_INERT = {
+    "position_ids", "cache_position", "use_cache", "output_attentions", "output_router_logits", "output_hidden_states",
+    "return_dict", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "prefix_segments",
+    "kernel_options",
+}
+# Where each feature can run with a padding-free row (shown in refusals and the README's table).
+SUPPORTED_BY = {
+    "sliding_window": "orpo_sdpa (sdpa/eager models), orpo_flex (flex_attention), orpo_flash (flash_attention_2)",
+    "softcap": "orpo_sdpa (eager models), orpo_flex (flex_attention), orpo_flash (flash_attention_2)",
+    "s_aux": "orpo_sdpa (eager models) and orpo_flex on a GPU",
+    "dropout": "orpo_sdpa (sdpa/eager models) and orpo_flash; or set disable_dropout=True",
+}
+
+
+@dataclass(frozen=True)
+class Features:
+    """What one attention call must compute beyond causal softmax attention inside each segment."""
+
+    scaling: float | None = None
+    window: int | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+    dropout: float = 0.0
+
+
+def read_features(path: str, module, kwargs: dict, supported: tuple[str, ...]) -> Features:
+    """Features of one call; raise for a feature `path` cannot honour or a keyword it does not know."""
+    values = {}
+    for name, value in kwargs.items():
+        if name in _INERT or value is None:
+            continue
+        if name == "past_key_values":
+            raise ValueError(f"{path} runs training forwards only (no KV cache); pass use_cache=False")
+        if name == "is_causal":
+            if value:
+                continue
+            raise ValueError(f"{path} implements causal attention; {_owner(module)} asks for is_causal=False")
+        if name == "scaling":
+            values["scaling"] = float(value)
+            continue
+        if name == "dropout" and not value:
+            continue
+        if name not in FEATURES:
+            raise ValueError(
+                f"{path} does not know the attention keyword {name!r} ({_owner(module)} passes {name}={value!r}); "
+                "refusing rather than ignoring it. Use the padded layout (padding_free=False, packing=False, "
+                "prefix_sharing=False)"
+            )
+        if name not in supported:
+            raise ValueError(
+                f"{_owner(module)} uses {FEATURES[name]} ({name}={_short(value)}), which {path} cannot honour. "
+                f"Supported by: {SUPPORTED_BY[name]}; or use the padded layout"
+            )
+        values[name] = value
+    return Features(
+        scaling=values.get("scaling"),
+        window=int(values["sliding_window"]) if "sliding_window" in values else None,
+        softcap=float(values["softcap"]) if "softcap" in values else None,
+        sinks=values.get("s_aux"),
+        dropout=float(values.get("dropout", 0.0)),
+    )
+
+
+def _owner(module) -> str:
+    config = getattr(module, "config", None)
+    return f"{type(module).__name__}" + (f" ({config.model_type})" if getattr(config, "model_type", None) else "")
+
+
+def _short(value) -> str:
+    return f"tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-segment attention: segments of similar length gathered into padded buckets, one batched call per bucket.
 
 
 def _segments(kwargs) -> list[tuple[list[int], list[int]]]:
-    """(query positions, key positions) of every attention segment of the row."""
+    """(query positions, key positions) of every attention segment of the row.
+
+    A segment's queries are the last of its keys, in order, and a key's index in the list is its position in the
+    sequence the model would have seen without sharing: for a rejected branch, [prompt][rejected].
+    """
     segments = kwargs.get("prefix_segments")
     if segments is not None:
         out = []
@@ -50,49 +146,72 @@ def _segments(kwargs) -> list[tuple[list[int], list[int]]]:
     return [(list(range(a, b)), list(range(a, b))) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()) if b > a]
 
 
-def _plan(kwargs, device, bucket_ratio: float = 0.9, max_bucket: int = 256):
-    """Group segments of similar length into padded buckets: one batched sdpa call per bucket.
+@dataclass
+class _Bucket:
+    """`n` segments padded to `mq` queries and `mk` keys; `lengths[i]` = (queries, keys) of segment i."""
 
-    A segment's queries are the last Lq of its Lk key positions (causal aligned bottom-right). Segments whose
-    queries are their keys (Lq == Lk) are bucketed apart and run with `is_causal` and no mask: right padding
-    is then invisible to real queries. The others (rejected branches of prefix-shared pairs) get an explicit
-    mask; their padded query rows see every real key, so no softmax row is empty. Padded outputs are dropped.
+    n: int
+    mq: int
+    mk: int
+    lengths: list
+    square: bool  # every segment's queries are its keys: right padding is invisible under a causal mask
+    device: torch.device | str | None = None
+    masks: dict = field(default_factory=dict)  # window -> boolean mask, built once per layout
 
-    All buckets are gathered with one index per tensor (q, k/v), so backward scatters into one zero-filled
-    gradient per tensor and layer, not one per bucket. Returns (shapes, masks, q_index, k_index, out_index):
-    bucket n's queries are rows [sum of earlier n*mq, + n*mq) of `x.index_select(0, q_index)`, and
-    `out_index[t]` is where row token t's output sits among the concatenated padded bucket outputs.
+    def mask(self, window: int | None) -> torch.Tensor:
+        """Boolean [n or 1, 1, mq, mk] (True = may attend). Padded query rows see every real key (no empty row)."""
+        if window not in self.masks:
+            if self.square:  # one pattern for all: real queries never reach the padded keys to their right
+                mask = _lower_right_causal(self.mq, self.mk, None, window)[None, None]
+            else:
+                mask = torch.zeros(self.n, 1, self.mq, self.mk, dtype=torch.bool)
+                for i, (lq, lk) in enumerate(self.lengths):
+                    mask[i, 0, :lq, :lk] = _lower_right_causal(lq, lk, None, window)
+                    mask[i, 0, lq:, :lk] = True
+            self.masks[window] = mask.to(self.device)
+        return self.masks[window]
+
+
+@dataclass
+class _Plan:
+    buckets: list
+    q_index: torch.Tensor  # bucket queries are rows of x.index_select(0, q_index), bucket after bucket
+    k_index: torch.Tensor
+    out_index: torch.Tensor  # out_index[t]: where row token t's output sits among the padded bucket outputs
+
+
+def _plan(kwargs, device, bucket_ratio: float = 0.9, max_bucket: int = 256) -> _Plan:
+    """Group segments of similar length into padded buckets: one batched attention call per bucket.
+
+    Segments whose queries are their keys (Lq == Lk) are bucketed apart: with a plain causal mask they run with
+    `is_causal` and no mask. The others (rejected branches of prefix-shared pairs) get an explicit mask. All buckets
+    are gathered with one index per tensor (q, k/v), so backward scatters into one zero-filled gradient per tensor
+    and layer, not one per bucket. Padded outputs are dropped.
     """
     square, other = [], []
     for seg in _segments(kwargs):
         (square if len(seg[0]) == len(seg[1]) else other).append(seg)
-    buckets = []
+    groups = []
     for group in (square, other):
         group.sort(key=lambda s: -len(s[1]))
         current = []
         for seg in group:
             if current and (len(seg[1]) < bucket_ratio * len(current[0][1]) or len(current) >= max_bucket):
-                buckets.append(current)
+                groups.append(current)
                 current = []
             current.append(seg)
         if current:
-            buckets.append(current)
-    shapes, masks, q_parts, k_parts, valid_parts = [], [], [], [], []
-    for bucket in buckets:
-        mq, mk = max(len(q) for q, _ in bucket), len(bucket[0][1])
-        q_idx = torch.zeros(len(bucket), mq, dtype=torch.long)
-        k_idx = torch.zeros(len(bucket), mk, dtype=torch.long)
-        q_valid = torch.zeros(len(bucket), mq, dtype=torch.bool)
-        causal = all(len(q) == len(k) for q, k in bucket)
-        mask = None if causal else torch.zeros(len(bucket), 1, mq, mk, dtype=torch.bool)
-        for n, (q, k) in enumerate(bucket):
-            lq, lk = len(q), len(k)
-            q_idx[n, :lq], k_idx[n, :lk], q_valid[n, :lq] = torch.tensor(q), torch.tensor(k), True
-            if mask is not None:
-                mask[n, 0, :lq, :lk] = _lower_right_causal(lq, lk, None)
-                mask[n, 0, lq:, :lk] = True
-        shapes.append((len(bucket), mq, mk))
-        masks.append(None if mask is None else mask.to(device))
+            groups.append(current)
+    buckets, q_parts, k_parts, valid_parts = [], [], [], []
+    for group in groups:
+        mq, mk = max(len(q) for q, _ in group), len(group[0][1])
+        q_idx = torch.zeros(len(group), mq, dtype=torch.long)
+        k_idx = torch.zeros(len(group), mk, dtype=torch.long)
+        q_valid = torch.zeros(len(group), mq, dtype=torch.bool)
+        for n, (q, k) in enumerate(group):
+            q_idx[n, : len(q)], k_idx[n, : len(k)], q_valid[n, : len(q)] = torch.tensor(q), torch.tensor(k), True
+        lengths = [(len(q), len(k)) for q, k in group]
+        buckets.append(_Bucket(len(group), mq, mk, lengths, all(a == b for a, b in lengths), device))
         q_parts.append(q_idx.flatten())
         k_parts.append(k_idx.flatten())
         valid_parts.append(q_valid.flatten())
@@ -100,13 +219,18 @@ def _plan(kwargs, device, bucket_ratio: float = 0.9, max_bucket: int = 256):
     slots = torch.cat(valid_parts).nonzero().squeeze(1)  # padded-output rows that hold a real query
     out_index = torch.empty_like(slots)
     out_index[q_index[slots]] = slots
-    return shapes, masks, q_index.to(device), torch.cat(k_parts).to(device), out_index.to(device)
+    return _Plan(buckets, q_index.to(device), torch.cat(k_parts).to(device), out_index.to(device))
 
 
 _plan_cache: dict = {}
 
 
-def _cached_plan(kwargs, device):
+def _cached_plan(kwargs, device) -> _Plan:
+    """The plan of this row's layout: built on the first layer, reused by the others and by recomputation.
+
+    Keyed on the layout tensor itself (held, so its storage cannot be reused by another batch's tensor): a forward
+    over another layout, or a checkpoint recomputation after it, rebuilds the same plan a fresh forward would.
+    """
     layout = kwargs.get("prefix_segments")
     layout = layout if layout is not None else kwargs.get("cu_seq_lens_q")
     key = (None if layout is None else (layout.data_ptr(), tuple(layout.shape)), str(device))
@@ -118,33 +242,60 @@ def _cached_plan(kwargs, device):
     return plan
 
 
-def orpo_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _bucket_attention(q, k, v, bucket: _Bucket, f: Features, training: bool) -> torch.Tensor:
+    """q [n, H, Mq, D], k/v [n, Hkv, Mk, D] -> [n, H, Mq, D] under the bucket's mask and the call's features."""
+    gqa = q.shape[1] != k.shape[1]
+    plain_causal = bucket.square and f.window is None
+    dropout = f.dropout if training else 0.0
+    if f.softcap is None and f.sinks is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if plain_causal else bucket.mask(f.window), is_causal=plain_causal,
+            dropout_p=dropout, scale=f.scaling, enable_gqa=gqa,
+        )
+    # Soft-capping and sinks change the logits or the softmax: computed explicitly, as the eager kernels do.
+    if gqa:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scale = f.scaling if f.scaling is not None else q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [n, H, Mq, Mk]
+    if f.softcap is not None:
+        scores = f.softcap * torch.tanh(scores / f.softcap)
+    scores = scores.float().masked_fill(~bucket.mask(f.window), float("-inf"))
+    if f.sinks is not None:  # one extra logit per head that takes probability mass and no value
+        sink = f.sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+ORPO_SDPA_FEATURES = ("sliding_window", "softcap", "s_aux", "dropout")
+
+
+def orpo_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     """AttentionInterface function: query [1, H, T, D] -> output [1, T, H, D], attention within segments."""
     if query.shape[0] != 1:
         raise ValueError(f"{ATTENTION_NAME} expects one packed row per batch, got batch size {query.shape[0]}")
-    if dropout:
-        raise ValueError(f"{ATTENTION_NAME} does not implement attention dropout (disable_dropout=True)")
+    f = read_features(ATTENTION_NAME, module, kwargs, ORPO_SDPA_FEATURES)
     # squeeze, not [0]: the backward of a view is a view, where select would zero-fill a full-size gradient
     q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))  # [T, H, D]
-    gqa = query.shape[1] != key.shape[1]
-    shapes, masks, q_index, k_index, out_index = _cached_plan(kwargs, query.device)
+    plan = _cached_plan(kwargs, query.device)
     # index_select (not fancy indexing): its backward is one scatter-add per tensor on CPU
-    qs = q.index_select(0, q_index).split([n * mq for n, mq, _ in shapes])
-    ks = k.index_select(0, k_index).split([n * mk for n, _, mk in shapes])
-    vs = v.index_select(0, k_index).split([n * mk for n, _, mk in shapes])
+    qs = q.index_select(0, plan.q_index).split([b.n * b.mq for b in plan.buckets])
+    ks = k.index_select(0, plan.k_index).split([b.n * b.mk for b in plan.buckets])
+    vs = v.index_select(0, plan.k_index).split([b.n * b.mk for b in plan.buckets])
+    training = bool(getattr(module, "training", False)) if module is not None else False
     pieces = []
-    for (n, mq, mk), mask, qb, kb, vb in zip(shapes, masks, qs, ks, vs):
-        res = F.scaled_dot_product_attention(
-            qb.view(n, mq, *q.shape[1:]).transpose(1, 2),  # [n, H, Mq, D]
-            kb.view(n, mk, *k.shape[1:]).transpose(1, 2),
-            vb.view(n, mk, *v.shape[1:]).transpose(1, 2),
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=scaling,
-            enable_gqa=gqa,
+    for b, qb, kb, vb in zip(plan.buckets, qs, ks, vs):
+        res = _bucket_attention(
+            qb.view(b.n, b.mq, *q.shape[1:]).transpose(1, 2),  # [n, H, Mq, D]
+            kb.view(b.n, b.mk, *k.shape[1:]).transpose(1, 2),
+            vb.view(b.n, b.mk, *v.shape[1:]).transpose(1, 2),
+            b, f, training,
         ).transpose(1, 2)  # [n, Mq, H, D]
-        pieces.append(res.reshape(n * mq, *res.shape[2:]))
-    out = torch.cat(pieces).index_select(0, out_index)  # real outputs, back in row order
+        pieces.append(res.reshape(b.n * b.mq, *res.shape[2:]))
+    out = torch.cat(pieces).index_select(0, plan.out_index)  # real outputs, back in row order
     return out[None], None
 
 
@@ -174,18 +325,34 @@ def varlen_layout(segments: torch.Tensor, device=None):
     return index.to(device), cu_q.to(device), cu_k.to(device), max(q_lens), max(k_lens)
 
 
-def varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=True):
-    """The flash-attention varlen contract on any device (q/k/v as [tokens, heads, dim]), causal bottom-right."""
+def varlen_reference(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
+    causal=True, window_size=(-1, -1), softcap=0.0,
+):
+    """The flash-attention varlen contract on any device (q/k/v as [tokens, heads, dim]), causal bottom-right.
+
+    `window_size=(left, right)`: query p sees keys p - left .. p + right (-1: unbounded); `softcap` > 0 caps the
+    logits as softcap * tanh(s / softcap). Dropout is not part of the reference (it is random).
+    """
+    if dropout_p:
+        raise ValueError("varlen_reference has no dropout")
+    left = None if window_size[0] < 0 else window_size[0]
     out = []
     for i in range(len(cu_seqlens_q) - 1):
         qa, qb = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])
         ka, kb = int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])
-        mask = _lower_right_causal(qb - qa, kb - ka, q.device) if causal else None
-        res = F.scaled_dot_product_attention(
-            q[qa:qb].transpose(0, 1), k[ka:kb].transpose(0, 1), v[ka:kb].transpose(0, 1),
-            attn_mask=mask, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1],
-        )
-        out.append(res.transpose(0, 1))
+        lq, lk = qb - qa, kb - ka
+        mask = _lower_right_causal(lq, lk, q.device, None if left is None else left + 1) if causal else None
+        qi, ki, vi = q[qa:qb].transpose(0, 1), k[ka:kb].transpose(0, 1), v[ka:kb].transpose(0, 1)
+        if q.shape[1] != k.shape[1]:
+            ki = ki.repeat_interleave(q.shape[1] // k.shape[1], dim=0)
+            vi = vi.repeat_interleave(q.shape[1] // v.shape[1], dim=0)
+        scores = torch.matmul(qi, ki.transpose(-1, -2)) * (softmax_scale or q.shape[-1] ** -0.5)
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out.append(torch.matmul(torch.softmax(scores, dim=-1), vi).transpose(0, 1))
     return torch.cat(out)
 
 
@@ -197,32 +364,42 @@ def _flash_kernel():
     return flash_attn_varlen_func
 
 
-def orpo_flash_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kernel=None, **kwargs):
+ORPO_FLASH_FEATURES = ("sliding_window", "softcap", "dropout")
+
+
+def orpo_flash_attention(module, query, key, value, attention_mask, kernel=None, **kwargs):
     """AttentionInterface function: prefix-shared row through a flash-attention varlen kernel."""
     segments = kwargs.get("prefix_segments")
     if segments is None:
         raise ValueError(f"{FLASH_NAME} needs `prefix_segments` from the collator")
     if query.shape[0] != 1:
         raise ValueError(f"{FLASH_NAME} expects one packed row per batch, got batch size {query.shape[0]}")
+    f = read_features(FLASH_NAME, module, kwargs, ORPO_FLASH_FEATURES)
     kernel = kernel or _flash_kernel()
     # squeeze, not [0]: the backward of a view is a view, where select would zero-fill a full-size gradient
     q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     index, cu_q, cu_k, max_q, max_k = varlen_layout(segments, query.device)
+    window = (-1, -1) if f.window is None else (f.window - 1, f.window - 1)  # right side is cut by causal
+    training = bool(getattr(module, "training", False)) if module is not None else False
     out = kernel(
         q, k.index_select(0, index), v.index_select(0, index), cu_q, cu_k, max_q, max_k,
-        softmax_scale=scaling, causal=True,
+        dropout_p=f.dropout if training else 0.0, softmax_scale=f.scaling, causal=True, window_size=window,
+        softcap=f.softcap or 0.0,
     )
     return out[None], None
 
 
-def prefix_sharing_mask(segments: torch.Tensor, total: int, device=None) -> torch.Tensor:
-    """Dense [total, total] boolean mask (True = may attend) of a prefix-shared row."""
+def prefix_sharing_mask(segments: torch.Tensor, total: int, device=None, window: int | None = None) -> torch.Tensor:
+    """Dense [total, total] boolean mask (True = may attend) of a prefix-shared row (the reference layout).
+
+    With a window, distances are positions in the unshared sequence ([prompt][rejected] for a rejected token).
+    """
     mask = torch.zeros(total, total, dtype=torch.bool, device=device)
     for start, lp, lc, lr in segments.tolist():
         a, b, e = start, start + lp + lc, start + lp + lc + lr
-        mask[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool, device=device).tril()
+        mask[a:b, a:b] = _lower_right_causal(b - a, b - a, device, window)
         if lr:
-            allowed = _lower_right_causal(lr, lp + lr, device)
+            allowed = _lower_right_causal(lr, lp + lr, device, window)
             mask[b:e, a : a + lp] = allowed[:, :lp]
             mask[b:e, b:e] = allowed[:, lp:]
     return mask
@@ -245,12 +422,19 @@ def _prefix_tables(segments: torch.Tensor, total: int, device):
 _flex_cache: dict = {}
 
 
-def prefix_sharing_block_mask(segments: torch.Tensor, total: int, device):
-    """flex_attention BlockMask of a prefix-shared row (built once per batch, reused by every layer)."""
+def prefix_sharing_block_mask(segments: torch.Tensor, total: int, device, window: int | None = None):
+    """flex_attention BlockMask of a prefix-shared row (built once per batch and window, reused by every layer).
+
+    Distances for the window are positions in the unshared sequence ([prompt][rejected] for a rejected token).
+    """
     key = (segments.data_ptr(), tuple(segments.shape), total, str(device))
-    cached = _flex_cache.get("mask")
-    if cached is not None and cached[0] == key and cached[1] is segments:
-        return cached[2]
+    cached = _flex_cache.get("masks")
+    if cached is None or cached[0] != key or cached[1] is not segments:
+        cached = (key, segments, {})
+        _flex_cache["masks"] = cached
+    masks = cached[2]
+    if window in masks:
+        return masks[window]
     from torch.nn.attention.flex_attention import create_block_mask
 
     pair, branch, position = _prefix_tables(segments, total, device)
@@ -258,22 +442,31 @@ def prefix_sharing_block_mask(segments: torch.Tensor, total: int, device):
     def mask_mod(b, h, q, kv):
         same_pair = pair[q] == pair[kv]
         visible_branch = (branch[kv] == 0) | (branch[kv] == branch[q])
-        return same_pair & visible_branch & (position[kv] <= position[q])
+        causal = position[kv] <= position[q]
+        if window is not None:
+            causal = causal & (position[q] - position[kv] < window)
+        return same_pair & visible_branch & causal
 
-    mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=total, KV_LEN=total, device=device)
-    _flex_cache["mask"] = (key, segments, mask)
-    return mask
+    masks[window] = create_block_mask(mask_mod, B=None, H=None, Q_LEN=total, KV_LEN=total, device=device)
+    return masks[window]
 
 
-def orpo_flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface function: flex_attention with the prefix-sharing BlockMask (else the model's own mask)."""
+ORPO_FLEX_FEATURES = ("sliding_window", "softcap", "s_aux")
+
+
+def orpo_flex_attention(module, query, key, value, attention_mask, **kwargs):
+    """AttentionInterface function: flex_attention with the prefix-sharing BlockMask (softcap/sinks by transformers)."""
     from transformers.integrations.flex_attention import flex_attention_forward
 
-    segments = kwargs.pop("prefix_segments", None)
+    segments = kwargs.get("prefix_segments")
     if segments is None:
         raise ValueError(f"{FLEX_NAME} needs `prefix_segments` from the collator")
-    mask = prefix_sharing_block_mask(segments, query.shape[2], query.device)
-    return flex_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    f = read_features(FLEX_NAME, module, kwargs, ORPO_FLEX_FEATURES)
+    mask = prefix_sharing_block_mask(segments, query.shape[2], query.device, f.window)
+    return flex_attention_forward(
+        module, query, key, value, mask, scaling=f.scaling, softcap=f.softcap, s_aux=f.sinks,
+        kernel_options=kwargs.get("kernel_options"),
+    )
 
 
 def _no_mask(*args, **kwargs):

@@ -1,0 +1,126 @@
+"""Every layout against the padded one on real architectures, with the defaults users get (checkpointing on).
+
+Tiny random configs of each architecture (tests/helpers/models.py), windowed models with a 4-token window and
+sequences past it, soft-capped (Gemma 2) and sink-attention (GPT-OSS) models through their eager kernels. Each run is
+the real `trainer.train()` for one step; the loss and every gradient are captured before the optimizer step.
+bf16 is off in every run: the comparison at 1e-5 needs float32 (bf16 numerics are covered in test_numerics.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+
+from orpo_plugin import ORPOConfig, ORPOTrainer
+
+from helpers.models import MODEL_NAMES, WINDOW, build
+
+ROWS = [
+    {"prompt": "name a fruit that you like to eat:", "chosen": " apple banana pear", "rejected": " dog cat"},
+    {"prompt": "hi", "chosen": " hello there my good friend", "rejected": " go away now please go"},
+    {"prompt": "count to three and then stop:", "chosen": " one two three", "rejected": " three"},
+    {"prompt": "name an animal please:", "chosen": " dog", "rejected": " apple pear plum fig lime"},
+]
+LAYOUTS = {
+    "padded": {},
+    "padding_free": {"padding_free": True},
+    "packing": {"packing": True, "packing_max_tokens": 1024},
+    "prefix_sharing": {"prefix_sharing": True},
+}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from orpo_plugin.toy import build_tokenizer
+
+    corpus = [r["prompt"] + r["chosen"] + r["rejected"] for r in ROWS] * 5
+    return build_tokenizer(corpus, vocab_size=300)
+
+
+def capture_trainer(base):
+    class Capture(base):
+        def training_step(self, model, inputs, *args, **kwargs):
+            loss = super().training_step(model, inputs, *args, **kwargs)
+            self.captured = (loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+            return loss
+
+    return Capture
+
+
+def args_for(config_cls, **kw):
+    base = dict(
+        output_dir="/tmp/orpo-matrix", per_device_train_batch_size=4, max_steps=1, learning_rate=1e-3, bf16=False,
+        use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, max_length=64, disable_tqdm=True,
+    )
+    base.update(kw)
+    return config_cls(**base)
+
+
+def train_step(name, tok, trainer_cls=ORPOTrainer, config_cls=ORPOConfig, attn=None, **kw):
+    """(loss, grads) of one real training step of a fresh model of architecture `name`."""
+    model = build(name, len(tok), attn_implementation=attn)
+    t = capture_trainer(trainer_cls)(
+        model=model, args=args_for(config_cls, **kw), train_dataset=Dataset.from_list(ROWS), processing_class=tok
+    )
+    t.train()
+    return t.captured
+
+
+def assert_close(a, b, atol=1e-5):
+    (la, ga), (lb, gb) = a, b
+    assert la == pytest.approx(lb, abs=atol)
+    assert ga.keys() == gb.keys()
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], atol=atol, rtol=1e-4, msg=k)
+
+
+def test_sequences_run_past_the_window(tok):
+    lengths = [len(tok(r["prompt"] + r["rejected"])["input_ids"]) for r in ROWS]
+    assert max(lengths) > 3 * WINDOW and min(lengths) > WINDOW
+
+
+_reference: dict = {}
+
+
+def padded_reference(name, tok):
+    """The padded layout with checkpointing off: what TRL computes (checked below)."""
+    if name not in _reference:
+        _reference[name] = train_step(name, tok, gradient_checkpointing=False)
+    return _reference[name]
+
+
+# every layout with checkpointing on (the default) and off, but the reference itself (padded, off)
+CASES = [(layout, ckpt) for layout in LAYOUTS for ckpt in (True, False) if layout != "padded" or ckpt]
+
+
+@pytest.mark.parametrize("layout,checkpointing", CASES, ids=[f"{l}-{'ckpt' if c else 'no-ckpt'}" for l, c in CASES])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_layout_equals_padded(name, layout, checkpointing, tok):
+    ours = train_step(name, tok, gradient_checkpointing=checkpointing, **LAYOUTS[layout])
+    assert_close(ours, padded_reference(name, tok))
+
+
+@pytest.mark.parametrize("layout", ["padding_free", "prefix_sharing"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt_oss", "mistral"])
+def test_reentrant_checkpointing(name, layout, tok):
+    """PEFT's kbit preparation and older scripts use reentrant checkpointing: recomputation outside autograd's view."""
+    ours = train_step(
+        name, tok, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}, **LAYOUTS[layout]
+    )
+    assert_close(ours, padded_reference(name, tok))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_padded_equals_trl(name, tok):
+    from trl.experimental.orpo import ORPOConfig as TRLConfig, ORPOTrainer as TRLTrainer
+
+    theirs = train_step(name, tok, TRLTrainer, TRLConfig, gradient_checkpointing=False)
+    assert_close(padded_reference(name, tok), theirs)
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3"])
+def test_transformers_dense_packed_mask(name, tok):
+    """varlen_attention=False: transformers' own block-diagonal mask from position_ids (windows included)."""
+    ours = train_step(name, tok, gradient_checkpointing=True, padding_free=True, varlen_attention=False)
+    assert_close(ours, padded_reference(name, tok))
