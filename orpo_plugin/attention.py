@@ -260,9 +260,10 @@ def _bucket_attention(q, k, v, bucket: _Bucket, f: Features, training: bool) -> 
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [n, H, Mq, Mk]
     if f.softcap is not None:
         scores = f.softcap * torch.tanh(scores / f.softcap)
-    scores = scores.float().masked_fill(~bucket.mask(f.window), float("-inf"))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # softmax in float32 at least
+    scores = scores.masked_fill(~bucket.mask(f.window), float("-inf"))
     if f.sinks is not None:  # one extra logit per head that takes probability mass and no value
-        sink = f.sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        sink = f.sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
