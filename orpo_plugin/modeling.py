@@ -172,6 +172,44 @@ def verify_head(model, head: OutputHead, vocab_size: int | None = None) -> float
     return err
 
 
+def check_layout(model, layout: str, attention_override: str | None, pad_token_id: int) -> None:
+    """Run one tiny forward in `layout` at start, so a model feature its attention cannot honour stops training now.
+
+    Every attention path refuses what it cannot compute exactly (a sliding window, soft-capping, sinks, dropout, an
+    unknown keyword) when it is called; this makes that happen before the first step instead of during it.
+    """
+    from .attention import attention_implementation
+    from .collators import PreferenceCollator
+
+    base = unwrap(model)
+    device = next(base.parameters()).device
+    vocab = max(int(getattr(base.get_output_embeddings(), "out_features", 0) or 0), 16)
+    pairs = [([3, 4, 5], [6, 7], [8, 9, 10]), ([5, 4], [7, 8, 9], [10])]
+    features = [
+        {"prompt_input_ids": [t % vocab for t in p], "chosen_input_ids": [t % vocab for t in c],
+         "rejected_input_ids": [t % vocab for t in r]}
+        for p, c, r in pairs
+    ]
+    batch = PreferenceCollator(pad_token_id, layout)(features)
+    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in model_inputs(batch).items()}
+    if _accepts(base, "logits_to_keep"):
+        inputs["logits_to_keep"] = 1
+    impl = getattr(base.config, "_attn_implementation", None)
+    # training mode: dropout is what training runs with (and bitsandbytes keeps its training weight layout)
+    was_training = base.training
+    base.train()
+    try:
+        with torch.no_grad(), attention_implementation(base, attention_override):
+            base(**inputs, use_cache=False)
+    except (ValueError, NotImplementedError) as err:
+        raise ValueError(
+            f"{type(base).__name__} cannot train in the {layout} layout with attn_implementation={impl!r}"
+            f"{f' (through {attention_override})' if attention_override else ''}: {err}"
+        ) from err
+    finally:
+        base.train(was_training)
+
+
 def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from . import attention
-from ._compat import BaseConfig, BaseTrainer
+from ._compat import BaseConfig, BaseTrainer, bf16_left_unset
 from .chunked import default_chunk_size
 from .collators import PreferenceCollator, pair_cost
 from .data import prepare_dataset
@@ -29,6 +29,7 @@ from .modeling import (
     repacked_layers,
     training_weight_layout,
     unwrap,
+    check_layout,
     verify_head,
 )
 from .packing import PackedBatchSampler
@@ -159,6 +160,8 @@ class ORPOConfig(BaseConfig):
     _VALID_DICT_FIELDS = list(getattr(BaseConfig, "_VALID_DICT_FIELDS", [])) + ["model_init_kwargs"]
 
     def __post_init__(self):
+        if bf16_left_unset(self) and not self.fp16:
+            self.bf16 = self._default_bf16()
         super().__post_init__()
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
@@ -170,6 +173,23 @@ class ORPOConfig(BaseConfig):
             raise ValueError(f"packing_max_tokens must be >= 2, got {self.packing_max_tokens}")
         if self.is_encoder_decoder:
             raise ValueError("orpo_plugin trains decoder-only (causal LM) models; is_encoder_decoder=True is not supported")
+
+    def _default_bf16(self) -> bool:
+        """bf16 left unset: on where training runs on an accelerator with bf16 (TRL's default), else float32.
+
+        transformers refuses `bf16=True` on a machine without such an accelerator unless `use_cpu=True`, and bf16
+        autocast on a CPU is an explicit choice (`bf16=True, use_cpu=True`), so a CPU run trains in float32.
+        """
+        from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+        if not self.use_cpu and (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+            return True
+        where = "use_cpu=True" if self.use_cpu else "no accelerator with bf16 on this machine"
+        logger.warning(
+            "bf16 left unset and %s: training in float32. Set bf16=True (with use_cpu=True on a CPU) for bf16 mixed "
+            "precision, or bf16=False to silence this notice.", where,
+        )
+        return False
 
     @property
     def layout(self) -> str:
@@ -311,6 +331,10 @@ class ORPOTrainer(BaseTrainer):
             except ValueError as err:
                 logger.warning("%s; the model will compute the logits itself (no chunked loss)", err)
                 self.logits_in_forward = True
+            if args.layout != "padded":
+                # a model feature the layout's attention cannot honour stops here, not at the first step
+                with training_weight_layout(cpu_4bit_layers(self.model)):
+                    check_layout(self.model, args.layout, self.attention_override, pad_id)
         if args.chunked_loss and not self.logits_in_forward:
             if self.head.chunkable:
                 self.chunk_size = args.loss_chunk_size or default_chunk_size(self.head.vocab_size)

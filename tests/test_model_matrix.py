@@ -124,3 +124,76 @@ def test_transformers_dense_packed_mask(name, tok):
     """varlen_attention=False: transformers' own block-diagonal mask from position_ids (windows included)."""
     ours = train_step(name, tok, gradient_checkpointing=True, padding_free=True, varlen_attention=False)
     assert_close(ours, padded_reference(name, tok))
+
+
+# ---- refused at start, never approximated ------------------------------------------------------------------------
+
+
+def test_attention_dropout_on_flex_prefix_sharing_is_refused_at_start(tok):
+    model = build("llama", len(tok), attn_implementation="flex_attention", attention_dropout=0.1)
+    with pytest.raises(ValueError, match=r"prefix_sharing layout.*flex_attention.*attention dropout.*orpo_flex cannot"):
+        ORPOTrainer(
+            model=model, args=args_for(ORPOConfig, prefix_sharing=True, disable_dropout=False),
+            train_dataset=Dataset.from_list(ROWS), processing_class=tok,
+        )
+
+
+def test_attention_dropout_is_honoured_by_orpo_sdpa(tok):
+    """disable_dropout=False on an sdpa model: packed attention applies the dropout (the step differs from no dropout)."""
+    losses = []
+    for p in (0.0, 0.5):
+        model = build("llama", len(tok), attention_dropout=p)
+        t = capture_trainer(ORPOTrainer)(
+            model=model, args=args_for(ORPOConfig, padding_free=True, disable_dropout=False),
+            train_dataset=Dataset.from_list(ROWS), processing_class=tok,
+        )
+        t.train()
+        losses.append(t.captured[0])
+    assert abs(losses[0] - losses[1]) > 1e-4
+
+
+def test_sinks_on_flex_on_cpu_are_refused_at_start(tok):
+    model = build("gpt_oss", len(tok), attn_implementation="flex_attention")
+    with pytest.raises(ValueError, match=r"GptOssForCausalLM cannot train in the prefix_sharing layout.*sinks"):
+        ORPOTrainer(
+            model=model, args=args_for(ORPOConfig, prefix_sharing=True), train_dataset=Dataset.from_list(ROWS),
+            processing_class=tok,
+        )
+
+
+# ---- LoRA and QLoRA on a sliding-window model, packed, checkpointing on ---------------------------------------------
+
+
+def _adapter_step(tok, tmp_path, quantized: bool, **layout):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = tmp_path / "mistral"
+    if not path.exists():
+        build("mistral", len(tok)).save_pretrained(path)
+    kwargs = {"attn_implementation": "sdpa", "dtype": torch.float32}
+    if quantized:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        kwargs["device_map"] = {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM",
+                      init_lora_weights=False)  # non-zero B: every adapter weight gets a gradient
+    torch.manual_seed(0)  # the same random adapter init in every run
+    t = capture_trainer(ORPOTrainer)(
+        model=model, args=args_for(ORPOConfig, gradient_checkpointing=True, **layout),
+        train_dataset=Dataset.from_list(ROWS), processing_class=tok, peft_config=lora,
+    )
+    t.train()
+    return t.captured
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora-nf4"])
+@pytest.mark.parametrize("layout", ["packing", "prefix_sharing"])
+def test_adapters_on_a_sliding_window_model(layout, quantized, tok, tmp_path):
+    padded = _adapter_step(tok, tmp_path, quantized)
+    ours = _adapter_step(tok, tmp_path, quantized, **LAYOUTS[layout])
+    assert padded[1] and all("lora" in k for k in padded[1])
+    assert_close(ours, padded)
