@@ -41,7 +41,7 @@ def common(tiny, out):
         "--model_name_or_path", str(tiny / "model"), "--dataset_name", str(tiny / "train.jsonl"),
         "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
         "--bf16", "False", "--use_cpu", "True", "--report_to", "none", "--save_strategy", "no",
-        "--gradient_checkpointing", "False", "--logging_steps", "1", "--max_length", "64", "--disable_tqdm", "True",
+        "--logging_steps", "1", "--max_length", "64", "--disable_tqdm", "True",
     ]
 
 
@@ -71,7 +71,7 @@ def test_train_from_yaml_config_with_packing(tiny, tmp_path):
     flags = common(tiny, out)
     cfg = {flags[i].lstrip("-"): flags[i + 1] for i in range(0, len(flags), 2)}
     cfg.update({"packing": True, "beta": 0.2, "max_steps": 2, "per_device_train_batch_size": 4,
-                "bf16": False, "use_cpu": True, "gradient_checkpointing": False, "disable_tqdm": True})
+                "bf16": False, "use_cpu": True, "disable_tqdm": True})
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert cli.main(["train", "--config", str(path)]) == 0

@@ -75,7 +75,7 @@ def base_args(tiny, data, out, **kw):
         "model_name_or_path": str(tiny / "model"), "dataset_name": str(tiny / data), "output_dir": str(out),
         "max_steps": 3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 48,
         "learning_rate": 1e-2, "lr_scheduler_type": "constant", "bf16": False, "use_cpu": True, "report_to": "none",
-        "save_strategy": "no", "gradient_checkpointing": False, "logging_steps": 1, "disable_tqdm": True, "seed": 0,
+        "save_strategy": "no", "logging_steps": 1, "disable_tqdm": True, "seed": 0,
     }
     args.update(kw)
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]

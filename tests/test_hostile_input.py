@@ -186,7 +186,6 @@ def _trainer(tmp_path, tok, rows, **kw):
     base = dict(
         output_dir=str(tmp_path), packing=True, max_length=MAX_LENGTH, per_device_train_batch_size=2, max_steps=2,
         learning_rate=1e-3, bf16=False, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
-        gradient_checkpointing=False,
     )
     base.update(kw)
     vocab = len(tok) if hasattr(tok, "__len__") else 300

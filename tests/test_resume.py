@@ -46,7 +46,7 @@ def args(out, **kw):
     base = dict(
         output_dir=str(out), packing=True, packing_max_tokens=80, per_device_train_batch_size=1, learning_rate=1e-2,
         lr_scheduler_type="constant", warmup_steps=0, bf16=False, use_cpu=True, report_to=[], logging_steps=1,
-        gradient_checkpointing=False, save_strategy="no", seed=3, max_length=64, disable_tqdm=True,
+        save_strategy="no", seed=3, max_length=64, disable_tqdm=True,
     )
     base.update(kw)
     return ORPOConfig(**base)
