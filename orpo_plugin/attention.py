@@ -25,6 +25,7 @@ import torch.nn.functional as F
 ATTENTION_NAME = "orpo_sdpa"
 FLEX_NAME = "orpo_flex"
 FLASH_NAME = "orpo_flash"
+VARLEN_NAME = "orpo_varlen"
 # Implementations whose packed-sequence handling transformers provides from position_ids alone.
 NATIVE_PACKED = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
 
@@ -56,8 +57,9 @@ _INERT = {
 }
 # Where each feature can run with a padding-free row (shown in refusals and the README's table).
 SUPPORTED_BY = {
-    "sliding_window": "orpo_sdpa (sdpa/eager models), orpo_flex (flex_attention), orpo_flash (flash_attention_2)",
-    "softcap": "orpo_sdpa (eager models), orpo_flex (flex_attention), orpo_flash (flash_attention_2)",
+    "sliding_window": "orpo_sdpa (sdpa/eager models), orpo_flex (flex_attention), orpo_flash (flash-attn) and "
+    "orpo_varlen (torch varlen_attn with window_size)",
+    "softcap": "orpo_sdpa (eager models), orpo_flex (flex_attention), orpo_flash (flash-attn)",
     "s_aux": "orpo_sdpa (eager models) and orpo_flex on a GPU",
     "dropout": "orpo_sdpa (sdpa/eager models) and orpo_flash; or set disable_dropout=True",
 }
@@ -357,37 +359,169 @@ def varlen_reference(
     return torch.cat(out)
 
 
+_varlen_cache: dict = {}
+
+
+def varlen_arguments(kwargs, device):
+    """(kv_index, cu_seq_q, cu_seq_k, max_q, max_k): a row's layout as varlen kernels take it.
+
+    padding_free/packing (`cu_seq_lens_q`): one sequence per entry, queries are the keys (kv_index None).
+    prefix_sharing (`prefix_segments`): `varlen_layout`. Built on the first layer and reused by the others and by
+    checkpoint recomputation, keyed on the layout tensor like the orpo_sdpa plan.
+    """
+    segments = kwargs.get("prefix_segments")
+    layout = segments if segments is not None else kwargs.get("cu_seq_lens_q")
+    if layout is None:
+        raise ValueError("varlen attention needs `cu_seq_lens_q` or `prefix_segments` from the collator")
+    key = (layout.data_ptr(), tuple(layout.shape), str(device))
+    cached = _varlen_cache.get("args")
+    if cached is not None and cached[0] == key and cached[1] is layout:
+        return cached[2]
+    if segments is not None:
+        args = varlen_layout(segments, device)
+    else:
+        lengths = (layout[1:] - layout[:-1]).tolist()
+        cu = layout.to(device=device, dtype=torch.int32)
+        args = (None, cu, cu, max(lengths), max(lengths))
+    _varlen_cache["args"] = (key, layout, args)
+    return args
+
+
 def _flash_kernel():
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError as err:  # pragma: no cover - needs CUDA
-        raise ImportError("prefix_sharing with flash_attention_2 needs the flash-attn package") from err
+        raise ImportError("orpo_flash (and prefix_sharing with flash_attention_2) needs the flash-attn package") from err
     return flash_attn_varlen_func
+
+
+def flash_attn_available() -> bool:
+    """Whether the flash-attn package imports (its varlen kernel is the first choice on CUDA)."""
+    try:
+        _flash_kernel()
+    except ImportError:
+        return False
+    return True
+
+
+def torch_varlen_kernel(varlen_attn=None):
+    """torch's own FlashAttention varlen (`torch.nn.attention.varlen.varlen_attn`) in the flash-attn calling convention.
+
+    None when this torch lacks it. Releases differ: newer ones take `window_size=(left, right)` ((-1, 0) causal,
+    (W, 0) causal with W keys to the left), `scale` and `enable_gqa`; older ones only `is_causal`. The returned
+    kernel's `features` names the attention features it honours (sliding windows only with `window_size`); a
+    missing `scale` is applied to the queries and missing GQA support is met by repeating key/value heads, both
+    exact. Soft-capping, sinks and dropout are not in its contract.
+    """
+    if varlen_attn is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            return None
+    import inspect
+
+    try:
+        params = inspect.signature(varlen_attn).parameters
+    except (TypeError, ValueError):
+        return None
+    windowed = "window_size" in params
+    if not windowed and "is_causal" not in params:
+        return None
+
+    def kernel(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=True,
+               window_size=(-1, -1), softcap=0.0):
+        if dropout_p or softcap or not causal:
+            raise ValueError(f"{VARLEN_NAME} computes causal attention without dropout or soft-capping")
+        kw = {}
+        if windowed:
+            kw["window_size"] = (window_size[0], 0)
+        elif window_size[0] >= 0:
+            raise ValueError(f"{VARLEN_NAME}: this torch's varlen_attn has no window_size")
+        else:
+            kw["is_causal"] = True
+        if softmax_scale is not None:
+            if "scale" in params:
+                kw["scale"] = softmax_scale
+            else:
+                q = q * (softmax_scale * q.shape[-1] ** 0.5)  # the kernel multiplies by dim^-0.5
+        if k.shape[1] != q.shape[1]:
+            if "enable_gqa" in params:
+                kw["enable_gqa"] = True
+            else:
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        return varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, **kw)
+
+    kernel.features = ("sliding_window",) if windowed else ()
+    return kernel
+
+
+def _half_precision(q: torch.Tensor, module, path: str) -> torch.dtype | None:
+    """The dtype a CUDA flash kernel runs a float32 query in (as transformers' flash path picks it), or refuse.
+
+    Autocast's dtype when autocast is on (what sdpa would compute in), else a quantized model's compute dtype, else
+    the dtype of the model's linear layers; None when q is already in half precision or not on CUDA.
+    """
+    if q.dtype != torch.float32 or q.device.type != "cuda":
+        return None
+    target = None
+    if torch.is_autocast_enabled("cuda"):
+        target = torch.get_autocast_dtype("cuda")
+    elif module is not None and getattr(getattr(module, "config", None), "_is_quantized", False):
+        target = getattr(module.config, "dtype", None)
+    elif module is not None:
+        target = next((m.weight.dtype for m in module.modules() if type(m) is torch.nn.Linear), None)
+    if target not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"{path} runs in float16/bfloat16 and this model computes attention in float32; train with bf16=True "
+            "or choose attention_backend='sdpa'"
+        )
+    return target
 
 
 ORPO_FLASH_FEATURES = ("sliding_window", "softcap", "dropout")
 
 
-def orpo_flash_attention(module, query, key, value, attention_mask, kernel=None, **kwargs):
-    """AttentionInterface function: prefix-shared row through a flash-attention varlen kernel."""
-    segments = kwargs.get("prefix_segments")
-    if segments is None:
-        raise ValueError(f"{FLASH_NAME} needs `prefix_segments` from the collator")
+def _varlen_attention(path, kernel, supported, module, query, key, value, kwargs):
+    """A packed or prefix-shared row [1, H, T, D] through a varlen kernel (flash-attn calling convention)."""
     if query.shape[0] != 1:
-        raise ValueError(f"{FLASH_NAME} expects one packed row per batch, got batch size {query.shape[0]}")
-    f = read_features(FLASH_NAME, module, kwargs, ORPO_FLASH_FEATURES)
-    kernel = kernel or _flash_kernel()
+        raise ValueError(f"{path} expects one packed row per batch, got batch size {query.shape[0]}")
+    f = read_features(path, module, kwargs, supported)
     # squeeze, not [0]: the backward of a view is a view, where select would zero-fill a full-size gradient
     q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))  # [T, H, D]
-    index, cu_q, cu_k, max_q, max_k = varlen_layout(segments, query.device)
+    target = _half_precision(q, module, path)
+    if target is not None:
+        q, k, v = q.to(target), k.to(target), v.to(target)
+    index, cu_q, cu_k, max_q, max_k = varlen_arguments(kwargs, query.device)
+    if index is not None:  # prefix sharing: keys/values gathered per branch
+        k, v = k.index_select(0, index), v.index_select(0, index)
     window = (-1, -1) if f.window is None else (f.window - 1, f.window - 1)  # right side is cut by causal
     training = bool(getattr(module, "training", False)) if module is not None else False
     out = kernel(
-        q, k.index_select(0, index), v.index_select(0, index), cu_q, cu_k, max_q, max_k,
-        dropout_p=f.dropout if training else 0.0, softmax_scale=f.scaling, causal=True, window_size=window,
-        softcap=f.softcap or 0.0,
+        q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=f.dropout if training else 0.0, softmax_scale=f.scaling,
+        causal=True, window_size=window, softcap=f.softcap or 0.0,
     )
     return out[None], None
+
+
+def orpo_flash_attention(module, query, key, value, attention_mask, kernel=None, **kwargs):
+    """AttentionInterface function: a padding-free or prefix-shared row through flash-attn's varlen kernel.
+
+    `kernel` replaces flash_attn_varlen_func (same calling convention), e.g. `varlen_reference` on a CPU.
+    """
+    return _varlen_attention(FLASH_NAME, kernel or _flash_kernel(), ORPO_FLASH_FEATURES, module, query, key, value,
+                             kwargs)
+
+
+def orpo_varlen_attention(module, query, key, value, attention_mask, kernel=None, **kwargs):
+    """AttentionInterface function: a padding-free or prefix-shared row through torch's own varlen_attn.
+
+    `kernel` replaces `torch_varlen_kernel()` (flash-attn calling convention plus a `features` tuple).
+    """
+    kernel = kernel or torch_varlen_kernel()
+    if kernel is None:
+        raise ValueError(f"{VARLEN_NAME} needs torch.nn.attention.varlen.varlen_attn (torch >= 2.9 with CUDA)")
+    return _varlen_attention(VARLEN_NAME, kernel, getattr(kernel, "features", ()), module, query, key, value, kwargs)
 
 
 def prefix_sharing_mask(segments: torch.Tensor, total: int, device=None, window: int | None = None) -> torch.Tensor:
@@ -420,25 +554,39 @@ def _prefix_tables(segments: torch.Tensor, total: int, device):
     return pair.to(device), branch.to(device), position.to(device)
 
 
+def _packed_tables(cu: torch.Tensor, total: int, device):
+    """`_prefix_tables` of a padding-free row: one "pair" per sequence, all of one branch, positions restart."""
+    pair = torch.empty(total, dtype=torch.long)
+    position = torch.arange(total)
+    bounds = cu.tolist()
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        pair[a:b] = i
+        position[a:b] = torch.arange(b - a)
+    pair[bounds[-1]:] = len(bounds)  # tokens past the last sequence (padding) only see each other
+    position[bounds[-1]:] = torch.arange(total - bounds[-1])
+    return pair.to(device), torch.ones(total, dtype=torch.long, device=device), position.to(device)
+
+
 _flex_cache: dict = {}
 
 
-def prefix_sharing_block_mask(segments: torch.Tensor, total: int, device, window: int | None = None):
-    """flex_attention BlockMask of a prefix-shared row (built once per batch and window, reused by every layer).
+def _block_mask(layout: torch.Tensor, prefix: bool, total: int, device, window: int | None):
+    """flex_attention BlockMask of a row (built once per batch and window, reused by every layer and recomputation).
 
     Distances for the window are positions in the unshared sequence ([prompt][rejected] for a rejected token).
     """
-    key = (segments.data_ptr(), tuple(segments.shape), total, str(device))
+    key = (layout.data_ptr(), tuple(layout.shape), prefix, total, str(device))
     cached = _flex_cache.get("masks")
-    if cached is None or cached[0] != key or cached[1] is not segments:
-        cached = (key, segments, {})
+    if cached is None or cached[0] != key or cached[1] is not layout:
+        cached = (key, layout, {})
         _flex_cache["masks"] = cached
     masks = cached[2]
     if window in masks:
         return masks[window]
     from torch.nn.attention.flex_attention import create_block_mask
 
-    pair, branch, position = _prefix_tables(segments, total, device)
+    tables = _prefix_tables if prefix else _packed_tables
+    pair, branch, position = tables(layout, total, device)
 
     def mask_mod(b, h, q, kv):
         same_pair = pair[q] == pair[kv]
@@ -452,18 +600,31 @@ def prefix_sharing_block_mask(segments: torch.Tensor, total: int, device, window
     return masks[window]
 
 
+def prefix_sharing_block_mask(segments: torch.Tensor, total: int, device, window: int | None = None):
+    """flex_attention BlockMask of a prefix-shared row."""
+    return _block_mask(segments, True, total, device, window)
+
+
+def packed_block_mask(cu_seq_lens: torch.Tensor, total: int, device, window: int | None = None):
+    """flex_attention BlockMask of a padding-free row: causal inside each sequence of `cu_seq_lens`."""
+    return _block_mask(cu_seq_lens, False, total, device, window)
+
+
 ORPO_FLEX_FEATURES = ("sliding_window", "softcap", "s_aux")
 
 
 def orpo_flex_attention(module, query, key, value, attention_mask, **kwargs):
-    """AttentionInterface function: flex_attention with the prefix-sharing BlockMask (softcap/sinks by transformers)."""
+    """AttentionInterface function: flex_attention with the row's BlockMask (softcap/sinks by transformers)."""
     from transformers.integrations.flex_attention import flex_attention_forward
 
-    segments = kwargs.get("prefix_segments")
-    if segments is None:
-        raise ValueError(f"{FLEX_NAME} needs `prefix_segments` from the collator")
+    segments, cu = kwargs.get("prefix_segments"), kwargs.get("cu_seq_lens_q")
+    if segments is None and cu is None:
+        raise ValueError(f"{FLEX_NAME} needs `prefix_segments` or `cu_seq_lens_q` from the collator")
     f = read_features(FLEX_NAME, module, kwargs, ORPO_FLEX_FEATURES)
-    mask = prefix_sharing_block_mask(segments, query.shape[2], query.device, f.window)
+    if segments is not None:
+        mask = prefix_sharing_block_mask(segments, query.shape[2], query.device, f.window)
+    else:
+        mask = packed_block_mask(cu, query.shape[2], query.device, f.window)
     return flex_attention_forward(
         module, query, key, value, mask, scaling=f.scaling, softcap=f.softcap, s_aux=f.sinks,
         kernel_options=kwargs.get("kernel_options"),
@@ -478,7 +639,7 @@ _registered = False
 
 
 def register(name: str = ATTENTION_NAME) -> str:
-    """Register "orpo_sdpa" and "orpo_flex" (and no-op mask builders) with transformers; return `name`."""
+    """Register orpo_sdpa, orpo_flex, orpo_flash, orpo_varlen (and no-op mask builders) with transformers; return `name`."""
     global _registered
     if not _registered:
         from transformers import AttentionInterface
@@ -490,8 +651,114 @@ def register(name: str = ATTENTION_NAME) -> str:
         AttentionMaskInterface.register(FLEX_NAME, _no_mask)
         AttentionInterface.register(FLASH_NAME, orpo_flash_attention)
         AttentionMaskInterface.register(FLASH_NAME, _no_mask)
+        AttentionInterface.register(VARLEN_NAME, orpo_varlen_attention)
+        AttentionMaskInterface.register(VARLEN_NAME, _no_mask)
         _registered = True
     return name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which kernel runs a padding-free / packed / prefix-shared row.
+
+# `attention_backend` values -> the attention function registered for them; "auto" tries them in this order on CUDA.
+BACKENDS = {"flash_attn": FLASH_NAME, "torch_varlen": VARLEN_NAME, "flex": FLEX_NAME, "sdpa": ATTENTION_NAME}
+BACKEND_CHOICES = ("auto", *BACKENDS)
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def backend_features() -> dict:
+    """Backend -> the attention features it honours, or None where it cannot run on this machine's GPU."""
+    varlen = torch_varlen_kernel()
+    return {
+        "flash_attn": ORPO_FLASH_FEATURES if flash_attn_available() else None,
+        "torch_varlen": varlen.features if varlen is not None else None,
+        "flex": ORPO_FLEX_FEATURES if flex_available() else None,
+        "sdpa": ORPO_SDPA_FEATURES,
+    }
+
+
+def on_cuda(model, use_cpu: bool) -> bool:
+    """Whether `model` trains on a CUDA device (already there, or the trainer will move it there)."""
+    if any(p.device.type == "cuda" for p in model.parameters()):
+        return True
+    return not use_cpu and torch.cuda.is_available()
+
+
+def model_features(model) -> set:
+    """The attention features (keys of FEATURES) the model's attention layers pass, read from the layers.
+
+    Read statically, to skip a backend that cannot honour them; a feature missed here still stops training at
+    start, when `check_layout` runs the chosen backend once.
+    """
+    found = set()
+    for m in model.modules():
+        if not (hasattr(m, "scaling") and hasattr(m, "is_causal")):
+            continue
+        config = getattr(m, "config", None)
+        window = getattr(m, "sliding_window") if hasattr(m, "sliding_window") else getattr(config, "sliding_window", None)
+        if window is not None:
+            found.add("sliding_window")
+        if hasattr(m, "attn_logit_softcapping"):
+            softcap = m.attn_logit_softcapping
+        else:
+            softcap = getattr(config, "attn_logit_softcapping", None)
+        if softcap is not None:
+            found.add("softcap")
+        if isinstance(getattr(m, "sinks", None), torch.Tensor):
+            found.add("s_aux")
+        if float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0:
+            found.add("dropout")
+    return found
+
+
+def choose_backend(model, forced: str = "auto", cuda: bool = True) -> tuple:
+    """(backend, registered attention name, why) for a padding-free/packed/prefix-shared row of `model`.
+
+    On CUDA, "auto" takes the first of flash_attn, torch_varlen, flex, sdpa that runs here and honours every feature
+    the model uses; orpo_sdpa honours them all. A forced backend is refused when it cannot run here or cannot honour
+    one of the model's features. Off CUDA only sdpa (orpo_sdpa) runs: the others' kernels, or backward, need a GPU.
+    """
+    if forced not in BACKEND_CHOICES:
+        raise ValueError(f"attention_backend must be one of {BACKEND_CHOICES}, got {forced!r}")
+    needs = model_features(model)
+    available = backend_features() if cuda else {"flash_attn": None, "torch_varlen": None, "flex": None,
+                                                   "sdpa": ORPO_SDPA_FEATURES}
+    if forced != "auto":
+        features = available[forced]
+        if features is None:
+            why = {
+                "flash_attn": "the flash-attn package does not import",
+                "torch_varlen": "this torch has no usable torch.nn.attention.varlen.varlen_attn",
+                "flex": "this torch has no flex_attention",
+            }[forced] if cuda else "it needs a CUDA model (flex_attention has no backward on CPU)"
+            raise ValueError(f"attention_backend={forced!r} cannot run: {why}; use attention_backend='auto' or 'sdpa'")
+        missing = sorted(needs - set(features))
+        if missing:
+            raise ValueError(
+                f"attention_backend={forced!r} cannot honour {', '.join(FEATURES[n] for n in missing)} of "
+                f"{type(model).__name__}; use attention_backend='auto' (or the padded layout). Supported by: "
+                + "; ".join(f"{FEATURES[n]}: {SUPPORTED_BY[n]}" for n in missing)
+            )
+        return forced, BACKENDS[forced], "forced by attention_backend"
+    skipped = []
+    for name, features in available.items():
+        if features is None:
+            skipped.append(f"{name} unavailable")
+            continue
+        missing = sorted(needs - set(features))
+        if missing:
+            skipped.append(f"{name} lacks {', '.join(missing)}")
+            continue
+        why = "first available" + (f" ({'; '.join(skipped)})" if skipped else "")
+        return name, BACKENDS[name], why
+    raise AssertionError("orpo_sdpa honours every feature")  # pragma: no cover
 
 
 _configs_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -120,6 +120,17 @@ class ORPOConfig(BaseConfig):
             "instead of transformers' dense block-diagonal mask."
         },
     )
+    attention_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Kernel for padding-free/packed/prefix-shared rows on a CUDA sdpa/eager model. 'auto' takes the "
+            "first that runs and honours the model's attention features (sliding window, soft-capping, sinks): "
+            "'flash_attn' (the flash-attn package), 'torch_varlen' (torch.nn.attention.varlen.varlen_attn, no "
+            "flash-attn build), 'flex' (compiled flex_attention with a BlockMask), 'sdpa' (orpo_sdpa buckets). A "
+            "named one is used or refused at start. On a CPU only 'sdpa' runs.",
+            "choices": ["auto", "flash_attn", "torch_varlen", "flex", "sdpa"],
+        },
+    )
 
     # ---- memory
     chunked_loss: bool = field(
@@ -173,6 +184,8 @@ class ORPOConfig(BaseConfig):
             raise ValueError(f"packing_max_tokens must be >= 2, got {self.packing_max_tokens}")
         if self.is_encoder_decoder:
             raise ValueError("orpo_plugin trains decoder-only (causal LM) models; is_encoder_decoder=True is not supported")
+        if self.attention_backend not in attention.BACKEND_CHOICES:
+            raise ValueError(f"attention_backend must be one of {attention.BACKEND_CHOICES}, got {self.attention_backend!r}")
 
     def _default_bf16(self) -> bool:
         """bf16 left unset: on where training runs on an accelerator with bf16 (TRL's default), else float32.
@@ -376,10 +389,20 @@ class ORPOTrainer(BaseTrainer):
 
     @staticmethod
     def _choose_attention(model, args: ORPOConfig) -> str | None:
-        """The attention implementation used during our forwards (None: the model's own), or a clear refusal."""
+        """The attention implementation used during our forwards (None: the model's own), or a clear refusal.
+
+        Logs one line naming the kernel chosen for a padding-free/packed/prefix-shared layout.
+        """
         layout = args.layout
         if layout == "padded":
             return None
+        name, why = ORPOTrainer._pick_attention(model, args)
+        logger.info("attention for the %s layout: %s (%s)", layout, name or "the model's own", why)
+        return name
+
+    @staticmethod
+    def _pick_attention(model, args: ORPOConfig) -> tuple[str | None, str]:
+        layout = args.layout
         base = unwrap(model)
         impl = getattr(base.config, "_attn_implementation", None) or "eager"
         if not getattr(base, "_supports_attention_backend", False) and not str(impl).startswith("flash"):
@@ -387,23 +410,31 @@ class ORPOTrainer(BaseTrainer):
                 f"{type(base).__name__} does not use transformers' attention interface, so it cannot take the "
                 f"{layout} layout; use the padded layout (padding_free=False, packing=False, prefix_sharing=False)"
             )
+        forced = args.attention_backend != "auto"
+        cuda = attention.on_cuda(base, args.use_cpu)
+        picks_kernel = impl in ("sdpa", "eager", attention.ATTENTION_NAME) and (
+            layout == "prefix_sharing" or args.varlen_attention
+        )
+        if forced or (cuda and picks_kernel):
+            backend, name, why = attention.choose_backend(base, args.attention_backend, cuda)
+            return attention.register(name), f"attention_backend={backend}: {why}"
         if layout == "prefix_sharing":
             if impl in ("sdpa", "eager", attention.ATTENTION_NAME):
-                return attention.register()
+                return attention.register(), f"{impl} model"
             if impl in ("flex_attention", attention.FLEX_NAME):
-                return attention.register(attention.FLEX_NAME)
+                return attention.register(attention.FLEX_NAME), f"{impl} model"
             if impl in ("flash_attention_2", attention.FLASH_NAME):
                 attention._flash_kernel()  # fail now, with a clear message, if flash-attn is missing
-                return attention.register(attention.FLASH_NAME)
+                return attention.register(attention.FLASH_NAME), f"{impl} model"
             raise ValueError(
                 f"prefix_sharing runs on sdpa, eager (through orpo_plugin's '{attention.ATTENTION_NAME}'), "
                 f"flex_attention (a prefix-sharing BlockMask) or flash_attention_2 (varlen, different cu_seqlens "
                 f"for queries and keys) models; this model uses attn_implementation={impl!r}"
             )
         if impl in ("sdpa", "eager") and args.varlen_attention:
-            return attention.register()
+            return attention.register(), f"{impl} model"
         if impl in attention.NATIVE_PACKED or impl == attention.ATTENTION_NAME:
-            return None
+            return None, f"{impl} model, packed sequences from position_ids"
         raise ValueError(
             f"padding_free/packing needs attn_implementation in {attention.NATIVE_PACKED}; this model uses {impl!r}"
         )
