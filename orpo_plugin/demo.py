@@ -104,9 +104,7 @@ def run_demo(
         logging_steps=5,
         save_strategy="no",
         report_to=[],
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
+        use_cpu=True,  # the demo is the offline CPU run; bf16 and gradient checkpointing stay at their defaults
         seed=seed,
         disable_tqdm=quiet,
         dataloader_num_workers=0,
