@@ -2,6 +2,12 @@
 
     python benchmarks/memory.py                    # 8 pairs x 256 tokens per sequence, vocab 128,256
     python benchmarks/memory.py --seq-len 512      # the issue's size; TRL then needs ~15 GB of RAM
+    python benchmarks/memory.py --gradient-checkpointing off   # checkpointing off for every method
+
+Gradient checkpointing is on by default for every method, TRL included (both trainers' config default, what a
+24 GB GPU run uses; `Trainer.train` enables it in the model, non-reentrant by transformers' default). Every child
+prints its first optimizer step's loss, so a run with `--gradient-checkpointing off` shows that checkpointing
+changes no loss.
 
 The model is a random-init Llama with a 128,256-row embedding and output layer but a small hidden size, so the
 [tokens x vocab] logits dominate. The text comes from a small toy tokenizer: its ids are all < 128,256 and the
@@ -128,7 +134,7 @@ def make_rows(n: int, seq_len: int, seed: int, maker):
     ]
 
 
-def build_trainer(method: str, opts, steps: int, callbacks, meter, out: str, cuda: bool):
+def build_trainer(method: str, opts, steps: int, callbacks, meter, out: str, cuda: bool, losses=None):
     import datasets
 
     import common
@@ -158,12 +164,22 @@ def build_trainer(method: str, opts, steps: int, callbacks, meter, out: str, cud
         report_to=[],
         save_strategy="no",
         logging_strategy="no",
-        gradient_checkpointing=False,
+        gradient_checkpointing=opts.gradient_checkpointing == "on",
         disable_tqdm=True,
         dataloader_num_workers=0,
         **fields,
     )
-    trainer = common.metered(ORPOTrainer, meter)(
+    trainer_cls = common.metered(ORPOTrainer, meter)
+    if losses is not None:
+
+        class Recording(trainer_cls):
+            def training_step(self, *args, **kwargs):
+                loss = super().training_step(*args, **kwargs)
+                losses.append(float(loss))
+                return loss
+
+        trainer_cls = Recording
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_list(rows),
@@ -190,15 +206,19 @@ def memory_child(opts) -> dict:
     cuda = _child_setup(opts)
     probe = MemoryProbe(1, cuda)  # step 0 creates the optimizer state; step 1 is measured
     meter = common.StepMeter(warmup=1)
+    losses: list[float] = []
     with tempfile.TemporaryDirectory() as out:
-        trainer = build_trainer(opts.child, opts, 2, [probe.callback()], meter, out, cuda)
+        trainer = build_trainer(opts.child, opts, 2, [probe.callback()], meter, out, cuda, losses)
         trainer.train()
+        checkpointing = bool(getattr(trainer.model, "is_gradient_checkpointing", False))
     return {
         "method": opts.child,
         "device": "cuda" if cuda else "cpu",
         **probe.result,
         "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "tokens_per_step": meter.trained,
+        "first_loss": losses[0],
+        "checkpointing": checkpointing,
     }
 
 
@@ -234,7 +254,7 @@ def run_child(role: str, opts, malloc_env: bool):
     argv = [sys.executable, __file__, role]
     for k in ("seq_len", "pairs", "hidden", "layers", "heads", "threads", "timed_steps", "seed"):
         argv += [f"--{k.replace('_', '-')}", str(getattr(opts, k))]
-    argv += ["--timing-methods", *opts.timing_methods]
+    argv += ["--timing-methods", *opts.timing_methods, "--gradient-checkpointing", opts.gradient_checkpointing]
     if opts.cpu:
         argv.append("--cpu")
     env = dict(os.environ)
@@ -266,6 +286,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="memory children per method; medians are reported")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if CUDA is available")
+    p.add_argument(
+        "--gradient-checkpointing",
+        choices=["on", "off"],
+        default="on",
+        help="gradient checkpointing for every method, TRL included (default on: both trainers' default)",
+    )
     p.add_argument("--json", help="also write the per-run results here")
     p.add_argument("--force", action="store_true", help="run even if TRL's estimated peak exceeds available RAM")
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -287,7 +313,7 @@ def main(argv=None) -> int:
     print(
         f"model: Llama vocab {VOCAB:,}, hidden {opts.hidden}, {opts.layers} layers; batch {opts.pairs} pairs x 2 "
         f"sequences x {opts.seq_len} tokens (no padding); full float32 logits of the batch: {logits_gib:.2f} GiB; "
-        f"load average at start {os.getloadavg()[0]:.1f}"
+        f"load average at start {os.getloadavg()[0]:.1f}; gradient checkpointing {opts.gradient_checkpointing} for every method"
     )
     # rough step peaks measured at 256 tokens: TRL ~3.6x the logits, our unchunked path ~4.1x, + ~1 GiB process
     factor = {"trl": 3.8, "ours_unchunked": 4.3, "ours_chunked": 0.5}
@@ -307,7 +333,8 @@ def main(argv=None) -> int:
             runs.append(res)
             print(
                 f"  memory {m:15s} step peak {res['step_peak_mib']:8.0f} MiB  (RSS before {res['before_mib']:.0f}, "
-                f"process peak {res['process_peak_mib']:.0f})",
+                f"process peak {res['process_peak_mib']:.0f}); first-step loss {res['first_loss']:.7f}, "
+                f"model checkpointing {res['checkpointing']}",
                 flush=True,
             )
     timing = []
@@ -334,10 +361,11 @@ def main(argv=None) -> int:
                 f"{med(m, 'step_peak_mib') / med(ref, 'step_peak_mib'):.3f}x" if ref else "-",
                 f"{med(m, 'process_peak_mib'):,.0f}",
                 f"{med(m, 'process_peak_mib') / med(ref, 'process_peak_mib'):.3f}x" if ref else "-",
+                f"{med(m, 'first_loss'):.7f}",
             ]
         )
     print()
-    print(common.table(["method", f"step peak {unit}", "vs trl", "process peak RSS MiB", "vs trl"], rows))
+    print(common.table(["method", f"step peak {unit}", "vs trl", "process peak RSS MiB", "vs trl", "first-step loss"], rows))
     if timing:
         by = {x["method"]: x for x in timing}
         ref = by.get("ours_unchunked")

@@ -2,6 +2,14 @@
 
     python benchmarks/throughput.py                      # TRL vs ours: padded, padding_free, packing
     python benchmarks/throughput.py --set prompt-heavy   # packing vs packing + prefix_sharing
+    python benchmarks/throughput.py --gradient-checkpointing off   # the same with checkpointing off for everyone
+
+Gradient checkpointing is on by default for every method, TRL included: it is the default of both trainers'
+configs (TRL's `gradient_checkpointing=True`, with transformers' default kwargs, i.e. non-reentrant
+checkpointing) and what a 24 GB GPU run uses. `Trainer.train` turns it on in the model for both trainers, and
+both trainers' constructors call `enable_input_require_grads`. Before timing, the script checks that it does not
+time a broken path: for every method, one optimizer step with checkpointing on and one with it off on the same
+fresh model and batch must give the same loss and gradients (`--no-check` skips this).
 
 Every method trains the same random-init tiny Llama (a fresh copy built from the same seed for each run) on the
 same synthetic preference set (log-normal prompt/response lengths) for a fixed number of optimizer steps after
@@ -82,7 +90,7 @@ def check_same_tokenization(rows, tokenizer, ours, max_length: int) -> None:
     probe = rows[:64]
     model = common_model(tokenizer, hidden=64, layers=1, heads=2, seed=0)
     with tempfile.TemporaryDirectory() as out:
-        args = ORPOConfig(output_dir=out, max_length=max_length, **cpu_args())
+        args = ORPOConfig(output_dir=out, max_length=max_length, **cpu_args(False))
         trl = ORPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(probe), processing_class=tokenizer)
     theirs = [len(c) + len(r) for c, r in zip(trl.train_dataset["chosen_input_ids"], trl.train_dataset["rejected_input_ids"])]
     mine = pair_costs(ours.select(range(len(probe))))
@@ -99,13 +107,13 @@ def common_model(tokenizer, hidden: int, layers: int, heads: int, seed: int):
     )
 
 
-def cpu_args() -> dict:
+def cpu_args(checkpointing: bool) -> dict:
     return dict(
         bf16=False,
         use_cpu=True,
         report_to=[],
         save_strategy="no",
-        gradient_checkpointing=False,
+        gradient_checkpointing=checkpointing,
         disable_tqdm=True,
         dataloader_num_workers=0,
         per_device_train_batch_size=BATCH,
@@ -113,8 +121,11 @@ def cpu_args() -> dict:
     )
 
 
-def build_trainer(method: str, rows, tokenizer, opts, budget: int, out: str, turns=None):
-    """A fresh model (same seed for every method) and a metered trainer for `method`."""
+def build_trainer(
+    method: str, rows, tokenizer, opts, budget: int, out: str, turns=None, steps=None, checkpointing=None, callbacks=()
+):
+    """A fresh model (same seed for every method) and a metered trainer for `method`. `steps` and `checkpointing`
+    override the run's settings (`checkpointing`: None = `--gradient-checkpointing`)."""
     import datasets
     from transformers import TrainerCallback
 
@@ -128,7 +139,9 @@ def build_trainer(method: str, rows, tokenizer, opts, budget: int, out: str, tur
                 kept.append(dict(logs))
 
     kept = logs
-    steps = opts.warmup + opts.steps
+    steps = steps or opts.warmup + opts.steps
+    if checkpointing is None:
+        checkpointing = opts.gradient_checkpointing == "on"
     if kind == "trl":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
     else:
@@ -144,7 +157,7 @@ def build_trainer(method: str, rows, tokenizer, opts, budget: int, out: str, tur
         seed=opts.seed,
         data_seed=opts.seed,
         logging_steps=steps,
-        **cpu_args(),
+        **cpu_args(checkpointing),
         **fields,
     )
     model = common_model(tokenizer, opts.hidden, opts.layers, opts.heads, opts.seed)
@@ -153,10 +166,53 @@ def build_trainer(method: str, rows, tokenizer, opts, budget: int, out: str, tur
         args=args,
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tokenizer,
-        callbacks=[meter.callback(), KeepLogs()],
+        callbacks=[meter.callback(), KeepLogs(), *callbacks],
     )
     common.silence_printer(trainer)
     return trainer, meter, logs
+
+
+def check_checkpointing(methods: list[str], rows, tokenizer, opts, budget: int) -> None:
+    """One optimizer step per method with checkpointing on and off (fresh model, same seed and batch): the loss and
+    the gradients must agree, and the on-run's model must really checkpoint. Prints one line per method."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Grads(TrainerCallback):
+        def __init__(self):
+            self.flat, self.checkpointing = None, None
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            params = [p for p in model.parameters() if p.grad is not None]
+            self.flat = torch.cat([p.grad.detach().reshape(-1).double() for p in params])
+            self.checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+
+    print("checkpointing check (first optimizer step, checkpointing on vs off, same model and batch):")
+    with tempfile.TemporaryDirectory() as out:
+        for m in methods:
+            got = {}
+            for on in (True, False):
+                grads = Grads()
+                trainer, _, logs = build_trainer(
+                    m, rows, tokenizer, opts, budget, f"{out}/{m}-{on}", steps=1, checkpointing=on, callbacks=[grads]
+                )
+                trainer.train()
+                loss = next(entry["loss"] for entry in logs if "loss" in entry)
+                got[on] = (loss, grads.flat, grads.checkpointing)
+                del trainer
+                gc.collect()
+            (loss_on, g_on, ckpt_on), (loss_off, g_off, ckpt_off) = got[True], got[False]
+            loss_diff = abs(loss_on - loss_off)
+            grad_diff = float((g_on - g_off).abs().max() / g_off.abs().max())
+            ok = ckpt_on and not ckpt_off and loss_diff <= 1e-5 * max(1.0, abs(loss_off)) and grad_diff <= 1e-5
+            print(
+                f"  {m:24s} loss on {loss_on:.7f} off {loss_off:.7f} (|diff| {loss_diff:.1e}); "
+                f"max grad diff / max grad {grad_diff:.1e}; model checkpointing on={ckpt_on} off={ckpt_off}"
+                + ("" if ok else "  MISMATCH"),
+                flush=True,
+            )
+            if not ok:
+                raise SystemExit(f"{m}: checkpointing changes the first step (or was not enabled); not timing it")
 
 
 def run_round(order: list[str], rows, tokenizer, opts, budget: int) -> list[dict]:
@@ -213,6 +269,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=int, help="packing_max_tokens (default: calibrated to TRL's real tokens per batch)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        choices=["on", "off"],
+        default="on",
+        help="gradient checkpointing for every method, TRL included (default on: both trainers' default)",
+    )
+    p.add_argument(
+        "--no-check", action="store_true", help="skip the checkpointing on-vs-off first-step check before timing"
+    )
     p.add_argument("--json", help="also write the per-run results here")
     opts = p.parse_args(argv)
     methods = opts.methods or DEFAULTS[opts.length_set]["methods"]
@@ -244,7 +309,8 @@ def main(argv=None) -> int:
     print(f"# throughput, set={opts.length_set}: {common.versions()}; load average {os.getloadavg()[0]:.1f}")
     print(
         f"model: Llama hidden {opts.hidden}, {opts.layers} layers, {opts.heads} heads, vocab {len(tokenizer)}; "
-        f"max_length {opts.max_length}; {opts.warmup} warm-up + {opts.steps} timed steps; {opts.repeats} repeats"
+        f"max_length {opts.max_length}; {opts.warmup} warm-up + {opts.steps} timed steps; {opts.repeats} repeats; "
+        f"gradient checkpointing {opts.gradient_checkpointing} for every method"
     )
     print(
         f"data: {len(rows)} pairs; tokens per pair median prompt {statistics.median(prompts):.0f}, "
@@ -252,6 +318,9 @@ def main(argv=None) -> int:
         f"real tokens per 8 pairs {target:.0f}; packing_max_tokens {budget}"
         + (f" (packed groups: {pstats['mean_group_tokens']:.0f} tokens, {pstats['mean_pairs_per_group']:.1f} pairs on average)" if pstats else "")
     )
+
+    if opts.gradient_checkpointing == "on" and not opts.no_check:
+        check_checkpointing(methods, rows, tokenizer, opts, budget)
 
     runs: list[dict] = []
     for r in range(opts.repeats):
