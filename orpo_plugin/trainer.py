@@ -345,8 +345,9 @@ class ORPOTrainer(BaseTrainer):
                 logger.warning("%s; the model will compute the logits itself (no chunked loss)", err)
                 self.logits_in_forward = True
             if args.layout != "padded":
-                # a model feature the layout's attention cannot honour stops here, not at the first step
-                with training_weight_layout(cpu_4bit_layers(self.model)):
+                # a model feature the layout's attention cannot honour stops here, not at the first step; under the
+                # training's autocast, since half-precision kernels take what autocast gives them
+                with training_weight_layout(cpu_4bit_layers(self.model)), self.accelerator.autocast():
                     check_layout(self.model, args.layout, self.attention_override, pad_id)
         if args.chunked_loss and not self.logits_in_forward:
             if self.head.chunkable:
