@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One command on one GPU (at most 8 minutes on an H200): bf16 parity of every attention backend, QLoRA on an
+# 8B-shaped model, and a markdown table of the results.
+#
+#   benchmarks/gpu/run.sh [OUT_DIR]             # on the GPU image; OUT_DIR defaults to $OUT, else benchmarks/gpu/out
+#   benchmarks/gpu/run.sh --dry-run [OUT_DIR]   # the same code on CPU at tiny sizes, with the installed packages
+#
+# The GPU image lacks trl, datasets, bitsandbytes and a network: their wheels are fetched beforehand into .whl/
+# (benchmarks/gpu/wheels.sh, on a machine with package access) and installed here with --no-index into a temporary
+# target put on PYTHONPATH, so the image itself is left as it is.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRL_EXPERIMENTAL_SILENCE=1
+
+if [[ "${1:-}" == "--dry-run" ]]; then
+  OUT_DIR="${2:-${TMPDIR:-/tmp}/orpo-gpu-dry-run}"
+  exec python benchmarks/gpu/proof.py "$OUT_DIR" --dry-run
+fi
+
+OUT_DIR="${1:-${OUT:-benchmarks/gpu/out}}"
+shopt -s nullglob
+WHEELS=(.whl/*.whl)
+if [[ ${#WHEELS[@]} -eq 0 ]]; then
+  echo "no wheels in .whl/: run benchmarks/gpu/wheels.sh on a machine with package access first" >&2
+  exit 2
+fi
+TARGET="$(mktemp -d "${TMPDIR:-/tmp}/orpo-gpu-site.XXXXXX")"
+trap 'rm -rf "$TARGET"' EXIT
+python -m pip install --quiet --no-index --no-deps --no-compile --target "$TARGET" "${WHEELS[@]}"
+export PYTHONPATH="$TARGET:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python - <<'PY'
+import importlib, sys
+missing = []
+for name in ("trl", "datasets", "bitsandbytes", "peft", "accelerate", "pyarrow", "pandas", "fsspec", "xxhash", "dill"):
+    try:
+        importlib.import_module(name)
+    except Exception as err:  # noqa: BLE001
+        missing.append(f"{name} ({type(err).__name__}: {err})")
+if missing:
+    sys.exit("cannot import: " + "; ".join(missing) + ". Add the package to benchmarks/gpu/wheels.sh and rerun it.")
+import torch, transformers, trl, datasets, bitsandbytes
+print(f"torch {torch.__version__} cuda {torch.version.cuda}, transformers {transformers.__version__}, trl {trl.__version__}, "
+      f"datasets {datasets.__version__}, bitsandbytes {bitsandbytes.__version__}", flush=True)
+PY
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# 460 s for the driver: install and imports fit in the rest of 8 minutes
+timeout 460 python benchmarks/gpu/proof.py "$OUT_DIR"
