@@ -3,7 +3,8 @@
 Axolotl pins its own transformers/TRL, so it runs in a venv of its own, built (or reused) by
 `integration/axolotl/run.sh --venv` (default `$HOME/.cache/orpo-plugin/axolotl-venv`, override ORPO_AXOLOTL_VENV).
 Each run trains a tiny random-init Llama (saved locally) on a local `chat_template.argilla` JSONL for 2 steps and
-reads the logged metrics from the checkpoint's trainer_state.json.
+reads the logged metrics from the checkpoint's trainer_state.json. Every shipped configs/axolotl/*.yml also runs with
+its options as written except model, data, sizes and what a CPU cannot run (the SHIPPED_* tables).
 
 Without the venv (and no way to build it) these tests skip, or fail when ORPO_REQUIRE_INTEGRATION=1 (CI).
 The first tests (not integration-marked) check the YAML keys' pydantic model on the host, without Axolotl.
@@ -142,6 +143,54 @@ def _config(fixtures: Path, workdir: Path, plugin: bool = True, **overrides) -> 
     return cfg
 
 
+# ------------------------------------------------------------------------------------------ shipped configs, tiny
+# A shipped config runs with every option as written except these. What a CPU cannot run: key -> {value as written:
+# value here}; a written value missing from its row fails the test (say how a CPU runs it, or fix the config).
+SHIPPED_CPU = {
+    # flash-attn runs on CUDA only; sdpa runs the same layouts (orpo_plugin's exact per-sequence attention)
+    "attn_implementation": {"flash_attention_2": "sdpa", "sdpa": "sdpa", "eager": "eager"},
+    # Axolotl has no use_cpu, and transformers refuses bf16 without a bf16 accelerator: float32
+    "bf16": {True: False, False: False},
+    # TF32 is a CUDA matmul mode; transformers refuses it without an Ampere GPU
+    "tf32": {True: False, False: False},
+}
+# Sizes and cadence: capped at a tiny run's, never raised.
+SHIPPED_SIZES = {
+    "sequence_len": 256, "orpo_packing_max_tokens": 512, "micro_batch_size": 4, "gradient_accumulation_steps": 2,
+    "save_steps": STEPS, "warmup_steps": 1,
+}
+SHIPPED_ALWAYS = {"max_steps": STEPS, "logging_steps": 1}
+# Special tokens named after the real model's tokenizer -> the tiny tokenizer's token of the same role.
+TINY_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+# The tiny model, its tokens, the local JSONL and this run's directories.
+SHIPPED_PATHS = ("base_model", "special_tokens", "datasets", "dataset_prepared_path", "output_dir")
+SHIPPED_CHANGEABLE = set(SHIPPED_CPU) | set(SHIPPED_SIZES) | set(SHIPPED_ALWAYS) | set(SHIPPED_PATHS)
+
+
+def _shipped_config(path: Path, fixtures: Path, workdir: Path) -> dict:
+    """A shipped config as a tiny CPU run: only the keys the tables above name change."""
+    written = yaml.safe_load(path.read_text())
+    cfg = dict(written)
+    for key, table in SHIPPED_CPU.items():
+        if key in written:
+            if written[key] not in table:
+                pytest.fail(f"{path.name}: {key}: {written[key]!r}: no CPU substitution known; add one or fix the config")
+            cfg[key] = table[written[key]]
+    cfg.update({k: min(written[k], cap) for k, cap in SHIPPED_SIZES.items() if k in written})
+    cfg.update(SHIPPED_ALWAYS)
+    if "special_tokens" in written:
+        unknown = set(written["special_tokens"]) - set(TINY_SPECIAL_TOKENS)
+        assert not unknown, f"{path.name}: special_tokens {unknown}: no tiny-tokenizer counterpart known"
+        cfg["special_tokens"] = {k: TINY_SPECIAL_TOKENS[k] for k in written["special_tokens"]}
+    data = fixtures / "prefs.jsonl"
+    cfg["datasets"] = [dict(d, path=str(data), ds_type="json") for d in written["datasets"]]
+    cfg.update(base_model=str(fixtures / "model"), dataset_prepared_path=str(workdir / "prepared"),
+               output_dir=str(workdir / "out"))
+    changed = {k for k in cfg if k not in written or cfg[k] != written[k]}
+    assert set(written) <= set(cfg) and changed <= SHIPPED_CHANGEABLE, changed - SHIPPED_CHANGEABLE
+    return cfg
+
+
 class AxolotlRun:
     def __init__(self, cfg: dict, proc: subprocess.CompletedProcess, seconds: float):
         self.cfg, self.proc, self.seconds = cfg, proc, seconds
@@ -188,21 +237,24 @@ QLORA = dict(load_in_4bit=True, adapter="qlora", lora_r=8, lora_alpha=16, lora_d
 RUN_SPECS = {
     "plugin-padded": dict(),
     "builtin": dict(plugin=False),
+    # pad_to_multiple_of makes Axolotl pass its DPO collator, which ours replaces; accumulation over 2 packed batches;
     # with an eval split: our eval metrics go through Axolotl's evaluation loop
-    "plugin-packed": dict(orpo_packing=True, orpo_packing_max_tokens=1024, val_set_size=0.25, eval_steps=STEPS),
-    # pad_to_multiple_of makes Axolotl pass its DPO collator, which ours replaces; accumulation over 2 packed batches
     "plugin-qlora-packed": dict(
         orpo_packing=True, orpo_packing_max_tokens=1024, pad_to_multiple_of=8, gradient_accumulation_steps=2,
-        learning_rate=1e-3, **QLORA,
+        learning_rate=1e-3, val_set_size=0.25, eval_steps=STEPS, **QLORA,
     ),
     "wrong-value": dict(orpo_packing="maybe"),
+    # every configs/axolotl/*.yml as a tiny CPU run (see _shipped_config); the tiny one is also the packed run
+    **{f"shipped-{path.stem}": dict(shipped=path) for path in SHIPPED_CONFIGS},
 }
+PACKED_RUN = f"shipped-{TINY_CONFIG.stem}"
 USED_BY = {
     "test_plugin_matches_builtin_orpo_first_step": ("plugin-padded", "builtin"),
-    "test_plugin_packing": ("plugin-packed",),
+    "test_plugin_packing": (PACKED_RUN,),
     "test_plugin_qlora_packing": ("plugin-qlora-packed",),
     "test_plugin_qlora_backprop_avoids_cpu_inference_kernel": ("plugin-qlora-packed",),
     "test_wrong_key_value_names_the_key": ("wrong-value",),
+    "test_shipped_config_trains": tuple(f"shipped-{path.stem}" for path in SHIPPED_CONFIGS),
 }
 
 
@@ -217,9 +269,12 @@ def axolotl_runs(request, axolotl_python, fixtures_dir, tmp_path_factory):
     for name, spec in RUN_SPECS.items():
         if name in wanted:
             spec = dict(spec)
-            plugin = spec.pop("plugin", True)
+            plugin, shipped = spec.pop("plugin", True), spec.pop("shipped", None)
             workdir = tmp_path_factory.mktemp(f"axolotl-{name}")
-            cfg = _config(fixtures_dir, workdir, plugin, **spec)
+            if shipped:
+                cfg = _shipped_config(shipped, fixtures_dir, workdir)
+            else:
+                cfg = _config(fixtures_dir, workdir, plugin, **spec)
             futures[name] = pool.submit(_train, axolotl_python, cfg, workdir, threads)
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
@@ -285,20 +340,21 @@ def test_plugin_matches_builtin_orpo_first_step(axolotl_runs):
 
 @pytest.mark.integration
 def test_plugin_packing(axolotl_runs):
-    """(b) `orpo_packing: true`: trains, logs our metrics with no padding tokens, saves the model."""
-    run = _trained(axolotl_runs["plugin-packed"].result())
+    """(b) `orpo_packing: true` (the shipped tiny config): trains, logs our metrics with no padding tokens, saves."""
+    run = _trained(axolotl_runs[PACKED_RUN].result())
+    assert run.cfg.get("orpo_packing") is True, f"{TINY_CONFIG.name} is this test's packed run: keep orpo_packing on"
     _check_orpo_metrics(run)
     assert all(entry["tokens/padding_fraction"] == 0 for entry in run.steps), run.steps
-    evals = [h for h in run.log_history if "eval_loss" in h]
-    assert evals and all(math.isfinite(h["eval_log_odds_ratio"]) and "eval_nll_loss" in h for h in evals), evals
     assert (run.out_dir / "model.safetensors").exists()
 
 
 @pytest.mark.integration
 def test_plugin_qlora_packing(axolotl_runs):
-    """(c) QLoRA (4-bit nf4 base, bitsandbytes on CPU) with packing: trains and saves the adapter."""
+    """(c) QLoRA (4-bit nf4 base, bitsandbytes on CPU) with packing: trains, evaluates, saves the adapter."""
     run = _trained(axolotl_runs["plugin-qlora-packed"].result())
     _check_orpo_metrics(run)
+    evals = [h for h in run.log_history if "eval_loss" in h]
+    assert evals and all(math.isfinite(h["eval_log_odds_ratio"]) and "eval_nll_loss" in h for h in evals), evals
     assert (run.out_dir / "adapter_config.json").exists()
     assert (run.out_dir / "adapter_model.safetensors").exists()
 
@@ -317,3 +373,82 @@ def test_wrong_key_value_names_the_key(axolotl_runs):
     assert run.proc.returncode != 0
     assert "orpo_packing" in run.output and "valid boolean" in run.output, _tail(run.output)
     assert not (run.out_dir / f"checkpoint-{STEPS}").exists()
+
+
+# Axolotl key -> the training-argument field that carries it into orpo_plugin's trainer
+SHIPPED_ARG_FIELDS = {
+    "gradient_checkpointing": "gradient_checkpointing", "gradient_checkpointing_kwargs": "gradient_checkpointing_kwargs",
+    "orpo_alpha": "beta", "sequence_len": "max_length", "optimizer": "optim", "lr_scheduler": "lr_scheduler_type",
+    "learning_rate": "learning_rate", "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "seed": "seed",
+    "bf16": "bf16", "gradient_accumulation_steps": "gradient_accumulation_steps", "max_steps": "max_steps",
+    "orpo_padding_free": "padding_free", "orpo_packing": "packing", "orpo_packing_max_tokens": "packing_max_tokens",
+    "orpo_prefix_sharing": "prefix_sharing", "orpo_chunked_loss": "chunked_loss", "orpo_nll_on_prompt": "nll_on_prompt",
+}
+LOAD_ARGS = """
+import enum, json, sys, torch
+for path in sys.argv[1:]:
+    args = torch.load(path, weights_only=False)
+    fields = {k: v.value if isinstance(v, enum.Enum) else v for k, v in vars(args).items()}
+    print(json.dumps({"path": path, "class": type(args).__name__, "fields": fields}, default=str))
+"""
+
+
+@pytest.fixture(scope="session")
+def shipped_run_args(axolotl_runs, axolotl_python) -> dict[str, dict]:
+    """The training arguments each shipped-config run saved, read back by the venv's python in one process."""
+    paths = {}
+    for name, future in axolotl_runs.items():
+        if name.startswith("shipped-"):
+            state = future.result().out_dir / f"checkpoint-{STEPS}" / "training_args.bin"
+            if state.exists():
+                paths[str(state)] = name
+    if not paths:
+        return {}
+    proc = subprocess.run(
+        [str(axolotl_python), "-c", LOAD_ARGS, *paths], capture_output=True, text=True, timeout=600,
+        env=_env(axolotl_python),
+    )
+    assert proc.returncode == 0, _tail(proc.stderr)
+    loaded = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {paths[item["path"]]: item for item in loaded}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_trains(path, axolotl_runs, shipped_run_args):
+    """Each configs/axolotl/*.yml trains 2 steps through `axolotl train` with its options as written, except the
+    model, data, sizes and what a CPU cannot run (SHIPPED_CPU: flash attention -> sdpa, bf16/tf32 -> float32)."""
+    written = yaml.safe_load(path.read_text())
+    run = _trained(axolotl_runs[f"shipped-{path.stem}"].result())
+    _check_orpo_metrics(run)
+    assert all(math.isfinite(entry["grad_norm"]) and entry["grad_norm"] > 0 for entry in run.steps), run.steps
+    if written.get("orpo_packing") or written.get("orpo_padding_free"):
+        assert all(entry["tokens/padding_fraction"] == 0 for entry in run.steps), run.steps
+
+    # the options as the trainer received them
+    saved = shipped_run_args[f"shipped-{path.stem}"]
+    assert saved["class"] == "AxolotlORPOPluginConfig", saved["class"]  # orpo_plugin's trainer, not Axolotl's ORPO
+    args = saved["fields"]
+    for key, field in SHIPPED_ARG_FIELDS.items():
+        if key in run.cfg:
+            want = run.cfg[key]
+            assert args[field] == want or (isinstance(want, float) and math.isclose(args[field], want)), (
+                key, field, args[field], want
+            )
+
+    if written.get("adapter") in ("lora", "qlora"):
+        adapter = json.loads((run.out_dir / "adapter_config.json").read_text())
+        assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (
+            written["lora_r"], written["lora_alpha"], written["lora_dropout"]
+        ), adapter
+        if written.get("lora_target_linear"):
+            linear = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+            assert {m.rsplit(".", 1)[-1] for m in adapter["target_modules"]} == linear, adapter["target_modules"]
+        assert (run.out_dir / "adapter_model.safetensors").exists()
+    else:
+        assert (run.out_dir / "model.safetensors").exists()
+    if written.get("load_in_4bit"):
+        quant = json.loads((run.out_dir / "config.json").read_text())["quantization_config"]
+        assert quant["load_in_4bit"] and quant["quant_method"] == "bitsandbytes", quant
+        for key, value in (written.get("bnb_config_kwargs") or {}).items():
+            assert quant[key] == value, (key, quant[key], value)
