@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,7 @@ from . import attention
 from ._compat import BaseConfig, BaseTrainer
 from .chunked import default_chunk_size
 from .collators import PreferenceCollator, pair_cost
-from .data import prepare_dataset
+from .data import TRUNCATION_MODES, prepare_dataset
 from .modeling import (
     OutputHead,
     cpu_4bit_layers,
@@ -61,14 +60,32 @@ class ORPOConfig(BaseConfig):
     # ---- data
     max_length: int | None = field(
         default=1024,
-        metadata={"help": "Maximum tokens of prompt + one response. Responses are truncated, never the prompt."},
+        metadata={
+            "help": "Maximum tokens of prompt + one response. A longer pair has its prompt cut to max_prompt_length "
+            "first, then its responses."
+        },
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt tokens kept when a pair exceeds max_length (as TRL's DPO did). Default: max_length // 2. "
+            "Pairs that fit are never cut. Encoder-decoder models: the encoder input's limit (default: none)."
+        },
+    )
+    truncation_mode: str = field(
+        default="keep_end",
+        metadata={
+            "help": "Which part of a long prompt is kept: 'keep_end' (the latest tokens, e.g. the last turns; a "
+            "leading BOS stays first) or 'keep_start'.",
+            "choices": ["keep_end", "keep_start"],
+        },
     )
     max_completion_length: int | None = field(
         default=None, metadata={"help": "Maximum tokens of one response (after max_length truncation)."}
     )
     drop_long_pairs: bool = field(
         default=False,
-        metadata={"help": "Drop (and count) pairs that would need truncation instead of truncating their responses."},
+        metadata={"help": "Drop (and count) pairs that would need truncation instead of truncating them."},
     )
     dataset_num_proc: int | None = field(
         default=None, metadata={"help": "Number of processes used to tokenize the dataset."}
@@ -168,14 +185,28 @@ class ORPOConfig(BaseConfig):
             raise ValueError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
         if self.packing_max_tokens is not None and self.packing_max_tokens < 2:
             raise ValueError(f"packing_max_tokens must be >= 2, got {self.packing_max_tokens}")
-        if self.is_encoder_decoder:
-            raise ValueError("orpo_plugin trains decoder-only (causal LM) models; is_encoder_decoder=True is not supported")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
+        if self.max_prompt_length is not None:
+            if self.max_prompt_length < 1:
+                raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
+            if self.max_length is not None and self.max_prompt_length >= self.max_length:
+                raise ValueError(
+                    f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length}) to leave "
+                    "room for the responses"
+                )
 
     @property
     def layout(self) -> str:
         if self.prefix_sharing:
             return "prefix_sharing"
         return "padding_free" if (self.padding_free or self.packing) else "padded"
+
+    def prompt_limit(self, encoder_decoder: bool = False) -> int | None:
+        """max_prompt_length, or its default: half of max_length (none for an encoder-decoder model's input)."""
+        if self.max_prompt_length is not None or encoder_decoder:
+            return self.max_prompt_length
+        return None if self.max_length is None else max(self.max_length // 2, 1)
 
     def packing_budget(self) -> int:
         if self.packing_max_tokens is not None:
@@ -233,16 +264,23 @@ class ORPOTrainer(BaseTrainer):
             raise ValueError("`train_dataset` is required")
         if model is None:
             raise ValueError("`model` is required (a model object or a name/path to load)")
-        if args.generate_during_eval:
-            warnings.warn("generate_during_eval is not supported by orpo_plugin and is ignored", stacklevel=2)
 
         model_id = model if isinstance(model, str) else None
         if isinstance(model, str):
             model = self._load_model(model, args)
         elif args.model_init_kwargs:
             raise ValueError("model_init_kwargs is set but the model is already instantiated")
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-            raise ValueError("orpo_plugin trains decoder-only (causal LM) models; got an encoder-decoder model")
+        self.is_encoder_decoder = bool(getattr(getattr(unwrap(model), "config", None), "is_encoder_decoder", False))
+        if args.is_encoder_decoder is not None and bool(args.is_encoder_decoder) != self.is_encoder_decoder:
+            raise ValueError(
+                f"is_encoder_decoder={args.is_encoder_decoder} but {type(unwrap(model)).__name__} is "
+                f"{'an encoder-decoder' if self.is_encoder_decoder else 'a decoder-only'} model; leave it unset"
+            )
+        if self.is_encoder_decoder and args.layout != "padded":
+            raise ValueError(
+                f"{type(unwrap(model)).__name__} is an encoder-decoder model: it trains in the padded layout only "
+                f"(got {args.layout}); set padding_free=False, packing=False and prefix_sharing=False"
+            )
         if peft_config is not None:
             model = self._apply_peft(model, peft_config, args)
         elif args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
@@ -263,16 +301,31 @@ class ORPOTrainer(BaseTrainer):
 
         self.attention_override = self._choose_attention(model, args)
         pad_id = args.padding_value if args.padding_value is not None else tokenizer.pad_token_id
+        decoder_start = None
+        max_completion_length = args.max_completion_length
+        if self.is_encoder_decoder:
+            decoder_start = unwrap(model).config.decoder_start_token_id
+            if decoder_start is None:
+                raise ValueError("model.config.decoder_start_token_id must be set for an encoder-decoder model")
+            if max_completion_length is None:  # as TRL does
+                logger.warning("encoder-decoder model and max_completion_length unset: responses are cut to 128 tokens")
+                max_completion_length = 128
+        self.max_completion_length = max_completion_length
         if data_collator is None:
-            data_collator = PreferenceCollator(pad_id, args.layout, args.nll_on_prompt, args.pad_to_multiple_of)
+            data_collator = PreferenceCollator(
+                pad_id, args.layout, args.nll_on_prompt, args.pad_to_multiple_of, decoder_start_token_id=decoder_start
+            )
         args.remove_unused_columns = False
 
         prep = dict(
             tokenizer=tokenizer,
             max_length=args.max_length,
-            max_completion_length=args.max_completion_length,
+            max_completion_length=max_completion_length,
             drop_long_pairs=args.drop_long_pairs,
             num_proc=args.dataset_num_proc,
+            max_prompt_length=args.prompt_limit(self.is_encoder_decoder),
+            truncation_mode=args.truncation_mode,
+            encoder_decoder=self.is_encoder_decoder,
         )
         self.data_stats = {}
         with args.main_process_first(desc="preparing the ORPO dataset"):
@@ -304,13 +357,16 @@ class ORPOTrainer(BaseTrainer):
         self.head = OutputHead.of(self.model)
         self.chunk_size = None
         # Sharded engines only hold the whole output layer inside the forward: let the model compute the logits.
-        self.logits_in_forward = bool(self.is_fsdp_enabled or self._zero3())
+        # Encoder-decoder models compute their own logits (encoder_decoder_logps).
+        self.logits_in_forward = bool(self.is_fsdp_enabled or self._zero3() or self.is_encoder_decoder)
         if not self.logits_in_forward:
             try:
                 verify_head(self.model, self.head)
             except ValueError as err:
                 logger.warning("%s; the model will compute the logits itself (no chunked loss)", err)
                 self.logits_in_forward = True
+        if args.chunked_loss and self.is_encoder_decoder:
+            logger.info("chunked_loss: an encoder-decoder model computes its full logits (padded layout, as TRL)")
         if args.chunked_loss and not self.logits_in_forward:
             if self.head.chunkable:
                 self.chunk_size = args.loss_chunk_size or default_chunk_size(self.head.vocab_size)
@@ -513,10 +569,20 @@ class ORPOTrainer(BaseTrainer):
             return super().predict(*args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """TRL's return: the batch's mean chosen and rejected logits as "predictions" and zero labels, so that
+        `compute_metrics(EvalPrediction)` runs (one pair of values per evaluation batch)."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            loss, sums = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        if ignore_keys is None:
+            ignore_keys = getattr(getattr(unwrap(model), "config", None), "keys_to_ignore_at_inference", None) or []
+        metrics = metrics_from_sums(sums, self.beta, prefix="eval_")
+        logits = [metrics[k] for k in ("eval_logits/chosen", "eval_logits/rejected") if k not in ignore_keys]
+        logits = torch.tensor(logits, device=self.accelerator.device)
+        labels = torch.zeros(logits.shape[0], device=self.accelerator.device)
+        return loss.detach(), logits, labels
 
     # ------------------------------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
