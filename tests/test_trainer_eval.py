@@ -111,3 +111,83 @@ def test_compute_metrics_runs_and_agrees_in_every_layout(tmp_path):
         seen[layout] = predictions
     for layout, predictions in seen.items():
         np.testing.assert_allclose(predictions, seen["padded"], atol=1e-5, err_msg=layout)
+
+
+# ------------------------------------------------------------------------------------------ generate_during_eval
+def greedy(model, prompt, max_new, eos):
+    """Reference: one prompt at a time, no padding, greedy, cut after the first EOS."""
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=max_new, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    return out[: out.index(eos) + 1] if eos in out else out
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+@pytest.mark.parametrize("layout", ["padded", "padding_free", "prefix_sharing"])
+def test_generations_are_written_at_each_evaluation(tok, tmp_path, layout):
+    rows = [{"prompt": "name a fruit:", "chosen": w, "rejected": v} for w, v in zip(WORDS[:6], WORDS[6:12])]
+    kw = {} if layout == "padded" else {layout: True}
+    args = ORPOConfig(**config(
+        tmp_path, generate_during_eval=True, max_steps=4, eval_strategy="steps", eval_steps=2, logging_steps=2,
+        per_device_train_batch_size=2, per_device_eval_batch_size=3, max_completion_length=5, learning_rate=1e-2, **kw,
+    ))
+    t = ORPOTrainer(model=build_model(len(tok), hidden_size=32), args=args, train_dataset=rows, eval_dataset=rows, processing_class=tok)
+    t.train()
+    first, last = (read_jsonl(tmp_path / "generations" / f"step-{n}.jsonl") for n in (2, 4))
+    assert len(first) == len(last) == 3
+    assert [r["prompt"] for r in first] == [r["prompt"] for r in last]  # a fixed sample
+    assert {r["step"] for r in last} == {4}
+    by_prompt = {(r["chosen"], r["rejected"]): r for r in last}
+    model = t.accelerator.unwrap_model(t.model)
+    checked = 0
+    for pair in t.eval_dataset:
+        key = (tok.decode(pair["chosen_input_ids"]), tok.decode(pair["rejected_input_ids"]))
+        if key in by_prompt:  # the final model's greedy completion, computed alone and unpadded
+            want = greedy(model, pair["prompt_input_ids"], 5, tok.eos_token_id)
+            assert 1 <= len(want) <= 5
+            assert by_prompt[key]["generated"] == tok.decode(want)
+            assert by_prompt[key]["prompt"] == tok.decode(pair["prompt_input_ids"])
+            checked += 1
+    assert checked == 3
+
+
+def test_generations_with_lora(tok, tmp_path):
+    from peft import LoraConfig
+
+    rows = [{"prompt": "hi", "chosen": w, "rejected": v} for w, v in zip(WORDS[:4], WORDS[4:8])]
+    args = ORPOConfig(**config(tmp_path, generate_during_eval=True, per_device_eval_batch_size=2, max_completion_length=3))
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False)
+    t = ORPOTrainer(model=build_model(len(tok), hidden_size=32), args=args, train_dataset=rows, eval_dataset=rows, processing_class=tok, peft_config=lora)
+    t.evaluate()
+    written = read_jsonl(tmp_path / "generations" / "step-0.jsonl")
+    assert len(written) == 2
+    pair = next(p for p in t.eval_dataset if tok.decode(p["chosen_input_ids"]) == written[0]["chosen"])
+    assert written[0]["generated"] == tok.decode(greedy(t.model, pair["prompt_input_ids"], 3, tok.eos_token_id))
+
+
+def test_generations_go_to_table_reporters_when_installed(tok, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    logged = {}
+
+    class Table:
+        def __init__(self, dataframe):
+            self.dataframe = dataframe
+
+    fake = types.SimpleNamespace(run=object(), Table=Table, log=lambda d: logged.update(d))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setitem(sys.modules, "trackio", types.SimpleNamespace(Table=Table, log=lambda d: logged.update({"trackio": d})))
+    rows = [{"prompt": "hi", "chosen": w, "rejected": v} for w, v in zip(WORDS[:4], WORDS[4:8])]
+    args = ORPOConfig(**config(tmp_path, generate_during_eval=True, max_completion_length=2))
+    t = ORPOTrainer(model=build_model(len(tok), hidden_size=32), args=args, train_dataset=rows, eval_dataset=rows, processing_class=tok)
+    t.args.report_to = ["wandb", "trackio"]  # set after init: the reporters' own callbacks are not under test
+    written = t.log_generations(t.eval_dataset)
+    table = logged["game_log"].dataframe
+    assert list(table.columns) == ["step", "prompt", "chosen", "rejected", "generated"]
+    assert table.to_dict("records") == written
+    assert logged["trackio"]["game_log"].dataframe.to_dict("records") == written
