@@ -32,7 +32,7 @@ REQUIRED = os.environ.get("ORPO_REQUIRE_INTEGRATION") == "1"
 STEPS = 2
 PLUGIN_KEYS = (
     "orpo_padding_free", "orpo_packing", "orpo_packing_max_tokens", "orpo_prefix_sharing", "orpo_chunked_loss",
-    "orpo_nll_on_prompt",
+    "orpo_nll_on_prompt", "orpo_max_prompt_length", "orpo_truncation_mode",
 )
 ORPO_METRICS = ("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/accuracies", "tokens/real")
 
@@ -61,6 +61,10 @@ def test_plugin_keys_validation_names_the_key():
         (dict(rl="orpo", orpo_nll_on_prompt=[1]), "orpo_nll_on_prompt"),
         (dict(rl="dpo", orpo_prefix_sharing=True), "orpo_prefix_sharing"),
         (dict(rl="orpo", orpo_packing=False, orpo_packing_max_tokens=2048), "orpo_packing_max_tokens"),
+        (dict(rl="orpo", orpo_truncation_mode="keep_middle"), "orpo_truncation_mode"),
+        (dict(rl="orpo", orpo_max_prompt_length=0), "orpo_max_prompt_length"),
+        (dict(rl="orpo", sequence_len=256, orpo_max_prompt_length=256), "orpo_max_prompt_length"),
+        (dict(rl="dpo", orpo_truncation_mode="keep_end"), "orpo_truncation_mode"),
     ]:
         with pytest.raises(pydantic.ValidationError, match=key):
             ORPOPluginArgs(**bad)
@@ -189,7 +193,11 @@ RUN_SPECS = {
     "plugin-padded": dict(),
     "builtin": dict(plugin=False),
     # with an eval split: our eval metrics go through Axolotl's evaluation loop
-    "plugin-packed": dict(orpo_packing=True, orpo_packing_max_tokens=1024, val_set_size=0.25, eval_steps=STEPS),
+    # (and the prompt truncation keys, which reach the trainer: its model card lists them)
+    "plugin-packed": dict(
+        orpo_packing=True, orpo_packing_max_tokens=1024, val_set_size=0.25, eval_steps=STEPS,
+        orpo_max_prompt_length=100, orpo_truncation_mode="keep_start",
+    ),
     # pad_to_multiple_of makes Axolotl pass its DPO collator, which ours replaces; accumulation over 2 packed batches
     "plugin-qlora-packed": dict(
         orpo_packing=True, orpo_packing_max_tokens=1024, pad_to_multiple_of=8, gradient_accumulation_steps=2,
@@ -292,6 +300,10 @@ def test_plugin_packing(axolotl_runs):
     evals = [h for h in run.log_history if "eval_loss" in h]
     assert evals and all(math.isfinite(h["eval_log_odds_ratio"]) and "eval_nll_loss" in h for h in evals), evals
     assert (run.out_dir / "model.safetensors").exists()
+    card = (run.out_dir / "README.md").read_text()
+    for row in ("| `layout` | `padding_free` |", "| `packing` | `True` |", "| `max_prompt_length` | `100` |",
+                "| `truncation_mode` | `keep_start` |", "@article{hong2024orpo"):
+        assert row in card, (row, card)
 
 
 @pytest.mark.integration
