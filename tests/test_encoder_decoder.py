@@ -107,11 +107,25 @@ def test_is_encoder_decoder_flag_must_match_the_model(tok):
         ORPOTrainer(model=build_model(len(tok), hidden_size=32), args=ORPOConfig(**config(is_encoder_decoder=True)), train_dataset=ROWS, processing_class=tok)
 
 
-def test_t5_trains_and_evaluates(tok, tmp_path):
-    args = ORPOConfig(**config(output_dir=str(tmp_path), max_steps=6, learning_rate=1e-2, eval_strategy="steps", eval_steps=6, per_device_eval_batch_size=2))
+def test_t5_trains_evaluates_and_generates(tok, tmp_path):
+    import json
+
+    args = ORPOConfig(**config(
+        output_dir=str(tmp_path), max_steps=6, learning_rate=1e-2, eval_strategy="steps", eval_steps=6,
+        per_device_eval_batch_size=2, generate_during_eval=True, max_completion_length=6,
+    ))
     t = ORPOTrainer(model=t5(len(tok)), args=args, train_dataset=ROWS * 3, eval_dataset=ROWS, processing_class=tok)
     t.train()
     losses = [h["loss"] for h in t.state.log_history if "loss" in h]
     assert len(losses) == 6 and losses[-1] < losses[0]
     evals = [h for h in t.state.log_history if "eval_loss" in h]
     assert evals and "eval_rewards/accuracies" in evals[-1]
+    rows = [json.loads(line) for line in open(tmp_path / "generations" / "step-6.jsonl", encoding="utf-8")]
+    assert len(rows) == 2
+    model = t.accelerator.unwrap_model(t.model).eval()
+    for row in rows:  # the decoder's greedy output for the prompt alone, without the decoder start token
+        pair = next(p for p in t.eval_dataset if tok.decode(p["prompt_input_ids"]) == row["prompt"])
+        with torch.no_grad():
+            out = model.generate(torch.tensor([pair["prompt_input_ids"]]), max_new_tokens=6, do_sample=False)[0, 1:].tolist()
+        out = out[: out.index(2) + 1] if 2 in out else out
+        assert row["generated"] == tok.decode(out) and len(out) >= 1
