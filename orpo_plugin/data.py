@@ -11,7 +11,8 @@ identical to rejected, a prompt that alone fills `max_length`) are dropped, coun
 
 Pairs longer than `max_length` are fitted as TRL's DPO did: a prompt longer than `max_prompt_length` is cut first
 (`truncation_mode` "keep_end" keeps its latest tokens, BOS staying first; "keep_start" its first ones), then the
-responses. Encoder-decoder pairs keep the prompt as encoder input and the responses as decoder labels (TRL's
+responses. Without `max_prompt_length` the result is TRL ORPO's (responses cut) except for a prompt that alone fills
+`max_length`: it is cut to half of `max_length` instead of leaving nothing to score. Encoder-decoder pairs keep the prompt as encoder input and the responses as decoder labels (TRL's
 tokenization: the tokenizer's own special tokens, responses cut to `max_completion_length`).
 """
 
@@ -181,14 +182,22 @@ def fit_pair(
 ) -> dict[str, Any]:
     """Fit one pair within `max_length`: a long prompt is cut to `max_prompt_length` first, then the responses.
 
-    The prompt is cut only when prompt + the longer response exceed `max_length` (as TRL's DPO did).
+    The prompt is cut only when prompt + the longer response exceed `max_length` (as TRL's DPO did). Without a
+    `max_prompt_length`, only a prompt that alone fills `max_length` is cut (to half of it).
     Returns the three id lists, `truncated` (responses cut), `prompt_truncated` and `drop` (a reason, or "").
     """
     out = {"truncated": 0, "prompt_truncated": 0, "drop": ""}
-    if max_length is not None and max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        if len(prompt_ids) + max(len(r) for r in responses) > max_length:
-            prompt_ids = truncate_prompt(prompt_ids, max_prompt_length, truncation_mode, bos)
-            out["prompt_truncated"] = 1
+    keep = None
+    if max_length is not None:
+        if max_prompt_length is None:
+            # default: every pair TRL trains comes out as in TRL (responses cut); a prompt that alone fills
+            # max_length, which would leave nothing to score, is cut to half of it instead of being dropped
+            keep = max(max_length // 2, 1) if len(prompt_ids) >= max_length else None
+        elif len(prompt_ids) > max_prompt_length and len(prompt_ids) + max(len(r) for r in responses) > max_length:
+            keep = max_prompt_length
+    if keep is not None:
+        prompt_ids = truncate_prompt(prompt_ids, keep, truncation_mode, bos)
+        out["prompt_truncated"] = 1
     out["prompt_input_ids"] = prompt_ids
     if responses[0] == responses[1]:
         out["drop"] = DROP_IDENTICAL

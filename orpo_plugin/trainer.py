@@ -76,8 +76,10 @@ class ORPOConfig(BaseConfig):
     max_prompt_length: int | None = field(
         default=None,
         metadata={
-            "help": "Prompt tokens kept when a pair exceeds max_length (as TRL's DPO did). Default: max_length // 2. "
-            "Pairs that fit are never cut. Encoder-decoder models: the encoder input's limit (default: none)."
+            "help": "Prompt tokens kept when a pair exceeds max_length (as TRL's DPO did); pairs that fit are never "
+            "cut. Default (None): as TRL's ORPO, only responses are cut, except that a prompt that alone fills "
+            "max_length is cut to max_length // 2 instead of leaving nothing to score. Encoder-decoder models: the "
+            "encoder input's limit (default: none)."
         },
     )
     truncation_mode: str = field(
@@ -218,10 +220,8 @@ class ORPOConfig(BaseConfig):
         return "padding_free" if (self.padding_free or self.packing) else "padded"
 
     def prompt_limit(self, encoder_decoder: bool = False) -> int | None:
-        """max_prompt_length, or its default: half of max_length (none for an encoder-decoder model's input)."""
-        if self.max_prompt_length is not None or encoder_decoder:
-            return self.max_prompt_length
-        return None if self.max_length is None else max(self.max_length // 2, 1)
+        """max_prompt_length as set (None: the default rule of `data.fit_pair`)."""
+        return self.max_prompt_length
 
     def packing_budget(self) -> int:
         if self.packing_max_tokens is not None:

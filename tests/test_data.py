@@ -261,20 +261,27 @@ def test_many_leading_identical_pairs_do_not_break_the_column_types(tiny_tokeniz
     assert len(ds) == 1 and stats.dropped == {DROP_IDENTICAL: 1000}
 
 
-def test_prompt_alone_filling_max_length_is_dropped_and_counted(tiny_tokenizer):
+def test_prompt_alone_filling_max_length_is_cut_to_half_or_dropped_and_counted(tiny_tokenizer):
+    """Default: a prompt that alone fills max_length keeps its latest max_length // 2 tokens (BOS first), where TRL
+    would leave an empty response; drop_long_pairs drops it instead. Pairs TRL trains are cut as TRL cuts them."""
     long_prompt = "one two three four five six seven eight nine ten " * 3
     rows = [
         {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
         {"prompt": long_prompt, "chosen": " Yes.", "rejected": " No."},
     ]
-    max_length = 1 + len(enc(tiny_tokenizer, SKY)) + 4
-    assert 1 + len(enc(tiny_tokenizer, long_prompt)) >= max_length
+    max_length = 1 + len(enc(tiny_tokenizer, SKY + " Green.")) + 1  # the SKY pair fits whole
+    prompt_ids = [tiny_tokenizer.bos_token_id] + enc(tiny_tokenizer, long_prompt)
+    assert len(prompt_ids) >= max_length
     ds, stats = prepare_dataset(rows, tiny_tokenizer, max_length=max_length)
+    assert len(ds) == 2 and stats.truncated_prompts == 1 and not stats.dropped
+    kept = ds[1]["prompt_input_ids"]
+    assert kept == [prompt_ids[0]] + prompt_ids[len(prompt_ids) - (max_length // 2 - 1):]
+    assert ds[0]["prompt_input_ids"] == [tiny_tokenizer.bos_token_id] + enc(tiny_tokenizer, SKY)  # untouched
+    ds, stats = prepare_dataset(rows, tiny_tokenizer, max_length=max_length, drop_long_pairs=True)
+    assert len(ds) == 1 and stats.dropped == {DROP_TOO_LONG: 1}
+    # An explicit max_prompt_length that still leaves no room: the pair is dropped and counted.
+    ds, stats = prepare_dataset(rows, tiny_tokenizer, max_length=max_length, max_prompt_length=max_length)
     assert len(ds) == 1 and stats.dropped == {DROP_LONG_PROMPT: 1}
-    # Exactly max_length counts as too long: no room is left for a response.
-    exact = [{"prompt": SKY, "chosen": " Blue.", "rejected": " Green."}]
-    with pytest.raises(ValueError, match="no usable pairs"):
-        prepare_dataset(exact, tiny_tokenizer, max_length=1 + len(enc(tiny_tokenizer, SKY)))
 
 
 def test_all_rows_dropped_is_an_error(tiny_tokenizer):

@@ -44,8 +44,9 @@ def test_save_model_writes_a_trl_style_model_card(tmp_path):
         assert "Jiwoo Hong and Noah Lee and James Thorne" in body
         for row in ("| `layout` | `prefix_sharing` |", "| `packing` | `True` |", "| `packing_max_tokens` | `96` |",
                     "| `prefix_sharing` | `True` |", "| `chunked_loss` | `True` |", "| `beta` | `0.1` |",
-                    "| `max_prompt_length` | `24` |", "| `truncation_mode` | `keep_start` |"):
+                    "| `truncation_mode` | `keep_start` |"):
             assert row in body, row
+        assert "`max_prompt_length`" not in body  # unset: the default rule, no limit to show
         assert "- orpo-plugin: " in body
 
 

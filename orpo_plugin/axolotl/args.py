@@ -78,7 +78,8 @@ class ORPOPluginArgs(BaseModel):
         ge=1,
         json_schema_extra={
             "description": "Prompt tokens kept when a pair is longer than sequence_len (the prompt is cut first, "
-            "then the responses). Default: sequence_len // 2. Must be less than sequence_len."
+            "then the responses). Must be less than sequence_len. Unset: responses are cut, and only a prompt that "
+            "alone fills sequence_len is cut (to half of it)."
         },
     )
     orpo_truncation_mode: Literal["keep_end", "keep_start"] | None = Field(
