@@ -1,7 +1,9 @@
 """Tokenized pairs -> model inputs plus the list of predictions the ORPO loss needs.
 
 Three layouts, one class:
-- "padded": chosen rows then rejected rows, right-padded to the longest ([2P, T]), as TRL does;
+- "padded": chosen rows then rejected rows, right-padded to the longest ([2P, T]), as TRL does; for an
+  encoder-decoder model (`decoder_start_token_id` given) the prompts go to the encoder ([2P, T_enc]) and the
+  responses, shifted right behind the decoder start token, to the decoder ([2P, T_dec]), as TRL does;
 - "padding_free": every sequence end to end in one row ([1, N]), `position_ids` restarting at 0, plus the
   flash-attention varlen keywords (`cu_seq_lens_q/k`, `max_length_q/k`);
 - "prefix_sharing": each pair once as [prompt][chosen][rejected] in one row; rejected positions continue from the
@@ -30,15 +32,19 @@ class PreferenceCollator:
         layout: str = "padded",
         nll_on_prompt: bool = True,
         pad_to_multiple_of: int | None = None,
+        decoder_start_token_id: int | None = None,
     ):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if decoder_start_token_id is not None and layout != "padded":
+            raise ValueError(f"encoder-decoder pairs are collated in the padded layout only, got {layout!r}")
         if pad_token_id is None:
             raise ValueError("pad_token_id is None: set tokenizer.pad_token (the trainer falls back to eos)")
         self.pad_token_id = pad_token_id
         self.layout = layout
         self.nll_on_prompt = nll_on_prompt
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.decoder_start_token_id = decoder_start_token_id
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if not features:
@@ -52,6 +58,8 @@ class PreferenceCollator:
         prompts = [list(f["prompt_input_ids"]) for f in features]
         chosen = [list(f["chosen_input_ids"]) for f in features]
         rejected = [list(f["rejected_input_ids"]) for f in features]
+        if self.decoder_start_token_id is not None:
+            return self._encoder_decoder(prompts, chosen, rejected)
         if self.layout == "prefix_sharing":
             return self._prefix_sharing(prompts, chosen, rejected)
         sequences = [p + c for p, c in zip(prompts, chosen)] + [p + r for p, r in zip(prompts, rejected)]
@@ -108,6 +116,39 @@ class PreferenceCollator:
             self._predictions(preds, positions, ids, plen, row, is_chosen, is_chosen, not is_chosen)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         return self._finish(batch, preds, num_pairs, sum(len(s) for s in sequences))
+
+    def _encoder_decoder(self, prompts, chosen, rejected):
+        num_pairs = len(prompts)
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"pair {i} of the batch has an empty prompt (an encoder-decoder model needs encoder input)")
+        encoder = prompts + prompts
+        responses = chosen + rejected
+        enc_width = self._round_up(max(len(p) for p in encoder))
+        dec_width = self._round_up(max(len(r) for r in responses))
+        rows = len(encoder)
+        input_ids = torch.full((rows, enc_width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((rows, enc_width), dtype=torch.long)
+        decoder_input_ids = torch.full((rows, dec_width), self.pad_token_id, dtype=torch.long)
+        preds = self._new_preds()
+        for row, (p, r) in enumerate(zip(encoder, responses)):
+            input_ids[row, : len(p)] = torch.tensor(p)
+            attention_mask[row, : len(p)] = 1
+            decoder_input_ids[row, : len(r)] = torch.tensor([self.decoder_start_token_id] + r[:-1])
+            is_chosen = row < num_pairs
+            # decoder position j predicts response token j; every one is a response token (no prompt in the decoder)
+            for j, target in enumerate(r):
+                preds["pos"].append(row * dec_width + j)
+                preds["target"].append(target)
+                preds["seq"].append(row)
+                preds["nll"].append(is_chosen)
+                preds["logit_c"].append(is_chosen)
+                preds["logit_r"].append(not is_chosen)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": decoder_input_ids}
+        real = sum(len(p) for p in encoder) + sum(len(r) for r in responses)
+        batch = self._finish(batch, preds, num_pairs, real)
+        batch["total_tokens"] = torch.tensor(input_ids.numel() + decoder_input_ids.numel())
+        return batch
 
     def _padding_free(self, sequences, prompt_lens, num_pairs):
         flat, position_ids, cu = [], [], [0]

@@ -8,6 +8,12 @@ Accepted rows (one format per dataset is typical, but each row is read on its ow
 
 Bad rows raise a ValueError/TypeError naming the row and the field. Rows that are valid but unusable (chosen
 identical to rejected, a prompt that alone fills `max_length`) are dropped, counted and logged.
+
+Pairs longer than `max_length` are fitted as TRL's DPO did: a prompt longer than `max_prompt_length` is cut first
+(`truncation_mode` "keep_end" keeps its latest tokens, BOS staying first; "keep_start" its first ones), then the
+responses. Without `max_prompt_length` the result is TRL ORPO's (responses cut) except for a prompt that alone fills
+`max_length`: it is cut to half of `max_length` instead of leaving nothing to score. Encoder-decoder pairs keep the prompt as encoder input and the responses as decoder labels (TRL's
+tokenization: the tokenizer's own special tokens, responses cut to `max_completion_length`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ DROP_LONG_PROMPT = "prompt alone fills max_length"
 DROP_TOO_LONG = "pair longer than max_length (drop_long_pairs)"
 DROP_IDENTICAL_TRUNCATED = "chosen identical to rejected after truncation"
 DROP_UNSCORED = "a response with no scored token (empty prompt, no BOS)"
+DROP_EMPTY_ENCODER_INPUT = "empty prompt (an encoder-decoder model needs encoder input)"
+NO_ROWS = "the dataset has no rows"
+TRUNCATION_MODES = ("keep_end", "keep_start")
 
 
 @dataclass
@@ -37,11 +46,13 @@ class PrepareStats:
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     truncated_responses: int = 0
+    truncated_prompts: int = 0
 
     def summary(self) -> str:
         drops = ", ".join(f"{n} ({reason})" for reason, n in sorted(self.dropped.items())) or "none"
         return (
             f"{self.kept}/{self.rows} pairs kept; dropped: {drops}; "
+            f"prompts truncated to max_prompt_length: {self.truncated_prompts}; "
             f"responses truncated to max_length/max_completion_length: {self.truncated_responses}"
         )
 
@@ -147,31 +158,47 @@ def _render_chat(prompt, chosen, rejected, tokenizer, index):
 
 
 # ----------------------------------------------------------------------------------------------- text -> ids
-def tokenize_pair(
-    prompt: str,
-    chosen: str,
-    rejected: str,
-    tokenizer,
+def truncate_prompt(ids: list[int], length: int, mode: str = "keep_end", bos: int | None = None) -> list[int]:
+    """The prompt cut to `length` tokens: its latest ones ("keep_end", a leading BOS kept first) or its first ones."""
+    if len(ids) <= length:
+        return ids
+    if mode == "keep_start":
+        return ids[:length]
+    if mode != "keep_end":
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {mode!r}")
+    if bos is not None and ids[0] == bos and length >= 1:
+        return [bos] + ids[len(ids) - (length - 1) :]
+    return ids[len(ids) - length :]
+
+
+def fit_pair(
+    prompt_ids: list[int],
+    responses: list[list[int]],
     max_length: int | None = None,
     max_completion_length: int | None = None,
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_end",
+    bos: int | None = None,
 ) -> dict[str, Any]:
-    """Token ids of one pair: a shared prompt (BOS first) and two responses (EOS last), truncated like TRL.
+    """Fit one pair within `max_length`: a long prompt is cut to `max_prompt_length` first, then the responses.
 
-    Responses are the tokens of `prompt + response` after the prompt's tokens. Where a tokenizer merges across
-    the boundary, the shared prompt is shortened so both branches agree on it.
-    Returns the three id lists plus `truncated` (responses shortened) and `drop` (a reason, or "").
+    The prompt is cut only when prompt + the longer response exceed `max_length` (as TRL's DPO did). Without a
+    `max_prompt_length`, only a prompt that alone fills `max_length` is cut (to half of it).
+    Returns the three id lists, `truncated` (responses cut), `prompt_truncated` and `drop` (a reason, or "").
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    full = [tokenizer(prompt + r, add_special_tokens=False)["input_ids"] for r in (chosen, rejected)]
-    shared = min(_common_prefix(prompt_ids, f) for f in full)
-    prompt_ids = full[0][:shared]
-    responses = [f[shared:] for f in full]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
-        prompt_ids = [bos] + prompt_ids
-    if eos is not None:
-        responses = [r if (r and r[-1] == eos) else r + [eos] for r in responses]
-    out = {"prompt_input_ids": prompt_ids, "truncated": 0, "drop": ""}
+    out = {"truncated": 0, "prompt_truncated": 0, "drop": ""}
+    keep = None
+    if max_length is not None:
+        if max_prompt_length is None:
+            # default: every pair TRL trains comes out as in TRL (responses cut); a prompt that alone fills
+            # max_length, which would leave nothing to score, is cut to half of it instead of being dropped
+            keep = max(max_length // 2, 1) if len(prompt_ids) >= max_length else None
+        elif len(prompt_ids) > max_prompt_length and len(prompt_ids) + max(len(r) for r in responses) > max_length:
+            keep = max_prompt_length
+    if keep is not None:
+        prompt_ids = truncate_prompt(prompt_ids, keep, truncation_mode, bos)
+        out["prompt_truncated"] = 1
+    out["prompt_input_ids"] = prompt_ids
     if responses[0] == responses[1]:
         out["drop"] = DROP_IDENTICAL
     limit = None
@@ -189,13 +216,80 @@ def tokenize_pair(
     return out
 
 
-def _final_checks(out: dict) -> dict:
+def tokenize_pair(
+    prompt: str,
+    chosen: str,
+    rejected: str,
+    tokenizer,
+    max_length: int | None = None,
+    max_completion_length: int | None = None,
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_end",
+) -> dict[str, Any]:
+    """Token ids of one pair: a shared prompt (BOS first) and two responses (EOS last), truncated by `fit_pair`.
+
+    Responses are the tokens of `prompt + response` after the prompt's tokens. Where a tokenizer merges across
+    the boundary, the shared prompt is shortened so both branches agree on it.
+    Returns the three id lists plus `truncated`, `prompt_truncated` and `drop` (a reason, or "").
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = [tokenizer(prompt + r, add_special_tokens=False)["input_ids"] for r in (chosen, rejected)]
+    shared = min(_common_prefix(prompt_ids, f) for f in full)
+    prompt_ids = full[0][:shared]
+    responses = [f[shared:] for f in full]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
+        prompt_ids = [bos] + prompt_ids
+    if eos is not None:
+        responses = [r if (r and r[-1] == eos) else r + [eos] for r in responses]
+    return fit_pair(prompt_ids, responses, max_length, max_completion_length, max_prompt_length, truncation_mode, bos)
+
+
+def tokenize_seq2seq_pair(
+    prompt: str,
+    chosen: str,
+    rejected: str,
+    tokenizer,
+    max_completion_length: int | None = None,
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_end",
+) -> dict[str, Any]:
+    """Encoder-decoder pair as TRL tokenizes it: prompt (encoder input) and responses each with the tokenizer's
+    special tokens, responses cut to `max_completion_length`; the prompt cut to `max_prompt_length` if given."""
+    out = {"truncated": 0, "prompt_truncated": 0, "drop": ""}
+    for name, text in (("chosen_input_ids", chosen), ("rejected_input_ids", rejected)):
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if max_completion_length is not None and len(ids) > max_completion_length:
+            ids = tokenizer(text, truncation=True, max_length=max_completion_length, add_special_tokens=True)["input_ids"]
+            out["truncated"] += 1
+        out[name] = ids
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        side = getattr(tokenizer, "truncation_side", "right")
+        tokenizer.truncation_side = "left" if truncation_mode == "keep_end" else "right"
+        try:  # the tokenizer's own truncation keeps its special tokens (e.g. a final </s>) in place
+            prompt_ids = tokenizer(prompt, truncation=True, max_length=max_prompt_length, add_special_tokens=True)[
+                "input_ids"
+            ]
+        finally:
+            tokenizer.truncation_side = side
+        out["prompt_truncated"] = 1
+    out["prompt_input_ids"] = prompt_ids
+    if out["chosen_input_ids"] == out["rejected_input_ids"]:
+        out["drop"] = DROP_IDENTICAL
+    return out
+
+
+def _final_checks(out: dict, encoder_decoder: bool = False) -> dict:
     """Drop reasons that only show after truncation: identical responses, a response with nothing to score."""
     if out["drop"]:
         return out
     chosen, rejected = out["chosen_input_ids"], out["rejected_input_ids"]
     if chosen == rejected:
         out["drop"] = DROP_IDENTICAL_TRUNCATED
+    elif encoder_decoder:
+        if not out["prompt_input_ids"]:
+            out["drop"] = DROP_EMPTY_ENCODER_INPUT
     elif not out["prompt_input_ids"] and min(len(chosen), len(rejected)) < 2:
         # without a prompt token the first response token is never predicted
         out["drop"] = DROP_UNSCORED
@@ -210,17 +304,28 @@ def prepare_dataset(
     drop_long_pairs: bool = False,
     num_proc: int | None = None,
     name: str = "train",
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_end",
+    encoder_decoder: bool = False,
 ):
     """Validate, render and tokenize a preference dataset; drop and count unusable pairs. Returns (dataset, stats).
 
     Already-tokenized datasets (with the three id columns) are only checked, truncated and dropped like text rows.
+    `max_prompt_length=None` never cuts a prompt (the trainer passes its resolved default). With `encoder_decoder`
+    the prompt is the encoder input and `max_length` does not apply (as in TRL).
     """
     from datasets import Dataset, Features, Sequence, Value
 
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
     if isinstance(dataset, list):
+        if not dataset:
+            raise ValueError(f"{name} dataset: no usable pairs left ({NO_ROWS})")
         dataset = _rows_to_dataset(dataset, tokenizer)
     if not isinstance(dataset, Dataset):
         raise TypeError(f"{name} dataset must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError(f"{name} dataset: no usable pairs left ({NO_ROWS})")
     columns = set(dataset.column_names)
     pretokenized = set(COLUMNS) <= columns
     if not pretokenized and not {"chosen", "rejected"} <= columns:
@@ -228,6 +333,8 @@ def prepare_dataset(
             f"{name} dataset needs 'chosen' and 'rejected' columns (and optionally 'prompt'), "
             f"or pre-tokenized {list(COLUMNS)}; it has {sorted(columns)}"
         )
+    bos = getattr(tokenizer, "bos_token_id", None)
+    fit_length = None if encoder_decoder else max_length
 
     def convert(row, index):
         if pretokenized:
@@ -235,33 +342,47 @@ def prepare_dataset(
             for k in ("chosen_input_ids", "rejected_input_ids"):
                 if not ids[k]:
                     raise ValueError(f"row {index}: field '{k}' is empty")
-            out = {**ids, "truncated": 0, "drop": ""}
-            if ids["chosen_input_ids"] == ids["rejected_input_ids"]:
-                out["drop"] = DROP_IDENTICAL
-            elif max_length is not None and len(ids["prompt_input_ids"]) >= max_length:
-                out["drop"] = DROP_LONG_PROMPT
-            # responses cut to max_length/max_completion_length exactly as for text rows
-            limit = None if max_length is None else max_length - len(ids["prompt_input_ids"])
-            if max_completion_length is not None:
-                limit = max_completion_length if limit is None else min(limit, max_completion_length)
-            for k in ("chosen_input_ids", "rejected_input_ids"):
-                if limit is not None and len(ids[k]) > limit:
-                    out[k] = ids[k][: max(limit, 0)]
-                    out["truncated"] += 1
-            if drop_long_pairs and out["truncated"] and not out["drop"]:
-                out["drop"] = DROP_TOO_LONG
-            return _final_checks(out)
-        prompt, chosen, rejected = row_to_text(dict(row), index, tokenizer)
-        if chosen == rejected:
-            return {k: [] for k in COLUMNS} | {"truncated": 0, "drop": DROP_IDENTICAL}
-        out = tokenize_pair(prompt, chosen, rejected, tokenizer, max_length, max_completion_length)
-        if drop_long_pairs and out["truncated"] and not out["drop"]:
+            # cut exactly as text rows are
+            out = fit_pair(
+                ids["prompt_input_ids"],
+                [ids["chosen_input_ids"], ids["rejected_input_ids"]],
+                fit_length,
+                max_completion_length,
+                max_prompt_length,
+                truncation_mode,
+                bos,
+            )
+            if encoder_decoder and max_prompt_length is not None and fit_length is None:
+                if len(out["prompt_input_ids"]) > max_prompt_length:
+                    out["prompt_input_ids"] = truncate_prompt(out["prompt_input_ids"], max_prompt_length, truncation_mode, bos)
+                    out["prompt_truncated"] = 1
+        else:
+            prompt, chosen, rejected = row_to_text(dict(row), index, tokenizer)
+            if chosen == rejected:
+                return {k: [] for k in COLUMNS} | {"truncated": 0, "prompt_truncated": 0, "drop": DROP_IDENTICAL}
+            if encoder_decoder:
+                out = tokenize_seq2seq_pair(
+                    prompt, chosen, rejected, tokenizer, max_completion_length, max_prompt_length, truncation_mode
+                )
+            else:
+                out = tokenize_pair(
+                    prompt, chosen, rejected, tokenizer, max_length, max_completion_length, max_prompt_length,
+                    truncation_mode,
+                )
+        if drop_long_pairs and (out["truncated"] or out["prompt_truncated"]) and not out["drop"]:
             out["drop"] = DROP_TOO_LONG
-        return _final_checks(out)
+        return _final_checks(out, encoder_decoder)
 
     keep = set(COLUMNS)
     # explicit types: a write batch made only of dropped pairs would otherwise type the id columns as null
-    features = Features({**{k: Sequence(Value("int64")) for k in COLUMNS}, "truncated": Value("int64"), "drop": Value("string")})
+    features = Features(
+        {
+            **{k: Sequence(Value("int64")) for k in COLUMNS},
+            "truncated": Value("int64"),
+            "prompt_truncated": Value("int64"),
+            "drop": Value("string"),
+        }
+    )
     tokenized = dataset.map(
         convert,
         with_indices=True,
@@ -271,12 +392,14 @@ def prepare_dataset(
         desc=f"Tokenizing {name} pairs",
     )
     stats = PrepareStats(rows=len(tokenized))
-    stats.dropped = Counter(d for d in tokenized["drop"] if d)
-    stats.truncated_responses = sum(t for t, d in zip(tokenized["truncated"], tokenized["drop"]) if not d)
+    drops = tokenized["drop"]
+    stats.dropped = Counter(d for d in drops if d)
+    stats.truncated_responses = sum(t for t, d in zip(tokenized["truncated"], drops) if not d)
+    stats.truncated_prompts = sum(t for t, d in zip(tokenized["prompt_truncated"], drops) if not d)
     tokenized = tokenized.filter(lambda d: not d, input_columns="drop", num_proc=num_proc)
-    tokenized = tokenized.remove_columns(["drop", "truncated"])
+    tokenized = tokenized.remove_columns(["drop", "truncated", "prompt_truncated"])
     stats.kept = len(tokenized)
-    if stats.dropped or stats.truncated_responses:
+    if stats.dropped or stats.truncated_responses or stats.truncated_prompts:
         logger.warning("%s dataset: %s", name, stats.summary())
     if stats.kept == 0:
         raise ValueError(f"{name} dataset: no usable pairs left ({stats.summary()})")

@@ -232,10 +232,27 @@ def _logps_from_model_logits(model, batch: dict, kwargs: dict) -> tuple[torch.Te
     return full_target_logps(logits, batch["pred_target"])
 
 
+def encoder_decoder_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder-decoder forward (T5, BART): prompts into the encoder, shifted responses into the decoder.
+
+    The model's own logits are used (T5 rescales the hidden states and BART adds a bias before its output layer).
+    """
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=batch["decoder_input_ids"],
+        use_cache=False,
+    ).logits  # [2P, T_dec, V]
+    logits = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["pred_pos"])
+    return full_target_logps(logits, batch["pred_target"])
+
+
 def predicted_logps(
     model, batch: dict, head: OutputHead, chunk_size: int | None, logits_in_forward: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(target), sum of logits) for every prediction of the batch; chunked when `chunk_size` is set."""
+    if "decoder_input_ids" in batch:
+        return encoder_decoder_logps(model, batch)
     kwargs = model_inputs(batch)
     if logits_in_forward:
         return _logps_from_model_logits(model, batch, kwargs)

@@ -5,11 +5,18 @@ The math lives in `losses.py`/`chunked.py`, the layouts in `collators.py`, the g
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import json
 import logging
 import math
-import warnings
+import os
+import random
+import shutil
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +27,7 @@ from . import attention
 from ._compat import BaseConfig, BaseTrainer, bf16_left_unset
 from .chunked import default_chunk_size
 from .collators import PreferenceCollator, pair_cost
-from .data import prepare_dataset
+from .data import TRUNCATION_MODES, prepare_dataset
 from .modeling import (
     OutputHead,
     cpu_4bit_layers,
@@ -62,14 +69,34 @@ class ORPOConfig(BaseConfig):
     # ---- data
     max_length: int | None = field(
         default=1024,
-        metadata={"help": "Maximum tokens of prompt + one response. Responses are truncated, never the prompt."},
+        metadata={
+            "help": "Maximum tokens of prompt + one response. A longer pair has its prompt cut to max_prompt_length "
+            "first, then its responses."
+        },
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Prompt tokens kept when a pair exceeds max_length (as TRL's DPO did); pairs that fit are never "
+            "cut. Default (None): as TRL's ORPO, only responses are cut, except that a prompt that alone fills "
+            "max_length is cut to max_length // 2 instead of leaving nothing to score. Encoder-decoder models: the "
+            "encoder input's limit (default: none)."
+        },
+    )
+    truncation_mode: str = field(
+        default="keep_end",
+        metadata={
+            "help": "Which part of a long prompt is kept: 'keep_end' (the latest tokens, e.g. the last turns; a "
+            "leading BOS stays first) or 'keep_start'.",
+            "choices": ["keep_end", "keep_start"],
+        },
     )
     max_completion_length: int | None = field(
         default=None, metadata={"help": "Maximum tokens of one response (after max_length truncation)."}
     )
     drop_long_pairs: bool = field(
         default=False,
-        metadata={"help": "Drop (and count) pairs that would need truncation instead of truncating their responses."},
+        metadata={"help": "Drop (and count) pairs that would need truncation instead of truncating them."},
     )
     dataset_num_proc: int | None = field(
         default=None, metadata={"help": "Number of processes used to tokenize the dataset."}
@@ -161,11 +188,18 @@ class ORPOConfig(BaseConfig):
     )
 
     # ---- accepted for TRL compatibility
+    # ---- evaluation
     generate_during_eval: bool = field(
-        default=False, metadata={"help": "Accepted for TRL compatibility; generation during eval is not supported."}
+        default=False,
+        metadata={
+            "help": "At each evaluation, generate completions (greedy) for a fixed sample of per_device_eval_batch_size "
+            "eval prompts, at most max_completion_length new tokens; write them to output_dir/generations/step-N.jsonl "
+            "and log them as a table to wandb, comet_ml or trackio when those are in report_to."
+        },
     )
     is_encoder_decoder: bool | None = field(
-        default=None, metadata={"help": "Accepted for TRL compatibility; only decoder-only models are supported."}
+        default=None,
+        metadata={"help": "Whether the model is an encoder-decoder (read from the model; checked against it if set)."},
     )
 
     _VALID_DICT_FIELDS = list(getattr(BaseConfig, "_VALID_DICT_FIELDS", [])) + ["model_init_kwargs"]
@@ -182,10 +216,18 @@ class ORPOConfig(BaseConfig):
             raise ValueError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
         if self.packing_max_tokens is not None and self.packing_max_tokens < 2:
             raise ValueError(f"packing_max_tokens must be >= 2, got {self.packing_max_tokens}")
-        if self.is_encoder_decoder:
-            raise ValueError("orpo_plugin trains decoder-only (causal LM) models; is_encoder_decoder=True is not supported")
         if self.attention_backend not in attention.BACKEND_CHOICES:
             raise ValueError(f"attention_backend must be one of {attention.BACKEND_CHOICES}, got {self.attention_backend!r}")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
+        if self.max_prompt_length is not None:
+            if self.max_prompt_length < 1:
+                raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
+            if self.max_length is not None and self.max_prompt_length >= self.max_length:
+                raise ValueError(
+                    f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length}) to leave "
+                    "room for the responses"
+                )
 
     def _default_bf16(self) -> bool:
         """bf16 left unset: on where training runs on an accelerator with bf16 (TRL's default), else float32.
@@ -209,6 +251,10 @@ class ORPOConfig(BaseConfig):
         if self.prefix_sharing:
             return "prefix_sharing"
         return "padding_free" if (self.padding_free or self.packing) else "padded"
+
+    def prompt_limit(self, encoder_decoder: bool = False) -> int | None:
+        """max_prompt_length as set (None: the default rule of `data.fit_pair`)."""
+        return self.max_prompt_length
 
     def packing_budget(self) -> int:
         if self.packing_max_tokens is not None:
@@ -235,11 +281,63 @@ class _EpochSetter(TrainerCallback):
         self.sampler.set_epoch(int(math.floor(state.epoch or 0)))
 
 
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("orpo-plugin")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _report_table(rows: list[dict], report_to: list[str], name: str) -> None:
+    """Log generations as a table to the reporters that take tables (each one only when it is installed)."""
+    wanted = [r for r in ("wandb", "comet_ml", "trackio") if r in report_to or "all" in report_to]
+    if not wanted:
+        return
+    try:
+        import pandas as pd
+    except ImportError:
+        logger.warning("generate_during_eval: pandas is not installed; the generations table is only written to file")
+        return
+    table = pd.DataFrame(rows, columns=["step", "prompt", "chosen", "rejected", "generated"])
+    if "wandb" in wanted:
+        try:
+            import wandb
+        except ImportError:
+            wandb = None
+        if wandb is not None and wandb.run is not None:
+            wandb.log({name: wandb.Table(dataframe=table)})
+    if "comet_ml" in wanted:
+        from transformers import is_comet_available
+
+        if is_comet_available():
+            from trl.trainer.utils import log_table_to_comet_experiment
+
+            log_table_to_comet_experiment(name=f"{name}.csv", table=table)
+    if "trackio" in wanted:
+        try:
+            import trackio
+        except ImportError:
+            trackio = None
+        if trackio is not None and hasattr(trackio, "Table"):
+            trackio.log({name: trackio.Table(dataframe=table)})
+
+
 class ORPOTrainer(BaseTrainer):
     """ORPO without a reference model: NLL on chosen + beta * odds-ratio loss, packed and chunked when asked."""
 
     _tag_names = ["trl", "orpo", "orpo-plugin"]
     _name = "ORPO"
+    _paper = {
+        "title": "ORPO: Monolithic Preference Optimization without Reference Model",
+        "id": "2403.07691",
+        "citation": textwrap.dedent("""\
+            @article{hong2024orpo,
+                title        = {{ORPO: Monolithic Preference Optimization without Reference Model}},
+                author       = {Jiwoo Hong and Noah Lee and James Thorne},
+                year         = 2024,
+                eprint       = {arXiv:2403.07691}
+            }"""),
+    }
     # compute_loss normalises by the totals of the whole accumulated batch (see get_batch_samples)
     loss_is_scaled_for_ga = True
 
@@ -266,16 +364,23 @@ class ORPOTrainer(BaseTrainer):
             raise ValueError("`train_dataset` is required")
         if model is None:
             raise ValueError("`model` is required (a model object or a name/path to load)")
-        if args.generate_during_eval:
-            warnings.warn("generate_during_eval is not supported by orpo_plugin and is ignored", stacklevel=2)
 
         model_id = model if isinstance(model, str) else None
         if isinstance(model, str):
             model = self._load_model(model, args)
         elif args.model_init_kwargs:
             raise ValueError("model_init_kwargs is set but the model is already instantiated")
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-            raise ValueError("orpo_plugin trains decoder-only (causal LM) models; got an encoder-decoder model")
+        self.is_encoder_decoder = bool(getattr(getattr(unwrap(model), "config", None), "is_encoder_decoder", False))
+        if args.is_encoder_decoder is not None and bool(args.is_encoder_decoder) != self.is_encoder_decoder:
+            raise ValueError(
+                f"is_encoder_decoder={args.is_encoder_decoder} but {type(unwrap(model)).__name__} is "
+                f"{'an encoder-decoder' if self.is_encoder_decoder else 'a decoder-only'} model; leave it unset"
+            )
+        if self.is_encoder_decoder and args.layout != "padded":
+            raise ValueError(
+                f"{type(unwrap(model)).__name__} is an encoder-decoder model: it trains in the padded layout only "
+                f"(got {args.layout}); set padding_free=False, packing=False and prefix_sharing=False"
+            )
         if peft_config is not None:
             model = self._apply_peft(model, peft_config, args)
         elif args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
@@ -296,16 +401,31 @@ class ORPOTrainer(BaseTrainer):
 
         self.attention_override = self._choose_attention(model, args)
         pad_id = args.padding_value if args.padding_value is not None else tokenizer.pad_token_id
+        decoder_start = None
+        max_completion_length = args.max_completion_length
+        if self.is_encoder_decoder:
+            decoder_start = unwrap(model).config.decoder_start_token_id
+            if decoder_start is None:
+                raise ValueError("model.config.decoder_start_token_id must be set for an encoder-decoder model")
+            if max_completion_length is None:  # as TRL does
+                logger.warning("encoder-decoder model and max_completion_length unset: responses are cut to 128 tokens")
+                max_completion_length = 128
+        self.max_completion_length = max_completion_length
         if data_collator is None:
-            data_collator = PreferenceCollator(pad_id, args.layout, args.nll_on_prompt, args.pad_to_multiple_of)
+            data_collator = PreferenceCollator(
+                pad_id, args.layout, args.nll_on_prompt, args.pad_to_multiple_of, decoder_start_token_id=decoder_start
+            )
         args.remove_unused_columns = False
 
         prep = dict(
             tokenizer=tokenizer,
             max_length=args.max_length,
-            max_completion_length=args.max_completion_length,
+            max_completion_length=max_completion_length,
             drop_long_pairs=args.drop_long_pairs,
             num_proc=args.dataset_num_proc,
+            max_prompt_length=args.prompt_limit(self.is_encoder_decoder),
+            truncation_mode=args.truncation_mode,
+            encoder_decoder=self.is_encoder_decoder,
         )
         self.data_stats = {}
         with args.main_process_first(desc="preparing the ORPO dataset"):
@@ -320,6 +440,7 @@ class ORPOTrainer(BaseTrainer):
         self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._steps_since_log = 0
         self._packed_sampler: PackedBatchSampler | None = None
+        self._generation_indices: dict[str, list[int]] = {}
 
         super().__init__(
             model=model,
@@ -337,7 +458,8 @@ class ORPOTrainer(BaseTrainer):
         self.head = OutputHead.of(self.model)
         self.chunk_size = None
         # Sharded engines only hold the whole output layer inside the forward: let the model compute the logits.
-        self.logits_in_forward = bool(self.is_fsdp_enabled or self._zero3())
+        # Encoder-decoder models compute their own logits (encoder_decoder_logps).
+        self.logits_in_forward = bool(self.is_fsdp_enabled or self._zero3() or self.is_encoder_decoder)
         if not self.logits_in_forward:
             try:
                 verify_head(self.model, self.head)
@@ -349,6 +471,8 @@ class ORPOTrainer(BaseTrainer):
                 # training's autocast, since half-precision kernels take what autocast gives them
                 with training_weight_layout(cpu_4bit_layers(self.model)), self.accelerator.autocast():
                     check_layout(self.model, args.layout, self.attention_override, pad_id)
+        if args.chunked_loss and self.is_encoder_decoder:
+            logger.info("chunked_loss: an encoder-decoder model computes its full logits (padded layout, as TRL)")
         if args.chunked_loss and not self.logits_in_forward:
             if self.head.chunkable:
                 self.chunk_size = args.loss_chunk_size or default_chunk_size(self.head.vocab_size)
@@ -568,11 +692,169 @@ class ORPOTrainer(BaseTrainer):
         with training_weight_layout(self._4bit_layers()):
             return super().predict(*args, **kwargs)
 
+    # ------------------------------------------------------------------------------------------ generations
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        if self.args.generate_during_eval:
+            self.log_generations(dataloader.dataset, metric_key_prefix)
+        return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+
+    def _generation_sample(self, dataset, key: str) -> list[dict]:
+        """The same pairs at every evaluation: per_device_eval_batch_size of them, drawn once with the seed."""
+        indices = self._generation_indices.get(key)
+        if indices is None:
+            k = min(self.args.per_device_eval_batch_size, len(dataset))
+            indices = sorted(random.Random(self.args.seed).sample(range(len(dataset)), k))
+            self._generation_indices[key] = indices
+        return [dataset[i] for i in indices]
+
+    def generate_completions(self, prompts: list[list[int]]) -> list[list[int]]:
+        """Greedy completions of tokenized prompts by the model with its own attention (no packed-layout override),
+        at most max_completion_length new tokens, each cut after its first EOS."""
+        model = self.accelerator.unwrap_model(self.model)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        pad = self.data_collator.pad_token_id if hasattr(self.data_collator, "pad_token_id") else tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, p in enumerate(prompts):  # decoder-only models continue left-padded prompts
+            span = slice(0, len(p)) if self.is_encoder_decoder else slice(width - len(p), width)
+            input_ids[row, span] = torch.tensor(p, dtype=torch.long)
+            attention_mask[row, span] = 1
+        if self.max_completion_length is not None:
+            max_new = self.max_completion_length
+        elif self.args.max_length is not None and not self.is_encoder_decoder:
+            max_new = max(self.args.max_length - width, 1)
+        else:
+            max_new = 128
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            # eval mode without grad: keep bitsandbytes' 4-bit training layout (see modeling.training_weight_layout)
+            with torch.no_grad(), training_weight_layout(self._4bit_layers()), self.compute_loss_context_manager():
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    max_new_tokens=max_new,
+                    do_sample=False,
+                    pad_token_id=pad,
+                )
+        finally:
+            model.train(was_training)
+        out = out.cpu() if self.is_encoder_decoder else out[:, width:].cpu()
+        eos = tokenizer.eos_token_id
+        completions = []
+        for row in out.tolist():
+            if self.is_encoder_decoder and row and row[0] == unwrap(model).config.decoder_start_token_id:
+                row = row[1:]
+            if eos is not None and eos in row:
+                row = row[: row.index(eos) + 1]
+            completions.append(row)
+        return completions
+
+    def log_generations(self, dataset, metric_key_prefix: str = "eval") -> list[dict] | None:
+        """Generate for the fixed sample of `dataset`, write output_dir/generations/step-N.jsonl (rank 0) and log
+        the table to the reporters that take tables. Every rank generates (sharded models need all of them)."""
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
+            logger.warning("generate_during_eval: the %s dataset cannot be sampled; no generations", metric_key_prefix)
+            return None
+        pairs = self._generation_sample(dataset, metric_key_prefix)
+        generated = self.generate_completions([list(p["prompt_input_ids"]) for p in pairs])
+        if not self.is_world_process_zero():
+            return None
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        decode = functools.partial(tokenizer.decode, skip_special_tokens=False)
+        step = self.state.global_step
+        rows = [
+            {
+                "step": step,
+                "prompt": decode(p["prompt_input_ids"]),
+                "chosen": decode(p["chosen_input_ids"]),
+                "rejected": decode(p["rejected_input_ids"]),
+                "generated": decode(g),
+            }
+            for p, g in zip(pairs, generated)
+        ]
+        suffix = "" if metric_key_prefix == "eval" else "-" + metric_key_prefix.removeprefix("eval_")
+        path = os.path.join(self.args.output_dir, "generations", f"step-{step}{suffix}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        _report_table(rows, self.args.report_to or [], "game_log" + suffix)
+        return rows
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """TRL's return: the batch's mean chosen and rejected logits as "predictions" and zero labels, so that
+        `compute_metrics(EvalPrediction)` runs (one pair of values per evaluation batch)."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            loss, sums = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        if ignore_keys is None:
+            ignore_keys = getattr(getattr(unwrap(model), "config", None), "keys_to_ignore_at_inference", None) or []
+        metrics = metrics_from_sums(sums, self.beta, prefix="eval_")
+        logits = [metrics[k] for k in ("eval_logits/chosen", "eval_logits/rejected") if k not in ignore_keys]
+        logits = torch.tensor(logits, device=self.accelerator.device)
+        labels = torch.zeros(logits.shape[0], device=self.accelerator.device)
+        return loss.detach(), logits, labels
+
+    # ------------------------------------------------------------------------------------------ model card
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card (base model, ORPO citation, tags incl. `orpo-plugin`) plus the ORPO options used."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if not self.is_world_process_zero() or not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        marker = "### Framework versions"
+        section = self._model_card_options()
+        text = text.replace(marker, section + marker, 1) if marker in text else text + "\n" + section
+        text = text.replace(f"{marker}\n\n", f"{marker}\n\n- orpo-plugin: {_package_version()}\n", 1)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    def _model_card_options(self) -> str:
+        args = self.args
+        options = {
+            "layout": args.layout,
+            "packing": args.packing,
+            "packing_max_tokens": args.packing_budget() if args.packing else None,
+            "prefix_sharing": args.prefix_sharing,
+            "chunked_loss": self.chunk_size is not None,
+            "beta": args.beta,
+            "nll_on_prompt": args.nll_on_prompt,
+            "max_length": args.max_length,
+            "max_prompt_length": args.prompt_limit(self.is_encoder_decoder),
+            "truncation_mode": args.truncation_mode,
+            "max_completion_length": self.max_completion_length,
+            "encoder_decoder": self.is_encoder_decoder,
+        }
+        rows = "".join(f"| `{k}` | `{v}` |\n" for k, v in options.items() if v is not None)
+        return (
+            "### ORPO options\n\n"
+            "Trained with the `ORPOTrainer` of `orpo-plugin` (a drop-in for TRL's `trl.experimental.orpo`) and these "
+            "options:\n\n| option | value |\n|---|---|\n" + rows + "\n"
+        )
+
+    def _save_checkpoint(self, model, trial):
+        # as TRL's trainers: the model card is refreshed with every checkpoint
+        name = self.args.hub_model_id.split("/")[-1] if self.args.hub_model_id else Path(self.args.output_dir).name
+        self.create_model_card(model_name=name)
+        super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if _internal_call:  # checkpoints and push_to_hub write the card themselves
+            return
+        output_dir = output_dir or self.args.output_dir
+        name = self.args.hub_model_id.split("/")[-1] if self.args.hub_model_id else Path(output_dir).name
+        self.create_model_card(model_name=name)
+        card = os.path.join(self.args.output_dir, "README.md")
+        if self.is_world_process_zero() and os.path.exists(card) and os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):
+            shutil.copyfile(card, os.path.join(output_dir, "README.md"))
 
     # ------------------------------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -33,7 +33,7 @@ REQUIRED = os.environ.get("ORPO_REQUIRE_INTEGRATION") == "1"
 STEPS = 2
 PLUGIN_KEYS = (
     "orpo_padding_free", "orpo_packing", "orpo_packing_max_tokens", "orpo_prefix_sharing", "orpo_chunked_loss",
-    "orpo_nll_on_prompt",
+    "orpo_nll_on_prompt", "orpo_max_prompt_length", "orpo_truncation_mode",
 )
 ORPO_METRICS = ("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/accuracies", "tokens/real")
 
@@ -62,6 +62,10 @@ def test_plugin_keys_validation_names_the_key():
         (dict(rl="orpo", orpo_nll_on_prompt=[1]), "orpo_nll_on_prompt"),
         (dict(rl="dpo", orpo_prefix_sharing=True), "orpo_prefix_sharing"),
         (dict(rl="orpo", orpo_packing=False, orpo_packing_max_tokens=2048), "orpo_packing_max_tokens"),
+        (dict(rl="orpo", orpo_truncation_mode="keep_middle"), "orpo_truncation_mode"),
+        (dict(rl="orpo", orpo_max_prompt_length=0), "orpo_max_prompt_length"),
+        (dict(rl="orpo", sequence_len=256, orpo_max_prompt_length=256), "orpo_max_prompt_length"),
+        (dict(rl="dpo", orpo_truncation_mode="keep_end"), "orpo_truncation_mode"),
     ]:
         with pytest.raises(pydantic.ValidationError, match=key):
             ORPOPluginArgs(**bad)
@@ -242,6 +246,8 @@ RUN_SPECS = {
     "plugin-qlora-packed": dict(
         orpo_packing=True, orpo_packing_max_tokens=1024, pad_to_multiple_of=8, gradient_accumulation_steps=2,
         learning_rate=1e-3, val_set_size=0.25, eval_steps=STEPS, **QLORA,
+        # the prompt truncation keys reach the trainer: its model card lists them
+        orpo_max_prompt_length=100, orpo_truncation_mode="keep_start",
     ),
     "wrong-value": dict(orpo_packing="maybe"),
     # every configs/axolotl/*.yml as a tiny CPU run (see _shipped_config); the tiny one is also the packed run
@@ -346,6 +352,9 @@ def test_plugin_packing(axolotl_runs):
     _check_orpo_metrics(run)
     assert all(entry["tokens/padding_fraction"] == 0 for entry in run.steps), run.steps
     assert (run.out_dir / "model.safetensors").exists()
+    card = (run.out_dir / "README.md").read_text()
+    for row in ("| `layout` | `padding_free` |", "| `packing` | `True` |", "@article{hong2024orpo"):
+        assert row in card, (row, card)
 
 
 @pytest.mark.integration
@@ -357,6 +366,9 @@ def test_plugin_qlora_packing(axolotl_runs):
     assert evals and all(math.isfinite(h["eval_log_odds_ratio"]) and "eval_nll_loss" in h for h in evals), evals
     assert (run.out_dir / "adapter_config.json").exists()
     assert (run.out_dir / "adapter_model.safetensors").exists()
+    card = (run.out_dir / "README.md").read_text()
+    for row in ("| `max_prompt_length` | `100` |", "| `truncation_mode` | `keep_start` |"):
+        assert row in card, (row, card)
 
 
 @pytest.mark.integration

@@ -157,6 +157,24 @@ def test_qlora_evaluation_mid_training_keeps_the_training_weight_layout(qlora):
         torch_close(after[name], before[name], name)
 
 
+def test_qlora_generations_during_evaluation_keep_the_training_weight_layout(qlora, tmp_path):
+    """generate_during_eval runs the 4-bit model in eval mode without grad: still no repacking, same gradients."""
+    import json
+
+    trainer, batch = qlora
+    before, _ = _lora_grads(trainer, batch)
+    trainer.args.generate_during_eval = True
+    trainer.args.max_completion_length = 4
+    trainer.evaluate()
+    assert _repacked(trainer) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "generations" / "step-0.jsonl", encoding="utf-8")]
+    assert len(rows) == 4 and all(set(r) == {"step", "prompt", "chosen", "rejected", "generated"} for r in rows)
+    after, warned = _lora_grads(trainer, batch)
+    assert not warned
+    for name in before:
+        torch_close(after[name], before[name], name)
+
+
 def test_qlora_eval_mode_forward_in_a_callback_during_training_does_not_repack(qlora):
     """Sampling from the model in a callback (eval mode, no grad) during train() keeps the training layout."""
     import torch

@@ -261,20 +261,27 @@ def test_many_leading_identical_pairs_do_not_break_the_column_types(tiny_tokeniz
     assert len(ds) == 1 and stats.dropped == {DROP_IDENTICAL: 1000}
 
 
-def test_prompt_alone_filling_max_length_is_dropped_and_counted(tiny_tokenizer):
+def test_prompt_alone_filling_max_length_is_cut_to_half_or_dropped_and_counted(tiny_tokenizer):
+    """Default: a prompt that alone fills max_length keeps its latest max_length // 2 tokens (BOS first), where TRL
+    would leave an empty response; drop_long_pairs drops it instead. Pairs TRL trains are cut as TRL cuts them."""
     long_prompt = "one two three four five six seven eight nine ten " * 3
     rows = [
         {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
         {"prompt": long_prompt, "chosen": " Yes.", "rejected": " No."},
     ]
-    max_length = 1 + len(enc(tiny_tokenizer, SKY)) + 4
-    assert 1 + len(enc(tiny_tokenizer, long_prompt)) >= max_length
+    max_length = 1 + len(enc(tiny_tokenizer, SKY + " Green.")) + 1  # the SKY pair fits whole
+    prompt_ids = [tiny_tokenizer.bos_token_id] + enc(tiny_tokenizer, long_prompt)
+    assert len(prompt_ids) >= max_length
     ds, stats = prepare_dataset(rows, tiny_tokenizer, max_length=max_length)
+    assert len(ds) == 2 and stats.truncated_prompts == 1 and not stats.dropped
+    kept = ds[1]["prompt_input_ids"]
+    assert kept == [prompt_ids[0]] + prompt_ids[len(prompt_ids) - (max_length // 2 - 1):]
+    assert ds[0]["prompt_input_ids"] == [tiny_tokenizer.bos_token_id] + enc(tiny_tokenizer, SKY)  # untouched
+    ds, stats = prepare_dataset(rows, tiny_tokenizer, max_length=max_length, drop_long_pairs=True)
+    assert len(ds) == 1 and stats.dropped == {DROP_TOO_LONG: 1}
+    # An explicit max_prompt_length that still leaves no room: the pair is dropped and counted.
+    ds, stats = prepare_dataset(rows, tiny_tokenizer, max_length=max_length, max_prompt_length=max_length)
     assert len(ds) == 1 and stats.dropped == {DROP_LONG_PROMPT: 1}
-    # Exactly max_length counts as too long: no room is left for a response.
-    exact = [{"prompt": SKY, "chosen": " Blue.", "rejected": " Green."}]
-    with pytest.raises(ValueError, match="no usable pairs"):
-        prepare_dataset(exact, tiny_tokenizer, max_length=1 + len(enc(tiny_tokenizer, SKY)))
 
 
 def test_all_rows_dropped_is_an_error(tiny_tokenizer):
@@ -480,3 +487,77 @@ def test_pretokenized_pair_without_prompt_and_one_token_response_is_dropped():
     ]
     ds, stats = prepare_dataset(rows, tokenizer=None)
     assert stats.dropped[DROP_UNSCORED] == 1 and stats.kept == 1
+
+
+# ----------------------------------------------------------------------------------------------- long prompts
+TURNS = [user(SKY), assistant("Blue."), user(FIRE), assistant("Yes."), user("one two three four five six")]
+
+
+def long_prompt_row():
+    return {"prompt": TURNS, "chosen": [assistant("seven eight")], "rejected": [assistant("nine ten")]}
+
+
+def full_prompt_ids(tok):
+    return [tok.bos_token_id] + enc(tok, chat_prompt(*TURNS))
+
+
+def test_long_prompt_keep_end_keeps_the_latest_turns_and_bos(tiny_tokenizer):
+    full = full_prompt_ids(tiny_tokenizer)
+    max_length, keep = 24, 12
+    assert len(full) >= max_length, "test precondition: the prompt alone fills max_length"
+    ds, stats = prepare_dataset([long_prompt_row()], tiny_tokenizer, max_length=max_length, max_prompt_length=keep)
+    prompt = ds[0]["prompt_input_ids"]
+    assert prompt == [tiny_tokenizer.bos_token_id] + full[len(full) - (keep - 1) :]
+    text = tiny_tokenizer.decode(prompt[1:])
+    assert text.endswith("five six<|end|><|assistant|>") and SKY not in text  # the last turn kept, the first cut
+    assert stats.kept == 1 and not stats.dropped and stats.truncated_prompts == 1
+    assert "prompts truncated to max_prompt_length: 1" in stats.summary()
+    for name in ("chosen_input_ids", "rejected_input_ids"):  # the responses fit after the prompt was cut
+        assert len(prompt) + len(ds[0][name]) <= max_length
+        assert ds[0][name][-1] == tiny_tokenizer.eos_token_id
+
+
+def test_long_prompt_keep_start(tiny_tokenizer):
+    full = full_prompt_ids(tiny_tokenizer)
+    ds, stats = prepare_dataset(
+        [long_prompt_row()], tiny_tokenizer, max_length=24, max_prompt_length=12, truncation_mode="keep_start"
+    )
+    assert ds[0]["prompt_input_ids"] == full[:12]
+    assert stats.truncated_prompts == 1
+
+
+def test_prompt_of_a_pair_that_fits_is_not_cut(tiny_tokenizer):
+    full = full_prompt_ids(tiny_tokenizer)
+    ds, stats = prepare_dataset([long_prompt_row()], tiny_tokenizer, max_length=len(full) + 40, max_prompt_length=4)
+    assert ds[0]["prompt_input_ids"] == full and stats.truncated_prompts == 0
+
+
+def test_long_prompt_with_drop_long_pairs_is_dropped_not_cut(tiny_tokenizer):
+    rows = [long_prompt_row(), {"prompt": [user(SKY)], "chosen": [assistant("Blue.")], "rejected": [assistant("Green.")]}]
+    ds, stats = prepare_dataset(rows, tiny_tokenizer, max_length=24, max_prompt_length=12, drop_long_pairs=True)
+    assert len(ds) == 1 and stats.dropped == {DROP_TOO_LONG: 1} and stats.truncated_prompts == 0
+
+
+def test_long_pretokenized_prompt_is_cut_like_text(tiny_tokenizer):
+    pair = {"prompt_input_ids": [1] + list(range(10, 40)), "chosen_input_ids": [5, 6, 2], "rejected_input_ids": [7, 2]}
+    ds, stats = prepare_dataset([pair], tiny_tokenizer, max_length=16, max_prompt_length=8)
+    assert ds[0]["prompt_input_ids"] == [1] + list(range(33, 40))
+    assert ds[0]["chosen_input_ids"] == [5, 6, 2] and stats.truncated_prompts == 1
+    ds, _ = prepare_dataset([pair], tiny_tokenizer, max_length=16, max_prompt_length=8, truncation_mode="keep_start")
+    assert ds[0]["prompt_input_ids"] == [1] + list(range(10, 17))
+
+
+def test_unknown_truncation_mode_is_refused(tiny_tokenizer):
+    with pytest.raises(ValueError, match="truncation_mode must be one of"):
+        prepare_dataset([long_prompt_row()], tiny_tokenizer, max_length=24, max_prompt_length=12, truncation_mode="middle")
+
+
+# ----------------------------------------------------------------------------------------------- empty datasets
+@pytest.mark.parametrize(
+    "empty",
+    [[], datasets.Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}), datasets.Dataset.from_dict({})],
+    ids=["list", "dataset", "dataset-without-columns"],
+)
+def test_empty_dataset_is_the_no_usable_pairs_error(tiny_tokenizer, empty):
+    with pytest.raises(ValueError, match=r"eval dataset: no usable pairs left \(the dataset has no rows\)"):
+        prepare_dataset(empty, tiny_tokenizer, name="eval")

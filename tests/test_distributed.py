@@ -81,6 +81,15 @@ def base_args(tiny, data, out, **kw):
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
+# evaluation with generations after every step (the eval set is the training file)
+GENERATE = dict(eval_strategy="steps", eval_steps=1, generate_during_eval=True, per_device_eval_batch_size=1,
+                max_completion_length=4)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
 def logged(out):
     return [json.loads(line) for line in open(Path(out) / "metrics.jsonl", encoding="utf-8")]
 
@@ -155,7 +164,7 @@ def test_two_processes_equal_one_process_per_step(tiny, tmp_path, monkeypatch):
     runs = [
         base_args(tiny, "batch8.jsonl", two / "padded", **dense_kw),
         base_args(tiny, "batch8.jsonl", two / "padding_free", padding_free=True, **dense_kw),
-        base_args(tiny, "single.jsonl", two / "single", packing=True, max_steps=2),
+        base_args(tiny, "single.jsonl", two / "single", packing=True, max_steps=2, **GENERATE),
     ]
     (tmp_path / "runs.json").write_text(json.dumps(runs))
     launch(
@@ -182,7 +191,7 @@ def test_two_processes_equal_one_process_per_step(tiny, tmp_path, monkeypatch):
     sizes = [len(g) for g in packing_groups]
     assert len(set(sizes)) > 1, "the ranks' micro-batches should differ in size"
     assert cli.main(["train", *base_args(tiny, "single.jsonl", one / "single", packing=True, max_steps=2,
-                                         gradient_accumulation_steps=2)]) == 0
+                                         gradient_accumulation_steps=2, **GENERATE)]) == 0
     assert FixedGroups.groups == [[0], [0]]  # the single pair, once per rank
 
     for name in ("padded", "padding_free", "packing", "single"):
@@ -195,6 +204,10 @@ def test_two_processes_equal_one_process_per_step(tiny, tmp_path, monkeypatch):
         pairs = zip(logged(two / name), logged(one / name))
         for a, b in [(x["grad_norm"], y["grad_norm"]) for x, y in pairs if "loss" in x]:
             assert a == pytest.approx(b, rel=1e-4, abs=1e-6), f"{name}: grad norm {a} vs {b}"
+    # generate_during_eval under 2 processes: rank 0 writes what 1 process generates from the same weights
+    for step in (1, 2):
+        got, want = (read_jsonl(run / "single" / "generations" / f"step-{step}.jsonl") for run in (two, one))
+        assert len(got) == 1 and got == want, f"step {step}"
     # One step per epoch proves the 2-process dense runs shared the 8 pairs: 1 process with 2 pairs x 2 would need 2.
     assert [e for _, _, e in losses(two / "padded")] == [1.0, 2.0, 3.0]
 

@@ -361,3 +361,30 @@ def test_logits_computed_inside_the_forward_match(layout):
         return loss.item(), logs, {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
 
     assert_same(run(True), run(False), METRICS + ["logits/chosen", "logits/rejected"])
+
+
+def test_long_prompts_are_cut_to_half_of_max_length_by_default_and_trained():
+    """A prompt that alone fills max_length is cut (keep_end, BOS first) and the pair trains, instead of dropped."""
+    pairs = random_pairs(4, seed=8, vocab=97, empty_prompt_every=100)
+    pairs[1]["prompt_input_ids"] = [1] + list(range(3, 60))
+    args = ORPOConfig(**config(max_length=32, gradient_checkpointing=True))
+    t = ORPOTrainer(model=build_model(97, hidden_size=32), args=args, train_dataset=pairs, processing_class=StubTokenizer())
+    stats = t.data_stats["train"]
+    assert stats.kept == 4 and not stats.dropped and stats.truncated_prompts == 1
+    assert t.train_dataset[1]["prompt_input_ids"] == [1] + list(range(45, 60))  # 16 = 32 // 2 tokens
+    t.model.train()
+    loss = t.compute_loss(t.model, t._prepare_inputs(t.data_collator([t.train_dataset[1]])))
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(truncation_mode="middle"), "truncation_mode must be one of"),
+        (dict(max_length=64, max_prompt_length=64), r"max_prompt_length \(64\) must be < max_length \(64\)"),
+        (dict(max_prompt_length=0), "max_prompt_length must be >= 1"),
+    ],
+)
+def test_prompt_truncation_options_are_checked(kw, message):
+    with pytest.raises(ValueError, match=message):
+        ORPOConfig(**config(**kw))

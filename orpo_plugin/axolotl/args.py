@@ -9,7 +9,7 @@ TRL does, the padded layout).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -21,6 +21,8 @@ KEY_TO_FIELD = {
     "orpo_prefix_sharing": "prefix_sharing",
     "orpo_chunked_loss": "chunked_loss",
     "orpo_nll_on_prompt": "nll_on_prompt",
+    "orpo_max_prompt_length": "max_prompt_length",
+    "orpo_truncation_mode": "truncation_mode",
 }
 
 
@@ -71,6 +73,23 @@ class ORPOPluginArgs(BaseModel):
         },
     )
 
+    orpo_max_prompt_length: int | None = Field(
+        default=None,
+        ge=1,
+        json_schema_extra={
+            "description": "Prompt tokens kept when a pair is longer than sequence_len (the prompt is cut first, "
+            "then the responses). Must be less than sequence_len. Unset: responses are cut, and only a prompt that "
+            "alone fills sequence_len is cut (to half of it)."
+        },
+    )
+    orpo_truncation_mode: Literal["keep_end", "keep_start"] | None = Field(
+        default=None,
+        json_schema_extra={
+            "description": "Which part of a long prompt is kept: keep_end (default: the latest turns, BOS kept first) "
+            "or keep_start."
+        },
+    )
+
     @model_validator(mode="before")
     @classmethod
     def check_orpo_plugin_keys(cls, data: Any) -> Any:
@@ -83,6 +102,11 @@ class ORPOPluginArgs(BaseModel):
             raise ValueError(f"{', '.join(used)}: orpo_plugin's keys need `rl: orpo` (got rl: {rl!r})")
         if data.get("orpo_packing_max_tokens") is not None and data.get("orpo_packing") is False:
             raise ValueError("orpo_packing_max_tokens is set but orpo_packing is false; set orpo_packing: true")
+        limit, length = data.get("orpo_max_prompt_length"), data.get("sequence_len")
+        if isinstance(limit, int) and isinstance(length, int) and limit >= length:
+            raise ValueError(
+                f"orpo_max_prompt_length ({limit}) must be less than sequence_len ({length}) to leave room for responses"
+            )
         return data
 
 
@@ -96,5 +120,7 @@ class ORPOTrainingArgsMixin:
     orpo_prefix_sharing: bool | None = None
     orpo_chunked_loss: bool | None = None
     orpo_nll_on_prompt: bool | None = None
+    orpo_max_prompt_length: int | None = None
+    orpo_truncation_mode: str | None = None
     # Axolotl's own `pad_to_multiple_of`: on the rl: path it reaches only a DPO collator we replace, so carry it here
     orpo_pad_to_multiple_of: int | None = None
