@@ -15,16 +15,11 @@ from orpo_plugin import ORPOConfig, ORPOTrainer
 from orpo_plugin.collators import PreferenceCollator
 from orpo_plugin.toy import build_model, build_tokenizer
 
+from helpers.pairs import METRICS, ROWS  # tests/helpers
 from helpers.stubs import StubTokenizer  # tests/helpers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ROWS = [
-    {"prompt": "name a fruit:", "chosen": " apple banana", "rejected": " dog cat"},
-    {"prompt": "name an animal please:", "chosen": " dog", "rejected": " apple pear plum"},
-    {"prompt": "hi", "chosen": " hello there friend", "rejected": " go away"},
-    {"prompt": "count to three:", "chosen": " one two three", "rejected": " three"},
-]
 CONV_ROWS = [
     {
         "prompt": [{"role": "user", "content": r["prompt"]}],
@@ -32,10 +27,6 @@ CONV_ROWS = [
         "rejected": [{"role": "assistant", "content": r["rejected"].strip()}],
     }
     for r in ROWS
-]
-METRICS = [
-    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-    "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen",
 ]
 
 
