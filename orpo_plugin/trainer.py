@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
 from . import attention
 from ._compat import BaseConfig, BaseTrainer, bf16_left_unset
@@ -278,6 +278,9 @@ class ORPOTrainer(BaseTrainer):
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             raise ValueError("orpo_plugin trains decoder-only (causal LM) models; got an encoder-decoder model")
         if peft_config is not None:
+            # the adapter's random init draws from the global RNG: seed it as Trainer seeds everything after it, so
+            # the same seed gives the same adapter whatever ran before in the process
+            set_seed(args.seed)
             model = self._apply_peft(model, peft_config, args)
         elif args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()

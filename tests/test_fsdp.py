@@ -89,7 +89,7 @@ def fsdp_runs(tiny, tmp_path_factory):
     # 1 process, no sharding, the same global batch per step
     for name, extra in (("padded", {}), ("lora", dict(padding_free=True, **LORA))):
         assert cli.main(["train", *base_args(tiny, "batch8.jsonl", one / name, per_device_train_batch_size=4,
-                                             **dense, **CHECKPOINTING, **extra)]) == 0
+                                             **{**dense, **CHECKPOINTING, **extra})]) == 0
     import orpo_plugin.trainer
 
     original = orpo_plugin.trainer.ORPOTrainer
