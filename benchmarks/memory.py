@@ -3,6 +3,7 @@
     python benchmarks/memory.py                    # 8 pairs x 256 tokens per sequence, vocab 128,256
     python benchmarks/memory.py --seq-len 512      # the issue's size; TRL then needs ~15 GB of RAM
     python benchmarks/memory.py --gradient-checkpointing off   # checkpointing off for every method
+    python benchmarks/memory.py --fsdp2 --pairs 2  # 2 CPU processes, FSDP2: chunked vs full logits, per rank
 
 Gradient checkpointing is on by default for every method, TRL included (both trainers' config default, what a
 24 GB GPU run uses; `Trainer.train` enables it in the model, non-reentrant by transformers' default). Every child
@@ -24,6 +25,12 @@ peak), and the child's malloc returns every block >= 128 KiB to the system when 
 (MALLOC_MMAP_THRESHOLD_), so RSS follows the live tensors. The absolute process peak (ru_maxrss: imports, setup,
 both steps) is reported too. On a GPU: torch.cuda.max_memory_allocated() during the step minus
 torch.cuda.memory_allocated() before it.
+
+--fsdp2: each method runs as 2 processes (gloo, CPU) under accelerate's FSDP2 plugin (decoder layers, the
+[final norm, output layer] group and the root sharded; tests/helpers/fsdp_cpu.py turns FSDP on for CPU processes),
+`--pairs` pairs per rank. `ours_chunked` computes the chunked loss inside the sharded forward (forward redirection);
+`ours_model_logits` is the same sharded run with the model computing full logits inside its forward (what TRL does,
+and what ORPOTrainer did under FSDP before). The reported step peak is the larger of the two ranks'.
 
 Timing phase: one more process (default malloc) trains the `--timing-methods` side by side, taking turns one
 optimizer step each (see common.Turns), and reports real tokens/s and the ratio to our unchunked path (target for
@@ -48,6 +55,12 @@ METHODS = {
     "trl": ("trl", {}),
     "ours_chunked": ("ours", {"chunked_loss": True}),
     "ours_unchunked": ("ours", {"chunked_loss": False}),
+    "ours_model_logits": ("ours", {"chunked_loss": False}),  # the model computes full logits in its forward
+}
+FSDP2_METHODS = ["ours_chunked", "ours_model_logits"]
+FSDP2_CONFIG = {
+    "fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "reshard_after_forward": True,
+    "state_dict_type": "SHARDED_STATE_DICT",
 }
 VOCAB = 128_256  # Llama 3
 
@@ -167,6 +180,7 @@ def build_trainer(method: str, opts, steps: int, callbacks, meter, out: str, cud
         gradient_checkpointing=opts.gradient_checkpointing == "on",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        **({"fsdp": "full_shard auto_wrap", "fsdp_config": dict(FSDP2_CONFIG)} if opts.fsdp2 else {}),
         **fields,
     )
     trainer_cls = common.metered(ORPOTrainer, meter)
@@ -187,11 +201,19 @@ def build_trainer(method: str, opts, steps: int, callbacks, meter, out: str, cud
         callbacks=[*callbacks, meter.callback()],
     )
     common.silence_printer(trainer)
+    if method == "ours_model_logits":
+        trainer.logits_in_forward, trainer.chunk_size = True, None
     return trainer
 
 
 def _child_setup(opts):
     import torch
+
+    if opts.fsdp2:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
+        from fsdp_cpu import enable_fsdp_on_cpu
+
+        enable_fsdp_on_cpu()
 
     torch.set_num_threads(opts.threads)
     import common
@@ -210,8 +232,13 @@ def memory_child(opts) -> dict:
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trainer(opts.child, opts, 2, [probe.callback()], meter, out, cuda, losses)
         trainer.train()
-        checkpointing = bool(getattr(trainer.model, "is_gradient_checkpointing", False))
+        from orpo_plugin.modeling import unwrap
+
+        checkpointing = bool(getattr(unwrap(trainer.model), "is_gradient_checkpointing", False))
+        sharded = type(trainer.head.module.weight).__name__ == "DTensor"
     return {
+        "rank": int(os.environ.get("RANK", 0)),
+        "head_sharded": sharded,
         "method": opts.child,
         "device": "cuda" if cuda else "cpu",
         **probe.result,
@@ -252,12 +279,23 @@ def _meminfo_gib(field: str) -> float | None:
 
 def run_child(role: str, opts, malloc_env: bool):
     argv = [sys.executable, __file__, role]
+    if opts.fsdp2:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", str(port), __file__, role, "--fsdp2"]
     for k in ("seq_len", "pairs", "hidden", "layers", "heads", "threads", "timed_steps", "seed"):
         argv += [f"--{k.replace('_', '-')}", str(getattr(opts, k))]
     argv += ["--timing-methods", *opts.timing_methods, "--gradient-checkpointing", opts.gradient_checkpointing]
     if opts.cpu:
         argv.append("--cpu")
     env = dict(os.environ)
+    if opts.fsdp2:
+        root = str(Path(__file__).resolve().parents[1])
+        env.update(OMP_NUM_THREADS=str(opts.threads), PYTHONPATH=os.pathsep.join([root, env.get("PYTHONPATH", "")]))
     if malloc_env:
         env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -266,6 +304,13 @@ def run_child(role: str, opts, malloc_env: bool):
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
             raise SystemExit(f"{role}: child failed (exit {proc.returncode}):\n{tail}")
+        if opts.fsdp2:  # one result per rank: report the rank with the larger step peak
+            ranks = [json.loads(Path(f"{f.name}.rank{r}").read_text()) for r in range(2)]
+            for r in range(2):
+                Path(f"{f.name}.rank{r}").unlink()
+            worst = max(ranks, key=lambda x: x["step_peak_mib"])
+            worst["ranks"] = ranks
+            return worst
         return json.loads(Path(f.name).read_text())
 
 
@@ -292,6 +337,10 @@ def main(argv=None) -> int:
         default="on",
         help="gradient checkpointing for every method, TRL included (default on: both trainers' default)",
     )
+    p.add_argument(
+        "--fsdp2", action="store_true",
+        help="2 CPU processes under FSDP2: ours_chunked vs ours_model_logits, peak per rank (no timing phase)",
+    )
     p.add_argument("--json", help="also write the per-run results here")
     p.add_argument("--force", action="store_true", help="run even if TRL's estimated peak exceeds available RAM")
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -303,8 +352,15 @@ def main(argv=None) -> int:
         return 0
     if opts.role != "main":
         opts.child = opts.role
-        Path(opts.result).write_text(json.dumps(memory_child(opts)))
+        result = memory_child(opts)
+        Path(f"{opts.result}.rank{result['rank']}" if opts.fsdp2 else opts.result).write_text(json.dumps(result))
         return 0
+    if opts.fsdp2:
+        if "--methods" not in (argv if argv is not None else sys.argv):
+            opts.methods = list(FSDP2_METHODS)
+        opts.timing_methods = []
+        if set(opts.methods) - set(FSDP2_METHODS):
+            raise SystemExit(f"--fsdp2 compares {FSDP2_METHODS}")
 
     import common
 
@@ -316,7 +372,9 @@ def main(argv=None) -> int:
         f"load average at start {os.getloadavg()[0]:.1f}; gradient checkpointing {opts.gradient_checkpointing} for every method"
     )
     # rough step peaks measured at 256 tokens: TRL ~3.6x the logits, our unchunked path ~4.1x, + ~1 GiB process
-    factor = {"trl": 3.8, "ours_unchunked": 4.3, "ours_chunked": 0.5}
+    factor = {"trl": 3.8, "ours_unchunked": 4.3, "ours_chunked": 0.5, "ours_model_logits": 4.3}
+    if opts.fsdp2:
+        factor = {k: 2 * v for k, v in factor.items()}  # two processes
     need_gib = 1.2 + max(factor[m] for m in set(opts.methods) | set(opts.timing_methods)) * logits_gib
     avail_gib = _meminfo_gib("MemAvailable")
     if avail_gib is not None and need_gib > 0.9 * avail_gib and not opts.force:
@@ -353,7 +411,7 @@ def main(argv=None) -> int:
     unit = "MiB" if runs[0]["device"] == "cpu" else "MiB (CUDA allocated)"
     rows = []
     for m in opts.methods:
-        ref = "trl" if "trl" in opts.methods else None
+        ref = "trl" if "trl" in opts.methods else ("ours_model_logits" if opts.fsdp2 else None)
         rows.append(
             [
                 m,
@@ -365,7 +423,12 @@ def main(argv=None) -> int:
             ]
         )
     print()
-    print(common.table(["method", f"step peak {unit}", "vs trl", "process peak RSS MiB", "vs trl", "first-step loss"], rows))
+    vs = "vs ours_model_logits" if opts.fsdp2 else "vs trl"
+    if opts.fsdp2:
+        unit = "MiB per rank (max of 2)"
+        print("FSDP2, 2 processes; output layer sharded in every run: "
+              f"{all(r['head_sharded'] for x in runs for r in x['ranks'])}")
+    print(common.table(["method", f"step peak {unit}", vs, "process peak RSS MiB", vs, "first-step loss"], rows))
     if timing:
         by = {x["method"]: x for x in timing}
         ref = by.get("ours_unchunked")

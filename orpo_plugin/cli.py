@@ -65,7 +65,7 @@ def _train(argv: list[str]) -> int:
         peft_config=get_peft_config(model_args),
         callbacks=[MetricsFileCallback(), LogpsPlotCallback()],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     return 0
 

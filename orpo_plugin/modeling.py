@@ -3,6 +3,11 @@
 The model is called as a whole (so DDP/FSDP/DeepSpeed wrappers and PEFT hooks run) with `logits_to_keep=1`;
 the final hidden states are taken from its decoder by a forward hook, and only the positions the loss needs
 go through the output layer: in chunks (`chunked.py`) or as one logits tensor.
+
+Under FSDP2 and DeepSpeed ZeRO-3 the output layer's weight is whole only inside the forward of the module that
+shards it (FSDP2: the `fully_shard`ed module holding it, usually the root; ZeRO-3: the output layer itself). The
+chunked computation then runs inside that forward ("forward redirection": the module's `forward` is swapped for
+ours during one call), so the engine's own hooks gather the weight, and reduce-scatter its gradient in backward.
 """
 
 from __future__ import annotations
@@ -77,13 +82,21 @@ class OutputHead:
             head.reason = f"the output layer is a {type(module).__name__} (adapter or quantized), not a plain Linear"
         return head
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.module(hidden).float()
+    def logits(self, hidden: torch.Tensor, forward=None) -> torch.Tensor:
+        """The model's logits for `hidden`; `forward`: the output layer's own forward, when its call is redirected."""
+        logits = (forward or self.module)(hidden).float()
         if self.scale is not None:
             logits = logits * self.scale
         if self.softcap is not None:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
+
+    def logits_by(self, owner: torch.nn.Module | None):
+        """`logits` as a function of the hidden states, usable inside a redirected call of `owner`."""
+        if owner is not self.module:
+            return self.logits
+        original = self.module.forward  # taken before the redirection replaces it
+        return lambda hidden: self.logits(hidden, original)
 
 
 def cpu_4bit_layers(model) -> list:
@@ -143,23 +156,116 @@ def _forward_accepts(cls: type, name: str) -> bool:
         return False
 
 
-def verify_head(model, head: OutputHead, vocab_size: int | None = None) -> float:
+def sharded_head_owner(model, head: OutputHead) -> torch.nn.Module | None:
+    """The module inside whose forward the output layer's weight is whole, when a sharding engine manages it.
+
+    FSDP2: the nearest `fully_shard`ed module holding the output layer (itself or an ancestor; usually the root).
+    DeepSpeed ZeRO-3: the output layer itself (ZeRO-3 gathers each module's own parameters around its forward).
+    None when the weight is an ordinary tensor (one process, DDP, ZeRO-1/2).
+    """
+    module = head.module
+    if getattr(getattr(module, "weight", None), "ds_id", None) is not None:
+        return module
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return None
+    name = next((n for n, m in model.named_modules() if m is module), None)
+    if name is None:
+        return None
+    parts = name.split(".") if name else []
+    for depth in range(len(parts), -1, -1):
+        candidate = model.get_submodule(".".join(parts[:depth]))
+        if isinstance(candidate, FSDPModule):
+            return candidate
+    return None
+
+
+def call_in_forward(module: torch.nn.Module, fn, *args, **kwargs):
+    """Call `module` with its forward replaced by `fn`, so its forward hooks (FSDP2's all-gather and gradient
+    reduce-scatter registration, ZeRO-3's parameter gathering) run around `fn` ("forward redirection")."""
+    had_own = "forward" in module.__dict__
+    saved = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        return module(*args, **kwargs)
+    finally:
+        if had_own:
+            module.forward = saved
+        else:
+            del module.forward
+
+
+def _is_fsdp2_root(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _sharded_now(weight) -> bool:
+    """Whether `weight` is a shard right now (outside the forward that gathers it)."""
+    if getattr(weight, "ds_id", None) is not None:
+        return True
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(weight, DTensor)
+
+
+def hidden_then_head(model, kwargs: dict, select, apply, owner: torch.nn.Module | None, head_module=None):
+    """Run `model(**kwargs)`, take its decoder's final hidden states through `select`, and return
+    (`apply(selected hidden)`, the model's output), with `apply` running where the weight of the output layer
+    (`head_module`) is whole.
+
+    Under FSDP2 (`model` is the `fully_shard`ed root) the whole computation runs inside one call of the root, whose
+    forward is redirected: our outputs are the root's outputs, so its backward hooks (and the final gradient
+    reduce-scatter they schedule) see the loss. Inside it, `apply` uses the output layer's weight directly when it
+    is whole there (the root's own group, or a group that stays gathered after its forward), and otherwise runs
+    inside a redirected call of `owner` (the output layer's own group; ZeRO-3's output layer).
+    """
+
+    def head_part(hidden):
+        if owner is None or owner is model or not _sharded_now(head_module.weight):  # read now, not before the forward
+            return apply(hidden)
+        return call_in_forward(owner, apply, hidden)
+
+    if owner is not None and _is_fsdp2_root(model):
+        original = model.forward
+
+        def whole(**kw):
+            with capture_hidden_states(model) as store:
+                output = original(**kw)
+            return head_part(select(store["hidden"])), output
+
+        return call_in_forward(model, whole, **kwargs)
+    with capture_hidden_states(model) as store:
+        output = model(**kwargs)
+    return head_part(select(store["hidden"])), output
+
+
+def verify_head(model, head: OutputHead, vocab_size: int | None = None, owner: torch.nn.Module | None = None) -> float:
     """Check that hidden states + `head` reproduce the model's own logits on a short input; return the max error.
 
     A model whose forward transforms logits in a way we do not know would otherwise train on wrong log-probs.
+    `owner`: see `sharded_head_owner` (then `model` is the sharded module that training calls).
     """
-    base = unwrap(model)
-    device = next(base.parameters()).device
-    vocab = vocab_size or head.module.weight.shape[0]
+    base = unwrap(model) if owner is None else model
+    device = next(unwrap(model).parameters()).device
+    vocab = vocab_size or head.vocab_size or head.module.weight.shape[0]
     ids = torch.arange(1, 9, device=device).remainder(vocab)[None]
     # One forward in training mode: the hidden states and the logits come from the same pass (same
     # dropout draw), and eval() is avoided (bitsandbytes repacks 4-bit weights for inference on some CPUs).
     was_training = base.training
     base.train()
     try:
-        with torch.no_grad(), capture_hidden_states(base) as store:
-            logits = base(input_ids=ids, use_cache=False).logits.float()
-            ours = head.logits(store["hidden"])
+        with torch.no_grad():
+            ours, output = hidden_then_head(
+                base, {"input_ids": ids, "use_cache": False}, lambda h: h, head.logits_by(owner), owner, head.module
+            )
+            logits = output.logits.float()
     finally:
         base.train(was_training)
     err = (logits - ours).abs().max().item()
@@ -250,7 +356,10 @@ def encoder_decoder_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tenso
 def predicted_logps(
     model, batch: dict, head: OutputHead, chunk_size: int | None, logits_in_forward: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(target), sum of logits) for every prediction of the batch; chunked when `chunk_size` is set."""
+    """(log p(target), sum of logits) for every prediction of the batch; chunked when `chunk_size` is set.
+
+    Under FSDP2/ZeRO-3 the output layer runs inside the forward of the module that shards it (`hidden_then_head`).
+    """
     if "decoder_input_ids" in batch:
         return encoder_decoder_logps(model, batch)
     kwargs = model_inputs(batch)
@@ -258,18 +367,25 @@ def predicted_logps(
         return _logps_from_model_logits(model, batch, kwargs)
     if _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
-    with capture_hidden_states(model) as store:
-        model(**kwargs, use_cache=False)
-    hidden = store["hidden"]
-    # index_select, not fancy indexing: on CPU its backward (index_add) is much cheaper than index_put
-    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["pred_pos"])  # [N, H]
+    kwargs["use_cache"] = False
     targets = batch["pred_target"]
-    if chunk_size:
-        module = head.module
-        return chunked_target_logps(
-            hidden, module.weight, targets, module.bias, chunk_size, scale=head.scale, softcap=head.softcap
-        )
-    return full_target_logps(head.logits(hidden), targets)
+
+    def select(hidden):
+        # index_select, not fancy indexing: on CPU its backward (index_add) is much cheaper than index_put
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["pred_pos"])  # [N, H]
+
+    def apply(hidden):
+        if chunk_size:
+            module = head.module
+            return chunked_target_logps(
+                hidden, module.weight, targets, module.bias, chunk_size, scale=head.scale, softcap=head.softcap
+            )
+        return full_target_logps(logits(hidden), targets)
+
+    owner = sharded_head_owner(model, head)
+    logits = head.logits_by(owner)
+    result, _ = hidden_then_head(model, kwargs, select, apply, owner, head.module)
+    return result
 
 
 @dataclass

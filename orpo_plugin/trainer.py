@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
 from . import attention
 from ._compat import BaseConfig, BaseTrainer, bf16_left_unset
@@ -37,6 +37,7 @@ from .modeling import (
     training_weight_layout,
     unwrap,
     check_layout,
+    sharded_head_owner,
     verify_head,
 )
 from .packing import PackedBatchSampler
@@ -382,6 +383,9 @@ class ORPOTrainer(BaseTrainer):
                 f"(got {args.layout}); set padding_free=False, packing=False and prefix_sharing=False"
             )
         if peft_config is not None:
+            # the adapter's random init draws from the global RNG: seed it as Trainer seeds everything after it, so
+            # the same seed gives the same adapter whatever ran before in the process
+            set_seed(args.seed)
             model = self._apply_peft(model, peft_config, args)
         elif args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
@@ -457,10 +461,13 @@ class ORPOTrainer(BaseTrainer):
         )
         self.head = OutputHead.of(self.model)
         self.chunk_size = None
-        # Sharded engines only hold the whole output layer inside the forward: let the model compute the logits.
         # Encoder-decoder models compute their own logits (encoder_decoder_logps).
-        self.logits_in_forward = bool(self.is_fsdp_enabled or self._zero3() or self.is_encoder_decoder)
-        if not self.logits_in_forward:
+        self.logits_in_forward = self.is_encoder_decoder
+        # FSDP2 shards the model when training starts (it is whole here); ZeRO-3 may have partitioned it at load
+        # time (zero.Init), and then the head is checked on the first step, through the same forward redirection
+        # the loss uses (modeling.hidden_then_head).
+        self._verify_head_on_first_step = self._partitioned() and not self.is_encoder_decoder
+        if not (self._verify_head_on_first_step or self.logits_in_forward):
             try:
                 verify_head(self.model, self.head)
             except ValueError as err:
@@ -564,9 +571,18 @@ class ORPOTrainer(BaseTrainer):
             f"padding_free/packing needs attn_implementation in {attention.NATIVE_PACKED}; this model uses {impl!r}"
         )
 
-    def _zero3(self) -> bool:
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        return plugin is not None and getattr(plugin, "zero_stage", 0) == 3
+    def _partitioned(self) -> bool:
+        """Whether the model's parameters are already partitioned (ZeRO-3 zero.Init), so no forward can run yet."""
+        return any(getattr(p, "ds_id", None) is not None for p in self.model.parameters())
+
+    def _verify_head_now(self, model) -> None:
+        """The start-of-training head check, for a model that was partitioned when the trainer was built."""
+        self._verify_head_on_first_step = False
+        try:
+            verify_head(model, self.head, owner=sharded_head_owner(model, self.head))
+        except ValueError as err:
+            logger.warning("%s; the model will compute the logits itself (no chunked loss)", err)
+            self.logits_in_forward, self.chunk_size = True, None
 
     # ------------------------------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
@@ -648,6 +664,8 @@ class ORPOTrainer(BaseTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._check_batch(inputs)
         total_pairs, total_tokens = self._norm if (self._norm and model.training) else (None, None)
+        if self._verify_head_on_first_step:
+            self._verify_head_now(model)
         with attention.attention_implementation(model, self.attention_override):
             result = orpo_forward(
                 model, inputs, self.head, self.beta, self.chunk_size, total_pairs, total_tokens, self.logits_in_forward
