@@ -145,6 +145,16 @@ def versions() -> str:
     )
 
 
+def add_checkpointing_option(parser) -> None:
+    """`--gradient-checkpointing on|off`, the same for every method of a benchmark (TRL included)."""
+    parser.add_argument(
+        "--gradient-checkpointing",
+        choices=["on", "off"],
+        default="on",
+        help="gradient checkpointing for every method, TRL included (default on: both trainers' default)",
+    )
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 

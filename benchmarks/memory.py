@@ -315,6 +315,8 @@ def run_child(role: str, opts, malloc_env: bool):
 
 
 def main(argv=None) -> int:
+    import common
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="memory phase")
     p.add_argument(
@@ -331,12 +333,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="memory children per method; medians are reported")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if CUDA is available")
-    p.add_argument(
-        "--gradient-checkpointing",
-        choices=["on", "off"],
-        default="on",
-        help="gradient checkpointing for every method, TRL included (default on: both trainers' default)",
-    )
+    common.add_checkpointing_option(p)
     p.add_argument(
         "--fsdp2", action="store_true",
         help="2 CPU processes under FSDP2: ours_chunked vs ours_model_logits, peak per rank (no timing phase)",
@@ -362,7 +359,6 @@ def main(argv=None) -> int:
         if set(opts.methods) - set(FSDP2_METHODS):
             raise SystemExit(f"--fsdp2 compares {FSDP2_METHODS}")
 
-    import common
 
     logits_gib = 2 * opts.pairs * opts.seq_len * VOCAB * 4 / 2**30
     print(f"# memory: {common.versions().rsplit(', threads', 1)[0]}, threads {opts.threads}")

@@ -269,12 +269,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=int, help="packing_max_tokens (default: calibrated to TRL's real tokens per batch)")
-    p.add_argument(
-        "--gradient-checkpointing",
-        choices=["on", "off"],
-        default="on",
-        help="gradient checkpointing for every method, TRL included (default on: both trainers' default)",
-    )
+    common.add_checkpointing_option(p)
     p.add_argument(
         "--no-check", action="store_true", help="skip the checkpointing on-vs-off first-step check before timing"
     )
