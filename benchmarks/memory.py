@@ -235,7 +235,8 @@ def memory_child(opts) -> dict:
         from orpo_plugin.modeling import unwrap
 
         checkpointing = bool(getattr(unwrap(trainer.model), "is_gradient_checkpointing", False))
-        sharded = type(trainer.head.module.weight).__name__ == "DTensor"
+        head = getattr(trainer, "head", None)  # ours only; TRL's trainer has no separate output head
+        sharded = head is not None and type(head.module.weight).__name__ == "DTensor"
     return {
         "rank": int(os.environ.get("RANK", 0)),
         "head_sharded": sharded,
