@@ -254,3 +254,26 @@ def test_training_through_the_torch_varlen_path_equals_padded(kernels, monkeypat
     padded = mm.train_step("mistral", tok, gradient_checkpointing=True)
     assert chosen == [attention.VARLEN_NAME, None]
     mm.assert_close(ours, padded)
+
+
+@pytest.mark.parametrize("layout", ["packing", "prefix_sharing"])
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
+def test_training_through_the_flash_varlen_path_equals_padded(kernels, monkeypatch, layout, checkpointing):
+    """One real training step of Gemma 2 (sliding window + soft-capping) through orpo_flash, flash-attn's kernel
+    stood in for by the CPU reference of its varlen contract, vs padded; with and without checkpointing."""
+    import test_model_matrix as mm
+
+    from orpo_plugin import ORPOTrainer
+    from orpo_plugin.toy import build_tokenizer
+
+    kernels(flash=True)
+    monkeypatch.setattr(attention, "_flash_kernel", lambda: attention.varlen_reference)
+    monkeypatch.setattr(attention, "on_cuda", lambda model, use_cpu: True)
+    chosen = []
+    real = ORPOTrainer._choose_attention
+    monkeypatch.setattr(ORPOTrainer, "_choose_attention", staticmethod(lambda m, a: chosen.append(real(m, a)) or chosen[-1]))
+    tok = build_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in mm.ROWS] * 5, vocab_size=300)
+    ours = mm.train_step("gemma2", tok, gradient_checkpointing=checkpointing, **mm.LAYOUTS[layout])
+    padded = mm.train_step("gemma2", tok, gradient_checkpointing=False)
+    assert chosen == [attention.FLASH_NAME, None]
+    mm.assert_close(ours, padded)
