@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -104,15 +105,34 @@ def free_port():
         return s.getsockname()[1]
 
 
+_KILLED = re.compile(r"exitcode\s*:\s*-(6|11)\b.*\(SIG(ABRT|SEGV)\)")
+
+
+def run_two_processes(cmd, env) -> subprocess.CompletedProcess:
+    """Run a 2-process launch; once more if a worker was killed by SIGSEGV/SIGABRT.
+
+    gloo on CPU (torch 2.13) now and then kills a worker with a signal outside any of our code (measured on
+    tests/helpers/fsdp_head.py under load: 3 of 45 launches, a SIGSEGV mid-run or an abort at exit). Such a launch
+    is repeated once, said on stderr; any other failure, and a second signal death, fail the test.
+    """
+    for attempt in (1, 2):
+        try:
+            run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        except subprocess.TimeoutExpired as err:  # a hung rank
+            pytest.fail(f"2-process run did not finish in {TIMEOUT}s:\n{(err.stderr or b'')[-3000:]}")
+        if run.returncode == 0 or attempt == 2 or not _KILLED.search(run.stdout + run.stderr):
+            return run
+        print(f"2-process run: a worker was killed by a signal; launching once more:\n{run.stderr[-1500:]}",
+              file=sys.stderr)
+    return run
+
+
 def launch(launcher_args, script, log):
     """`accelerate launch <launcher_args> --num_processes 2 ... <script...>` (the script and its flags come last)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--num_processes", "2",
            "--main_process_port", str(free_port()), *script]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    try:
-        run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    except subprocess.TimeoutExpired as err:  # a hung rank
-        pytest.fail(f"2-process run did not finish in {TIMEOUT}s:\n{(err.stderr or b'')[-3000:]}")
+    run = run_two_processes(cmd, env)
     Path(log).write_text(run.stdout + run.stderr)
     if run.returncode != 0:
         lines = (run.stdout + run.stderr).splitlines()

@@ -28,7 +28,9 @@ import pytest
 
 from orpo_plugin import cli
 
-from test_distributed import FixedGroups, ROOT, TIMEOUT, base_args, free_port, launch, logged, tiny  # noqa: F401
+from test_distributed import (  # noqa: F401
+    FixedGroups, ROOT, TIMEOUT, base_args, free_port, launch, logged, run_two_processes, tiny,
+)
 
 FSDP = {
     "fsdp": "full_shard auto_wrap",
@@ -137,7 +139,7 @@ def test_fsdp2_output_layer_everywhere_it_can_be_sharded(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "tests/helpers/fsdp_head.py"), str(result)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    run = run_two_processes(cmd, env)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     cases = json.loads(result.read_text())
     assert len(cases) == 20
