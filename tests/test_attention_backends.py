@@ -235,23 +235,30 @@ def test_check_layout_refuses_a_window_the_chosen_kernel_cannot_honour(kernels):
     check_layout(model, "prefix_sharing", attention.VARLEN_NAME, 0)
 
 
+def _step_on_cuda_path(monkeypatch, model, layout, checkpointing, reference_checkpointing):
+    """(our step through the kernel the trainer picks on "CUDA", the padded step, the attention names chosen)."""
+    import test_model_matrix as mm
+
+    from orpo_plugin import ORPOTrainer
+    from orpo_plugin.toy import build_tokenizer
+
+    monkeypatch.setattr(attention, "on_cuda", lambda model, use_cpu: True)
+    chosen = []
+    real = ORPOTrainer._choose_attention
+    monkeypatch.setattr(ORPOTrainer, "_choose_attention", staticmethod(lambda m, a: chosen.append(real(m, a)) or chosen[-1]))
+    tok = build_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in mm.ROWS] * 5, vocab_size=300)
+    ours = mm.train_step(model, tok, gradient_checkpointing=checkpointing, **mm.LAYOUTS[layout])
+    padded = mm.train_step(model, tok, gradient_checkpointing=reference_checkpointing)
+    return ours, padded, chosen
+
+
 @pytest.mark.parametrize("layout", ["packing", "prefix_sharing"])
 def test_training_through_the_torch_varlen_path_equals_padded(kernels, monkeypatch, layout):
     """One real training step of a windowed model through orpo_varlen (its kernel stood in for) vs padded."""
     import test_model_matrix as mm
 
-    from orpo_plugin import ORPOTrainer
-
     kernels(flash=False)
-    monkeypatch.setattr(attention, "on_cuda", lambda model, use_cpu: True)
-    chosen = []
-    real = ORPOTrainer._choose_attention
-    monkeypatch.setattr(ORPOTrainer, "_choose_attention", staticmethod(lambda m, a: chosen.append(real(m, a)) or chosen[-1]))
-    from orpo_plugin.toy import build_tokenizer
-
-    tok = build_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in mm.ROWS] * 5, vocab_size=300)
-    ours = mm.train_step("mistral", tok, gradient_checkpointing=True, **mm.LAYOUTS[layout])
-    padded = mm.train_step("mistral", tok, gradient_checkpointing=True)
+    ours, padded, chosen = _step_on_cuda_path(monkeypatch, "mistral", layout, True, True)
     assert chosen == [attention.VARLEN_NAME, None]
     mm.assert_close(ours, padded)
 
@@ -263,17 +270,8 @@ def test_training_through_the_flash_varlen_path_equals_padded(kernels, monkeypat
     stood in for by the CPU reference of its varlen contract, vs padded; with and without checkpointing."""
     import test_model_matrix as mm
 
-    from orpo_plugin import ORPOTrainer
-    from orpo_plugin.toy import build_tokenizer
-
     kernels(flash=True)
     monkeypatch.setattr(attention, "_flash_kernel", lambda: attention.varlen_reference)
-    monkeypatch.setattr(attention, "on_cuda", lambda model, use_cpu: True)
-    chosen = []
-    real = ORPOTrainer._choose_attention
-    monkeypatch.setattr(ORPOTrainer, "_choose_attention", staticmethod(lambda m, a: chosen.append(real(m, a)) or chosen[-1]))
-    tok = build_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in mm.ROWS] * 5, vocab_size=300)
-    ours = mm.train_step("gemma2", tok, gradient_checkpointing=checkpointing, **mm.LAYOUTS[layout])
-    padded = mm.train_step("gemma2", tok, gradient_checkpointing=False)
+    ours, padded, chosen = _step_on_cuda_path(monkeypatch, "gemma2", layout, checkpointing, False)
     assert chosen == [attention.FLASH_NAME, None]
     mm.assert_close(ours, padded)
