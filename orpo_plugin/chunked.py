@@ -89,6 +89,9 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.frozen_fast = grad_unit is not None
         ctx.chunk_size, ctx.scale, ctx.softcap = chunk_size, scale, softcap
+        # backward recomputes the logits under the autocast forward ran under (the engine runs it without)
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(logit_sums)
         return logps, logit_sums
@@ -99,29 +102,35 @@ class _ChunkedTargetLogps(torch.autograd.Function):
             (grad_unit,) = ctx.saved_tensors
             return (grad_unit * grad_logps[:, None].float()).to(ctx.hidden_dtype), *([None] * 7)
         hidden, weight, bias, targets, *kept = ctx.saved_tensors
-        scale, softcap = ctx.scale, ctx.softcap
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if (need_b and bias is not None) else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            sl = slice(start, start + ctx.chunk_size)
-            h = hidden[sl]
-            if kept:  # the only chunk: its gradient was kept by forward (left intact for a second backward)
-                grad = kept[0] * grad_logps[sl, None].float()
-            else:
-                logits = _chunk_logits(h, weight, bias, scale, softcap)  # [c, V]
-                grad = _dlogits(logits, torch.log_softmax(logits, dim=-1), targets[sl], scale, softcap)
-                grad.mul_(grad_logps[sl, None].float())
-            if need_h:
-                grad_h[sl] = _times_weight(grad, weight).to(hidden.dtype)
-            if need_w:
-                grad_w.addmm_(grad.t(), h.float())
-            if grad_b is not None:
-                grad_b.add_(grad.sum(0))
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            _backward_chunks(ctx, hidden, weight, bias, targets, kept, grad_logps, grad_h, grad_w, grad_b)
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _backward_chunks(ctx, hidden, weight, bias, targets, kept, grad_logps, grad_h, grad_w, grad_b):
+    """Fill grad_h row by row and accumulate grad_w and grad_b over the chunks (each only where not None)."""
+    for start in range(0, hidden.shape[0], ctx.chunk_size):
+        sl = slice(start, start + ctx.chunk_size)
+        h = hidden[sl]
+        if kept:  # the only chunk: its gradient was kept by forward (left intact for a second backward)
+            grad = kept[0] * grad_logps[sl, None].float()
+        else:
+            logits = _chunk_logits(h, weight, bias, ctx.scale, ctx.softcap)  # [c, V]
+            grad = _dlogits(logits, torch.log_softmax(logits, dim=-1), targets[sl], ctx.scale, ctx.softcap)
+            grad.mul_(grad_logps[sl, None].float())
+        if grad_h is not None:
+            grad_h[sl] = _times_weight(grad, weight).to(hidden.dtype)
+        if grad_w is not None:
+            grad_w.addmm_(grad.t(), h.float())
+        if grad_b is not None:
+            grad_b.add_(grad.sum(0))
 
 
 def chunked_target_logps(

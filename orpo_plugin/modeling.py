@@ -16,6 +16,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -246,6 +247,18 @@ def hidden_then_head(model, kwargs: dict, select, apply, owner: torch.nn.Module 
     return head_part(select(store["hidden"])), output
 
 
+@contextlib.contextmanager
+def _no_grad_checkpoint_notice():
+    """Silence torch's "None of the inputs have requires_grad=True" for a start-up forward without grad.
+
+    These checks run in training mode (see below), so reentrant gradient checkpointing wraps each layer and warns
+    that no gradient will flow, which is true and intended there; the notice would read as a training fault.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
+        yield
+
+
 def verify_head(model, head: OutputHead, vocab_size: int | None = None, owner: torch.nn.Module | None = None) -> float:
     """Check that hidden states + `head` reproduce the model's own logits on a short input; return the max error.
 
@@ -261,7 +274,7 @@ def verify_head(model, head: OutputHead, vocab_size: int | None = None, owner: t
     was_training = base.training
     base.train()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _no_grad_checkpoint_notice():
             ours, output = hidden_then_head(
                 base, {"input_ids": ids, "use_cache": False}, lambda h: h, head.logits_by(owner), owner, head.module
             )
@@ -305,7 +318,7 @@ def check_layout(model, layout: str, attention_override: str | None, pad_token_i
     was_training = base.training
     base.train()
     try:
-        with torch.no_grad(), attention_implementation(base, attention_override):
+        with torch.no_grad(), _no_grad_checkpoint_notice(), attention_implementation(base, attention_override):
             base(**inputs, use_cache=False)
     except (ValueError, NotImplementedError) as err:
         raise ValueError(

@@ -469,7 +469,10 @@ class ORPOTrainer(BaseTrainer):
         self._verify_head_on_first_step = self._partitioned() and not self.is_encoder_decoder
         if not (self._verify_head_on_first_step or self.logits_in_forward):
             try:
-                verify_head(self.model, self.head)
+                # under the training's autocast: PEFT's 4-bit preparation may leave float32 norms before a
+                # half-precision output layer, which only autocast multiplies
+                with self.accelerator.autocast():
+                    verify_head(self.model, self.head)
             except ValueError as err:
                 logger.warning("%s; the model will compute the logits itself (no chunked loss)", err)
                 self.logits_in_forward = True
@@ -510,11 +513,20 @@ class ORPOTrainer(BaseTrainer):
         if hasattr(model, "peft_config"):
             raise ValueError("the model already has a PEFT adapter; pass the base model with peft_config")
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+            dtypes = [m.weight.dtype for m in embeddings]
             model = prepare_model_for_kbit_training(
                 model,
                 use_gradient_checkpointing=args.gradient_checkpointing,
                 gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
             )
+            if args.bf16 or args.fp16:
+                # PEFT upcasts every non-quantized weight to float32, the frozen input and output embeddings too
+                # (2 GiB more at a 128k x 4096 vocabulary). Under mixed precision they are only read in half
+                # precision, so their loaded dtype is restored exactly; norms stay float32 (as in TRL).
+                for module, dtype in zip(embeddings, dtypes):
+                    if module.weight.dtype != dtype and not module.weight.requires_grad:
+                        module.to(dtype)
         elif args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         return get_peft_model(model, peft_config)
@@ -666,7 +678,9 @@ class ORPOTrainer(BaseTrainer):
         total_pairs, total_tokens = self._norm if (self._norm and model.training) else (None, None)
         if self._verify_head_on_first_step:
             self._verify_head_now(model)
-        with attention.attention_implementation(model, self.attention_override):
+        # autocast around the whole computation, not only the model's forward (where accelerate puts it): the
+        # output layer applied to the hidden states runs in the precision the model's own head would
+        with attention.attention_implementation(model, self.attention_override), self.accelerator.autocast():
             result = orpo_forward(
                 model, inputs, self.head, self.beta, self.chunk_size, total_pairs, total_tokens, self.logits_in_forward
             )

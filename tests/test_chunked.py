@@ -303,3 +303,35 @@ def test_half_precision_weight_is_never_copied_to_float32(frozen):
         grads = torch.autograd.grad(logps, [hidden] + ([] if frozen else [weight]), grad_outputs=upstream)
     assert copies == []
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-head", "trainable-head"])
+def test_under_autocast_backward_recomputes_the_logits_forward_computed(frozen):
+    """Under bf16 autocast (mixed-precision training) forward's logits are bf16 products; backward runs outside
+    autocast unless told, and its recomputed logits must be the same bf16 products. Recomputing chunks (chunk 4)
+    then gives the gradients of keeping the single chunk's gradient from forward (chunk N), and both equal
+    autograd through the autocast output layer within bf16 rounding."""
+    (hidden, weight, b), targets, upstream = _inputs(torch.float32, bias=False)
+    if frozen:
+        weight = weight.detach()
+    leaves = [hidden, weight]
+
+    def run(chunk_size):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps, _ = chunked_target_logps(hidden, weight, targets, None, chunk_size)
+        wanted = [t for t in leaves if t.requires_grad]
+        return logps, torch.autograd.grad(logps, wanted, grad_outputs=upstream)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = F.linear(hidden, weight)
+    assert logits.dtype == torch.bfloat16
+    ref = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    ref_grads = torch.autograd.grad(ref, [t for t in leaves if t.requires_grad], grad_outputs=upstream)
+
+    kept_logps, kept = run(N)
+    chunked_logps, chunked = run(4)
+    torch.testing.assert_close(kept_logps, ref, rtol=0, atol=0)
+    torch.testing.assert_close(chunked_logps, ref, rtol=0, atol=0)
+    for g_kept, g_chunked, g_ref in zip(kept, chunked, ref_grads):
+        torch.testing.assert_close(g_chunked, g_kept, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g_chunked, g_ref, rtol=2e-2, atol=2e-2)

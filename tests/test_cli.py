@@ -218,3 +218,59 @@ def torch_close(a, b, name):
     import torch
 
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def _bf16_qlora(tiny, tmp_path, trainer_module):
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model", quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map={"": "cpu"})
+    args = trainer_module.ORPOConfig(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, bf16=True, use_cpu=True,
+        report_to=[], save_strategy="no", max_length=64, disable_tqdm=True, gradient_checkpointing=True,
+    )
+    torch.manual_seed(0)
+    return trainer_module.ORPOTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(ROWS),
+        processing_class=AutoTokenizer.from_pretrained(tiny / "model"),
+        peft_config=LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False),
+    )
+
+
+def test_bf16_qlora_keeps_the_frozen_embeddings_in_their_loaded_dtype(tiny, tmp_path):
+    """PEFT's 4-bit preparation upcasts the frozen input and output embeddings to float32 (2 GiB more for an 8B
+    model with a 128k vocabulary); under bf16 training they return to bf16 exactly, as TRL's trainer leaves them,
+    norms stay float32, and a training step reaches every adapter (gradient checkpointing on, the default)."""
+    import torch
+    from trl.experimental import orpo as trl_orpo
+
+    import orpo_plugin
+
+    ours = _bf16_qlora(tiny, tmp_path / "ours", orpo_plugin)
+    theirs = _bf16_qlora(tiny, tmp_path / "trl", trl_orpo)
+
+    def dtypes(trainer):
+        model = trainer.model
+        norms = {m.weight.dtype for n, m in model.named_modules() if n.endswith("norm")}
+        return model.get_input_embeddings().weight.dtype, model.get_output_embeddings().weight.dtype, norms
+
+    assert dtypes(ours) == dtypes(theirs) == (torch.bfloat16, torch.bfloat16, {torch.float32})
+    from transformers import TrainerCallback
+
+    grads = {}
+
+    class Grads(TrainerCallback):  # through train(): mixed precision is applied where training applies it
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    ours.add_callback(Grads())
+    ours.train()
+    adapters = [n for n, p in ours.model.named_parameters() if p.requires_grad]
+    assert adapters and sorted(grads) == sorted(adapters)
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    assert ours.model.get_output_embeddings().weight.dtype == torch.bfloat16
