@@ -278,11 +278,14 @@ def run_qlora(sizes, cuda, out) -> dict:
         if cuda:
             result["loaded_gib"] = torch.cuda.memory_allocated() / 2**30
         real_tokens = None
-        for method in ("warmup", "packing", "padded", "trl"):
+        # each method first trains 2 untimed steps (CUDA context, kernel selection and allocator warm-up for its
+        # shapes), on a fresh adapter, then a timed epoch on another fresh adapter
+        for method in ("packing-warmup", "packing", "padded-warmup", "padded", "trl-warmup", "trl"):
             entry = {}
+            warmup = method.endswith("-warmup")
             try:
-                trainer = qlora_trainer("packing" if method == "warmup" else method, model, rows, tok, sizes, cuda, out,
-                                        max_steps=2 if method == "warmup" else -1)
+                trainer = qlora_trainer(method.removesuffix("-warmup"), model, rows, tok, sizes, cuda, out,
+                                        max_steps=2 if warmup else -1)
                 if method == "packing":
                     ds = trainer.train_dataset
                     real_tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(
@@ -297,7 +300,7 @@ def run_qlora(sizes, cuda, out) -> dict:
                 entry.update(seconds=seconds, steps=trainer.state.global_step)
                 if cuda:
                     entry["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                if method != "warmup" and real_tokens:
+                if not warmup and real_tokens:
                     entry["tokens_per_s"] = real_tokens / seconds
                 model = trainer.model.unload()  # the base model without this run's adapter, for the next one
                 del trainer
@@ -331,7 +334,8 @@ def table(parity, qlora, cuda, meta) -> str:
               f"gradient checkpointing on; {q.get('pairs')} pairs of up to {q.get('max_length')} tokens, "
               f"{q.get('real_tokens')} real tokens (the prompt counted with each response); packing budget "
               f"{q.get('packing_max_tokens')} tokens per row (attention: {q.get('attention')}); padded methods: "
-              f"{q.get('padded_batch')} pairs per batch. Peak = torch.cuda.max_memory_allocated over train(), reset "
+              f"{q.get('padded_batch')} pairs per batch; each method timed over one epoch after 2 untimed warm-up steps. "
+              f"Peak = torch.cuda.max_memory_allocated over train(), reset "
               f"after loading; limit {MEMORY_LIMIT_GIB:g} GiB.", "",
               "| method | steps | seconds | real tokens/s | vs TRL | vs our padded | peak GiB | < 20 GiB |",
               "|---|---|---|---|---|---|---|---|"]
