@@ -127,11 +127,16 @@ def row_to_text(row: dict[str, Any], index: int, tokenizer) -> tuple[str, str, s
         )
     chosen = _check_messages(chosen, index, "chosen")
     rejected = _check_messages(rejected, index, "rejected")
-    if prompt is None:
+    if isinstance(prompt, str) and not prompt.strip():
+        prompt = None
+    if prompt is None or isinstance(prompt, str):
         n = _common_prefix(chosen, rejected)
         if n == min(len(chosen), len(rejected)):
             n = max(n - 1, 0)
+        text_prompt = prompt
         prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if text_prompt is not None:
+            prompt = _prompt_beside_messages(text_prompt, prompt, tokenizer, index)
         if not prompt:
             raise ValueError(f"row {index}: 'chosen' and 'rejected' share no leading messages to use as the prompt")
     else:
@@ -140,6 +145,32 @@ def row_to_text(row: dict[str, Any], index: int, tokenizer) -> tuple[str, str, s
     if system is not None and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": _check_text(system, index, "system")}] + prompt
     return _render_chat(prompt, chosen, rejected, tokenizer, index)
+
+
+def _prompt_beside_messages(text: str, shared: list[dict], tokenizer, index: int) -> list[dict]:
+    """The prompt of a row whose `prompt` is a string beside `chosen`/`rejected` message lists (TRL's mixed format).
+
+    As in TRL the prompt is the messages both responses start with, and the string must say the same thing: the
+    last shared message's content, all their contents, or their rendering. With no shared messages (responses that
+    are assistant turns only) the string is the user's turn.
+    """
+    _check_text(text, index, "prompt")
+    if not shared:
+        return [{"role": "user", "content": text}]
+    said = text.strip()
+    contents = [m["content"] for m in shared]
+    agreeing = {contents[-1].strip(), "\n".join(contents).strip(), " ".join(contents).strip()}
+    try:
+        agreeing.add(tokenizer.apply_chat_template(shared, tokenize=False, add_generation_prompt=True).strip())
+    except Exception:  # noqa: BLE001 - a template that cannot render the prefix alone; the contents still count
+        pass
+    if said not in agreeing:
+        raise ValueError(
+            f"row {index}: field 'prompt' is the string {text[:60]!r} but 'chosen' and 'rejected' begin with the "
+            f"messages {[m['role'] for m in shared]} ending {contents[-1][:60]!r}; give the prompt once (as messages "
+            "in 'prompt', or only inside 'chosen'/'rejected')"
+        )
+    return shared
 
 
 def _render_chat(prompt, chosen, rejected, tokenizer, index):
@@ -216,6 +247,44 @@ def fit_pair(
     return out
 
 
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return ids | {i for i, token in decoder.items() if getattr(token, "special", False)}
+
+
+def end_of_turn_ids(tokenizer) -> frozenset[int]:
+    """Token ids that end a turn: the tokenizer's EOS and the special tokens its chat template writes after an
+    assistant message (ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`, Phi-3's `<|end|>` ...).
+
+    Read off the template's own rendering of a short conversation; empty for a tokenizer with neither.
+    """
+    ends = {tokenizer.eos_token_id} - {None}
+    if getattr(tokenizer, "chat_template", None) is None:
+        return frozenset(ends)
+    marker = "Orpo0Probe0Reply"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Orpo0Probe0Ask"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:  # noqa: BLE001 - a template that refuses the probe: only EOS is known to end a turn
+        return frozenset(ends)
+    if marker not in text:
+        return frozenset(ends)
+    after = tokenizer(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)["input_ids"]
+    return frozenset(ends | (set(after) & _special_ids(tokenizer)))
+
+
+def _ends_turn(ids: list[int], ends: frozenset[int], tokenizer) -> bool:
+    """Whether `ids` end with an end-of-turn token, possibly followed by whitespace (ChatML's `<|im_end|>\\n`)."""
+    for i in reversed(ids):
+        if i in ends:
+            return True
+        if tokenizer.decode([i]).strip():
+            return False
+    return False
+
+
 def tokenize_pair(
     prompt: str,
     chosen: str,
@@ -225,11 +294,17 @@ def tokenize_pair(
     max_completion_length: int | None = None,
     max_prompt_length: int | None = None,
     truncation_mode: str = "keep_end",
+    end_of_turn: frozenset[int] | None = None,
 ) -> dict[str, Any]:
-    """Token ids of one pair: a shared prompt (BOS first) and two responses (EOS last), truncated by `fit_pair`.
+    """Token ids of one pair: a shared prompt (one BOS first) and two responses, truncated by `fit_pair`.
 
-    Responses are the tokens of `prompt + response` after the prompt's tokens. Where a tokenizer merges across
-    the boundary, the shared prompt is shortened so both branches agree on it.
+    `prompt + response` is tokenized as one text (no special tokens added) and split where both responses'
+    tokens part from each other and from the prompt's own tokens, so `prompt_input_ids + chosen_input_ids` is
+    the tokenization of the whole text (for a chat row: exactly what the template renders), with:
+    - BOS prepended when the tokenizer has one and the text does not already start with it (exactly one BOS);
+    - EOS appended to a response unless it already ends a turn: its last token, trailing whitespace aside, is EOS
+      or the chat template's end-of-turn token (`end_of_turn_ids`; computed here when not given). Plain text without
+      such a token gets EOS, as in TRL; a rendered turn (`...<|im_end|>\\n`) is not given a second one.
     Returns the three id lists plus `truncated`, `prompt_truncated` and `drop` (a reason, or "").
     """
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -241,7 +316,8 @@ def tokenize_pair(
     if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
         prompt_ids = [bos] + prompt_ids
     if eos is not None:
-        responses = [r if (r and r[-1] == eos) else r + [eos] for r in responses]
+        ends = end_of_turn_ids(tokenizer) if end_of_turn is None else end_of_turn
+        responses = [r if _ends_turn(r, ends, tokenizer) else r + [eos] for r in responses]
     return fit_pair(prompt_ids, responses, max_length, max_completion_length, max_prompt_length, truncation_mode, bos)
 
 
@@ -335,6 +411,7 @@ def prepare_dataset(
         )
     bos = getattr(tokenizer, "bos_token_id", None)
     fit_length = None if encoder_decoder else max_length
+    ends = None if pretokenized or encoder_decoder else end_of_turn_ids(tokenizer)
 
     def convert(row, index):
         if pretokenized:
@@ -367,7 +444,7 @@ def prepare_dataset(
             else:
                 out = tokenize_pair(
                     prompt, chosen, rejected, tokenizer, max_length, max_completion_length, max_prompt_length,
-                    truncation_mode,
+                    truncation_mode, ends,
                 )
         if drop_long_pairs and (out["truncated"] or out["prompt_truncated"]) and not out["drop"]:
             out["drop"] = DROP_TOO_LONG
@@ -437,7 +514,7 @@ def _rows_to_dataset(rows: list, tokenizer):
         if not plain:
             row_to_text(row, index, tokenizer)
     try:
-        return Dataset.from_list(rows)
+        return dataset_from_rows(rows)
     except Exception as err:  # arrow's errors vary (ArrowInvalid, ArrowTypeError, OverflowError, ...)
         for index, row in enumerate(rows):  # now also the rows that lack a column
             if not all(k in row for k in COLUMNS):
@@ -459,6 +536,17 @@ def _rows_to_dataset(rows: list, tokenizer):
                 except Exception:
                     raise TypeError(f"row {index}: field '{name}' holds a value arrow cannot store ({err})") from None
         raise
+
+
+def dataset_from_rows(rows: list[dict[str, Any]]):
+    """A `datasets.Dataset` with a column for every key any row has; a row without a key holds None there.
+
+    (`Dataset.from_list` keeps only the first row's keys: a `prompt` that only later rows have would be lost.)
+    """
+    from datasets import Dataset
+
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return Dataset.from_dict({k: [row.get(k) for row in rows] for k in keys})
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -487,19 +575,19 @@ def load_preference_dataset(name_or_path: str, split: str = "train", config: str
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            return datasets.Dataset.from_list(read_jsonl(path))
+            return dataset_from_rows(read_jsonl(path))
         if suffix == ".json":
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError:  # JSON lines under a .json name
-                return datasets.Dataset.from_list(read_jsonl(path))
+                return dataset_from_rows(read_jsonl(path))
             if isinstance(data, dict) and split in data:
                 data = data[split]
             elif isinstance(data, dict):  # a single row (one JSON line under a .json name)
                 data = [data]
-            if not isinstance(data, list):
+            if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
                 raise ValueError(f"{path}: expected a JSON list of rows (or {{'{split}': [...]}})")
-            return datasets.Dataset.from_list(data)
+            return dataset_from_rows(data)
         if suffix == ".parquet":
             return datasets.Dataset.from_parquet(str(path))
         raise ValueError(f"{path}: unsupported file type '{suffix}' (use .json, .jsonl or .parquet)")

@@ -38,26 +38,28 @@ def enc(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def expected_pair(tok, prompt_text, chosen_text, rejected_text):
-    """BOS + the prompt's tokens; each response's tokens + EOS (for texts whose boundary no BPE merge crosses)."""
+def expected_pair(tok, prompt_text, chosen_text, rejected_text, eos=True):
+    """BOS + the prompt's tokens; each response's tokens, + EOS for plain text (a chat turn ends with the template's
+    end-of-turn token instead); for texts whose boundary no BPE merge crosses."""
     for response in (chosen_text, rejected_text):
         assert enc(tok, prompt_text + response) == enc(tok, prompt_text) + enc(tok, response), "test precondition"
+    end = [tok.eos_token_id] if eos else []
     return {
         "prompt_input_ids": [tok.bos_token_id] + enc(tok, prompt_text),
-        "chosen_input_ids": enc(tok, chosen_text) + [tok.eos_token_id],
-        "rejected_input_ids": enc(tok, rejected_text) + [tok.eos_token_id],
+        "chosen_input_ids": enc(tok, chosen_text) + end,
+        "rejected_input_ids": enc(tok, rejected_text) + end,
     }
 
 
-def assert_pair(tok, got, prompt_text, chosen_text, rejected_text):
-    want = expected_pair(tok, prompt_text, chosen_text, rejected_text)
+def assert_pair(tok, got, prompt_text, chosen_text, rejected_text, eos=True):
+    want = expected_pair(tok, prompt_text, chosen_text, rejected_text, eos)
     assert {k: list(got[k]) for k in data.COLUMNS} == want
     assert got["prompt_input_ids"][0] == tok.bos_token_id
     for name, text in (("chosen", chosen_text), ("rejected", rejected_text)):
         ids = got["prompt_input_ids"] + got[f"{name}_input_ids"]
-        assert ids[-1] == tok.eos_token_id
-        # Decoding prompt + response gives back the rendered text, between BOS and EOS.
-        assert tok.decode(ids) == tok.bos_token + prompt_text + text + tok.eos_token
+        assert ids.count(tok.eos_token_id) == int(eos) and ids.count(tok.bos_token_id) == 1
+        # Decoding prompt + response gives back the rendered text, after BOS (and before EOS for plain text).
+        assert tok.decode(ids) == tok.bos_token + prompt_text + text + (tok.eos_token if eos else "")
 
 
 def chat_prompt(*messages):
@@ -103,8 +105,8 @@ def test_conversational(tiny_tokenizer):
     ]
     ds, stats = prepare_dataset(rows, tiny_tokenizer)
     assert stats.kept == 2
-    assert_pair(tiny_tokenizer, ds[0], chat_prompt(user(SKY)), "Blue.<|end|>", "Green.<|end|>")
-    assert_pair(tiny_tokenizer, ds[1], chat_prompt(system("Be brief."), user(FIRE)), "Yes.<|end|>", "No.<|end|>")
+    assert_pair(tiny_tokenizer, ds[0], chat_prompt(user(SKY)), "Blue.<|end|>", "Green.<|end|>", eos=False)
+    assert_pair(tiny_tokenizer, ds[1], chat_prompt(system("Be brief."), user(FIRE)), "Yes.<|end|>", "No.<|end|>", eos=False)
 
 
 def test_implicit_prompt_strings(tiny_tokenizer):
@@ -128,8 +130,8 @@ def test_implicit_prompt_messages(tiny_tokenizer):
         },
     ]
     ds, _ = prepare_dataset(rows, tiny_tokenizer)
-    assert_pair(tiny_tokenizer, ds[0], chat_prompt(user(SKY)), "Blue.<|end|>", "Green.<|end|>")
-    assert_pair(tiny_tokenizer, ds[1], chat_prompt(system("Be brief."), user(FIRE)), "Yes.<|end|>", "No.<|end|>")
+    assert_pair(tiny_tokenizer, ds[0], chat_prompt(user(SKY)), "Blue.<|end|>", "Green.<|end|>", eos=False)
+    assert_pair(tiny_tokenizer, ds[1], chat_prompt(system("Be brief."), user(FIRE)), "Yes.<|end|>", "No.<|end|>", eos=False)
 
 
 def test_axolotl_argilla_rows(tiny_tokenizer):
@@ -143,14 +145,14 @@ def test_axolotl_argilla_rows(tiny_tokenizer):
     ]
     ds, stats = prepare_dataset(rows, tiny_tokenizer)
     assert stats.kept == 2
-    assert_pair(tiny_tokenizer, ds[0], chat_prompt(system("Be brief."), user(SKY)), "Blue.<|end|>", "Green.<|end|>")
-    assert_pair(tiny_tokenizer, ds[1], chat_prompt(user(FIRE)), "Yes.<|end|>", "No.<|end|>")
+    assert_pair(tiny_tokenizer, ds[0], chat_prompt(system("Be brief."), user(SKY)), "Blue.<|end|>", "Green.<|end|>", eos=False)
+    assert_pair(tiny_tokenizer, ds[1], chat_prompt(user(FIRE)), "Yes.<|end|>", "No.<|end|>", eos=False)
 
 
 def test_argilla_without_system_column(tiny_tokenizer):
     rows = [{"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]}]
     ds, _ = prepare_dataset(datasets.Dataset.from_list(rows), tiny_tokenizer)
-    assert_pair(tiny_tokenizer, ds[0], chat_prompt(user(SKY)), "Blue.<|end|>", "Green.<|end|>")
+    assert_pair(tiny_tokenizer, ds[0], chat_prompt(user(SKY)), "Blue.<|end|>", "Green.<|end|>", eos=False)
 
 
 def test_pretokenized_rows_pass_through(tiny_tokenizer):
@@ -514,7 +516,7 @@ def test_long_prompt_keep_end_keeps_the_latest_turns_and_bos(tiny_tokenizer):
     assert "prompts truncated to max_prompt_length: 1" in stats.summary()
     for name in ("chosen_input_ids", "rejected_input_ids"):  # the responses fit after the prompt was cut
         assert len(prompt) + len(ds[0][name]) <= max_length
-        assert ds[0][name][-1] == tiny_tokenizer.eos_token_id
+        assert tiny_tokenizer.decode(ds[0][name][-1:]) == "<|end|>"  # the template's end of turn, no EOS after
 
 
 def test_long_prompt_keep_start(tiny_tokenizer):

@@ -61,9 +61,10 @@ def one_step(trainer_cls, config_cls, model, tok, rows, **kw):
     return loss.item(), logs, grads
 
 
-def trl_step(model, tok, rows, **kw):
+def trl_step(model, tok, rows, trainer_cls=None, **kw):
     from trl.experimental.orpo import ORPOConfig as TRLConfig, ORPOTrainer as TRLTrainer
 
+    TRLTrainer = trainer_cls or TRLTrainer
     t = TRLTrainer(model=model, args=TRLConfig(**config(**kw)), train_dataset=Dataset.from_list(rows), processing_class=tok)
     batch = t._prepare_inputs(next(iter(t.get_train_dataloader())))
     t.model.train()
@@ -85,12 +86,34 @@ def assert_same(a, b, metrics=METRICS, atol=1e-5):
         torch.testing.assert_close(ga[k], gb[k], atol=atol, rtol=1e-4, msg=k)
 
 
-@pytest.mark.parametrize("rows", [ROWS, CONV_ROWS], ids=["standard", "conversational"])
-def test_matches_trl_loss_metrics_and_grads(tok, rows):
+def test_matches_trl_loss_metrics_and_grads(tok):
     model = build_model(len(tok), hidden_size=32, num_layers=2)
-    ours = one_step(ORPOTrainer, ORPOConfig, copy.deepcopy(model), tok, rows)
-    theirs = trl_step(copy.deepcopy(model), tok, rows)
+    ours = one_step(ORPOTrainer, ORPOConfig, copy.deepcopy(model), tok, ROWS)
+    theirs = trl_step(copy.deepcopy(model), tok, ROWS)
     assert_same(ours, theirs)
+
+
+def test_conversational_rows_match_trl_on_our_ids_and_differ_only_by_the_second_eos(tok):
+    """TRL appends EOS after the template's end-of-turn token; we do not (item 1 of the README's differences). On our
+    ids, TRL's trainer computes the same loss, metrics and gradients; TRL's own ids are ours plus that EOS."""
+    from orpo_plugin.data import prepare_dataset
+
+    from helpers.trl_ref import pretokenized_trl_trainer, trl_rows  # tests/helpers
+
+    model = build_model(len(tok), hidden_size=32, num_layers=2)
+    ours = one_step(ORPOTrainer, ORPOConfig, copy.deepcopy(model), tok, CONV_ROWS)
+    prepared, _ = prepare_dataset(CONV_ROWS, tok, max_length=64)
+    theirs = trl_step(copy.deepcopy(model), tok, trl_rows(prepared), trainer_cls=pretokenized_trl_trainer())
+    assert_same(ours, theirs)
+
+    from trl.experimental.orpo import ORPOConfig as TRLConfig, ORPOTrainer as TRLTrainer
+
+    trl_ds = TRLTrainer(model=copy.deepcopy(model), args=TRLConfig(**config()), train_dataset=Dataset.from_list(CONV_ROWS),
+                        processing_class=tok).train_dataset
+    for row, trl_row in zip(prepared, trl_ds):
+        for name in ("chosen", "rejected"):
+            assert tok.decode(row[f"{name}_input_ids"]).endswith("<|end|>")
+            assert trl_row[f"{name}_input_ids"] == row["prompt_input_ids"] + row[f"{name}_input_ids"] + [tok.eos_token_id]
 
 
 def test_mean_logit_metrics_match_trl_without_padding(tok):
