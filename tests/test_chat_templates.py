@@ -13,7 +13,7 @@ import pytest
 
 from orpo_plugin import data
 from orpo_plugin.data import end_of_turn_ids, load_preference_dataset, prepare_dataset
-from tests.helpers.templates import CASES, assert_rendering, build_template_tokenizer
+from helpers.templates import CASES, assert_rendering, build_template_tokenizer  # tests/helpers
 
 
 def user(text):
