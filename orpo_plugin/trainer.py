@@ -568,7 +568,7 @@ class ORPOTrainer(BaseTrainer):
             if impl in ("flex_attention", attention.FLEX_NAME):
                 return attention.register(attention.FLEX_NAME), f"{impl} model"
             if impl in ("flash_attention_2", attention.FLASH_NAME):
-                attention._flash_kernel()  # fail now, with a clear message, if flash-attn is missing
+                attention.varlen._flash_kernel()  # fail now, with a clear message, if flash-attn is missing
                 return attention.register(attention.FLASH_NAME), f"{impl} model"
             raise ValueError(
                 f"prefix_sharing runs on sdpa, eager (through orpo_plugin's '{attention.ATTENTION_NAME}'), "

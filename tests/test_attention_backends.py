@@ -150,10 +150,10 @@ def kernels(monkeypatch):
 
     def set_(flash=True, varlen="2.13", flex=True):
         fakes = {None: None, "2.13": varlen_attn_2_13, "legacy": varlen_attn_legacy}
-        monkeypatch.setattr(attention, "flash_attn_available", lambda: flash)
-        monkeypatch.setattr(attention, "flex_available", lambda: flex)
+        monkeypatch.setattr(attention.varlen, "flash_attn_available", lambda: flash)
+        monkeypatch.setattr(attention.flex, "flex_available", lambda: flex)
         real = torch_varlen_kernel
-        monkeypatch.setattr(attention, "torch_varlen_kernel",
+        monkeypatch.setattr(attention.varlen, "torch_varlen_kernel",
                             lambda fn=None: None if fakes[varlen] is None else real(fn or fakes[varlen]))
 
     return set_
@@ -271,7 +271,7 @@ def test_training_through_the_flash_varlen_path_equals_padded(kernels, monkeypat
     import test_model_matrix as mm
 
     kernels(flash=True)
-    monkeypatch.setattr(attention, "_flash_kernel", lambda: attention.varlen_reference)
+    monkeypatch.setattr(attention.varlen, "_flash_kernel", lambda: attention.varlen_reference)
     ours, padded, chosen = _step_on_cuda_path(monkeypatch, "gemma2", layout, checkpointing, False)
     assert chosen == [attention.FLASH_NAME, None]
     mm.assert_close(ours, padded)
