@@ -204,7 +204,7 @@ def test_trainer_choice_on_cuda_logs_the_kernel_and_cpu_is_unchanged(kernels, mo
     model = build("mistral", 50)
     caplog.set_level(logging.INFO, logger="orpo_plugin")
     assert ORPOTrainer._choose_attention(model, _args(packing=True)) == attention.ATTENTION_NAME  # CPU: orpo_sdpa
-    monkeypatch.setattr(attention, "on_cuda", lambda model, use_cpu: True)
+    monkeypatch.setattr(attention.backends, "on_cuda", lambda model, use_cpu: True)
     assert ORPOTrainer._choose_attention(model, _args(prefix_sharing=True)) == attention.VARLEN_NAME
     assert ORPOTrainer._choose_attention(model, _args(padding_free=True, attention_backend="sdpa")) == "orpo_sdpa"
     assert ORPOTrainer._choose_attention(model, _args(attention_backend="flex")) is None  # padded: the model's own
@@ -242,7 +242,7 @@ def _step_on_cuda_path(monkeypatch, model, layout, checkpointing, reference_chec
     from orpo_plugin import ORPOTrainer
     from orpo_plugin.toy import build_tokenizer
 
-    monkeypatch.setattr(attention, "on_cuda", lambda model, use_cpu: True)
+    monkeypatch.setattr(attention.backends, "on_cuda", lambda model, use_cpu: True)
     chosen = []
     real = ORPOTrainer._choose_attention
     monkeypatch.setattr(ORPOTrainer, "_choose_attention", staticmethod(lambda m, a: chosen.append(real(m, a)) or chosen[-1]))

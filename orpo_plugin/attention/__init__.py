@@ -6,7 +6,8 @@ transformers' AttentionInterface so every model built on that interface can use 
 - `sdpa`: `orpo_sdpa`, per-segment padded buckets, one batched sdpa call each (any device, every feature).
 - `varlen`: `orpo_flash` (flash-attn) and `orpo_varlen` (torch's varlen_attn), the row as cu_seqlens.
 - `flex`: `orpo_flex`, flex_attention with the row's BlockMask.
-- `backends`: which of them runs a row (`choose_backend`), their registration, `attention_implementation`.
+- `backends`: which of them runs a row (`pick_attention`, `choose_backend`), their registration,
+  `attention_implementation`.
 """
 
 from .backends import (
@@ -18,6 +19,7 @@ from .backends import (
     choose_backend,
     model_features,
     on_cuda,
+    pick_attention,
     register,
 )
 from .contract import (
@@ -69,6 +71,7 @@ __all__ = [
     "orpo_flex_attention",
     "orpo_sdpa_attention",
     "orpo_varlen_attention",
+    "pick_attention",
     "packed_block_mask",
     "prefix_sharing_block_mask",
     "prefix_sharing_mask",

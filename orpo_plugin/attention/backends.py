@@ -1,5 +1,6 @@
-"""Which kernel runs a padding-free, packed or prefix-shared row (`choose_backend`), the registration of every
-orpo_* path with transformers (`register`), and running a model under one (`attention_implementation`)."""
+"""Which kernel runs a padding-free, packed or prefix-shared row (`pick_attention`, `choose_backend`), the
+registration of every orpo_* path with transformers (`register`), and running a model under one
+(`attention_implementation`)."""
 
 from __future__ import annotations
 
@@ -111,6 +112,47 @@ def choose_backend(model, forced: str = "auto", cuda: bool = True) -> tuple:
         why = "first available" + (f" ({'; '.join(skipped)})" if skipped else "")
         return name, BACKENDS[name], why
     raise AssertionError("orpo_sdpa honours every feature")  # pragma: no cover
+
+
+def pick_attention(
+    base, layout: str, attention_backend: str = "auto", use_cpu: bool = False, varlen_attention: bool = True
+) -> tuple[str | None, str]:
+    """(attention implementation registered for `layout` on the unwrapped model `base`, None for the model's own;
+    why), or a clear refusal. On CUDA, or when `attention_backend` is forced, the kernel comes from `choose_backend`."""
+    impl = getattr(base.config, "_attn_implementation", None) or "eager"
+    if not getattr(base, "_supports_attention_backend", False) and not str(impl).startswith("flash"):
+        raise ValueError(
+            f"{type(base).__name__} does not use transformers' attention interface, so it cannot take the "
+            f"{layout} layout; use the padded layout (padding_free=False, packing=False, prefix_sharing=False)"
+        )
+    forced = attention_backend != "auto"
+    cuda = on_cuda(base, use_cpu)
+    picks_kernel = impl in ("sdpa", "eager", ATTENTION_NAME) and (
+        layout == "prefix_sharing" or varlen_attention
+    )
+    if forced or (cuda and picks_kernel):
+        backend, name, why = choose_backend(base, attention_backend, cuda)
+        return register(name), f"attention_backend={backend}: {why}"
+    if layout == "prefix_sharing":
+        if impl in ("sdpa", "eager", ATTENTION_NAME):
+            return register(), f"{impl} model"
+        if impl in ("flex_attention", FLEX_NAME):
+            return register(FLEX_NAME), f"{impl} model"
+        if impl in ("flash_attention_2", FLASH_NAME):
+            varlen._flash_kernel()  # fail now, with a clear message, if flash-attn is missing
+            return register(FLASH_NAME), f"{impl} model"
+        raise ValueError(
+            f"prefix_sharing runs on sdpa, eager (through orpo_plugin's '{ATTENTION_NAME}'), "
+            f"flex_attention (a prefix-sharing BlockMask) or flash_attention_2 (varlen, different cu_seqlens "
+            f"for queries and keys) models; this model uses attn_implementation={impl!r}"
+        )
+    if impl in ("sdpa", "eager") and varlen_attention:
+        return register(), f"{impl} model"
+    if impl in NATIVE_PACKED or impl == ATTENTION_NAME:
+        return None, f"{impl} model, packed sequences from position_ids"
+    raise ValueError(
+        f"padding_free/packing needs attn_implementation in {NATIVE_PACKED}; this model uses {impl!r}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
