@@ -23,8 +23,9 @@ def _train(argv: list[str]) -> int:
     from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
     from .callbacks import LogpsPlotCallback, MetricsFileCallback
+    from .config import ORPOConfig
     from .data import load_preference_dataset
-    from .trainer import ORPOConfig, ORPOTrainer
+    from .trainer import ORPOTrainer
 
     parser = TrlParser((ScriptArguments, ORPOConfig, ModelConfig), prog="orpo-plugin train")
     script_args, training_args, model_args = parser.parse_args_and_config(argv)

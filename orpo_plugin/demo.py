@@ -79,7 +79,8 @@ def run_demo(
     import torch
 
     from .callbacks import LogpsPlotCallback, MetricsFileCallback
-    from .trainer import ORPOConfig, ORPOTrainer
+    from .config import ORPOConfig
+    from .trainer import ORPOTrainer
 
     torch.manual_seed(seed)
     os.makedirs(output_dir, exist_ok=True)

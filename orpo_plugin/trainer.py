@@ -1,33 +1,26 @@
-"""ORPOConfig and ORPOTrainer: drop-in replacements for `trl.experimental.orpo`, wiring only.
-
-The math lives in `losses.py`/`chunked.py`, the layouts in `collators.py`, the grouping in `packing.py`.
+"""ORPOTrainer, a drop-in for TRL's: the training loop's wiring (datasets, loader, attention choice, loss and its
+normalisation, metric logging). Apart: config.py, model_setup.py, generation.py (during eval), model_card.py.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
-import json
 import logging
 import math
-import os
-import random
-import shutil
-import textwrap
 from collections import defaultdict
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
+from transformers import AutoTokenizer, TrainerCallback, set_seed
 
 from . import attention
-from ._compat import BaseConfig, BaseTrainer, bf16_left_unset
+from ._compat import BaseTrainer
 from .chunked import default_chunk_size
 from .collators import PreferenceCollator, pair_cost
-from .data import TRUNCATION_MODES, prepare_dataset
+from .config import ORPOConfig
+from .data import prepare_dataset
+from .generation import EvalGenerationsMixin
+from .model_card import ModelCardMixin
+from .model_setup import apply_peft, disable_dropout_in_model, load_model
 from .modeling import (
     OutputHead,
     cpu_4bit_layers,
@@ -45,233 +38,6 @@ from .packing import PackedBatchSampler
 logger = logging.getLogger("orpo_plugin")
 
 
-@dataclass
-class ORPOConfig(BaseConfig):
-    r"""Configuration of [`ORPOTrainer`]: every `TrainingArguments` field plus the ORPO ones below.
-
-    Field names and defaults match `trl.experimental.orpo.ORPOConfig` where both have them, so a TRL script runs
-    by changing its import.
-    """
-
-    # ---- objective
-    learning_rate: float = field(default=1e-6, metadata={"help": "The initial learning rate for AdamW."})
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "Weight of the odds-ratio term (the paper's lambda): L = NLL(chosen) + beta * L_OR."},
-    )
-    nll_on_prompt: bool = field(
-        default=True,
-        metadata={
-            "help": "Compute the NLL over prompt and chosen tokens (True, as TRL does) or over the chosen "
-            "completion only (False, the ORPO paper code's completion-only option)."
-        },
-    )
-
-    # ---- data
-    max_length: int | None = field(
-        default=1024,
-        metadata={
-            "help": "Maximum tokens of prompt + one response. A longer pair has its prompt cut to max_prompt_length "
-            "first, then its responses."
-        },
-    )
-    max_prompt_length: int | None = field(
-        default=None,
-        metadata={
-            "help": "Prompt tokens kept when a pair exceeds max_length (as TRL's DPO did); pairs that fit are never "
-            "cut. Default (None): as TRL's ORPO, only responses are cut, except that a prompt that alone fills "
-            "max_length is cut to max_length // 2 instead of leaving nothing to score. Encoder-decoder models: the "
-            "encoder input's limit (default: none)."
-        },
-    )
-    truncation_mode: str = field(
-        default="keep_end",
-        metadata={
-            "help": "Which part of a long prompt is kept: 'keep_end' (the latest tokens, e.g. the last turns; a "
-            "leading BOS stays first) or 'keep_start'.",
-            "choices": ["keep_end", "keep_start"],
-        },
-    )
-    max_completion_length: int | None = field(
-        default=None, metadata={"help": "Maximum tokens of one response (after max_length truncation)."}
-    )
-    drop_long_pairs: bool = field(
-        default=False,
-        metadata={"help": "Drop (and count) pairs that would need truncation instead of truncating them."},
-    )
-    dataset_num_proc: int | None = field(
-        default=None, metadata={"help": "Number of processes used to tokenize the dataset."}
-    )
-    padding_value: int | None = field(
-        default=None, metadata={"help": "Pad token id. If None, the tokenizer's pad token (or eos) is used."}
-    )
-    pad_to_multiple_of: int | None = field(
-        default=None, metadata={"help": "Pad each micro-batch (or packed row) to a multiple of this many tokens."}
-    )
-
-    # ---- layout
-    padding_free: bool = field(
-        default=False,
-        metadata={
-            "help": "Lay all chosen and rejected sequences of a micro-batch end to end in one row, with no pad "
-            "tokens; position_ids restart per sequence and flash-attention varlen arguments are supplied."
-        },
-    )
-    packing: bool = field(
-        default=False,
-        metadata={
-            "help": "Implies padding_free. Group whole pairs into micro-batches of at most packing_max_tokens "
-            "tokens (first-fit-decreasing in a shuffled window) instead of a fixed number of pairs."
-        },
-    )
-    packing_max_tokens: int | None = field(
-        default=None,
-        metadata={
-            "help": "Hard token budget of a packed micro-batch. Default: max_length * per_device_train_batch_size, "
-            "and at least 2 * max_length so any pair fits."
-        },
-    )
-    packing_window: int | None = field(
-        default=None, metadata={"help": "Pairs shuffled together before first-fit-decreasing (default 1024)."}
-    )
-    prefix_sharing: bool = field(
-        default=False,
-        metadata={
-            "help": "Lay each pair out once as [prompt][chosen][rejected] so the prompt is computed once. Implies a "
-            "padding-free row; combines with packing."
-        },
-    )
-    varlen_attention: bool = field(
-        default=True,
-        metadata={
-            "help": "For padding-free rows on sdpa/eager models, run attention per sequence (exact, cost sum(len^2)) "
-            "instead of transformers' dense block-diagonal mask."
-        },
-    )
-    attention_backend: str = field(
-        default="auto",
-        metadata={
-            "help": "Kernel for padding-free/packed/prefix-shared rows on a CUDA sdpa/eager model. 'auto' takes the "
-            "first that runs and honours the model's attention features (sliding window, soft-capping, sinks): "
-            "'flash_attn' (the flash-attn package), 'torch_varlen' (torch.nn.attention.varlen.varlen_attn, no "
-            "flash-attn build), 'flex' (compiled flex_attention with a BlockMask), 'sdpa' (orpo_sdpa buckets). A "
-            "named one is used or refused at start. On a CPU only 'sdpa' runs.",
-            "choices": ["auto", "flash_attn", "torch_varlen", "flex", "sdpa"],
-        },
-    )
-
-    # ---- memory
-    chunked_loss: bool = field(
-        default=True,
-        metadata={
-            "help": "Compute log-probs from the hidden states and the output-layer weight in chunks of tokens, so "
-            "[tokens x vocab] logits never exist at once. Falls back (with a notice) where the output layer is "
-            "not a plain Linear."
-        },
-    )
-    loss_chunk_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Tokens per chunk of the chunked loss. Default: as many as keep one chunk of float32 logits "
-            "within 512 MiB (1024 tokens at a 128k vocabulary, 4096 at 32k). A micro-batch whose predictions fit "
-            "in one chunk keeps that chunk's gradient for backward instead of recomputing its logits."
-        },
-    )
-
-    # ---- model
-    disable_dropout: bool = field(default=True, metadata={"help": "Whether to disable dropout in the model."})
-    model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is a string."},
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow models that ship custom code (passed to from_pretrained)."}
-    )
-
-    # ---- accepted for TRL compatibility
-    # ---- evaluation
-    generate_during_eval: bool = field(
-        default=False,
-        metadata={
-            "help": "At each evaluation, generate completions (greedy) for a fixed sample of per_device_eval_batch_size "
-            "eval prompts, at most max_completion_length new tokens; write them to output_dir/generations/step-N.jsonl "
-            "and log them as a table to wandb, comet_ml or trackio when those are in report_to."
-        },
-    )
-    is_encoder_decoder: bool | None = field(
-        default=None,
-        metadata={"help": "Whether the model is an encoder-decoder (read from the model; checked against it if set)."},
-    )
-
-    _VALID_DICT_FIELDS = list(getattr(BaseConfig, "_VALID_DICT_FIELDS", [])) + ["model_init_kwargs"]
-
-    def __post_init__(self):
-        if bf16_left_unset(self) and not self.fp16:
-            self.bf16 = self._default_bf16()
-        super().__post_init__()
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
-        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
-            raise ValueError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
-        if self.packing_max_tokens is not None and self.packing_max_tokens < 2:
-            raise ValueError(f"packing_max_tokens must be >= 2, got {self.packing_max_tokens}")
-        if self.attention_backend not in attention.BACKEND_CHOICES:
-            raise ValueError(f"attention_backend must be one of {attention.BACKEND_CHOICES}, got {self.attention_backend!r}")
-        if self.truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
-        if self.max_prompt_length is not None:
-            if self.max_prompt_length < 1:
-                raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
-            if self.max_length is not None and self.max_prompt_length >= self.max_length:
-                raise ValueError(
-                    f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length}) to leave "
-                    "room for the responses"
-                )
-
-    def _default_bf16(self) -> bool:
-        """bf16 left unset: on where training runs on an accelerator with bf16 (TRL's default), else float32.
-
-        transformers refuses `bf16=True` on a machine without such an accelerator unless `use_cpu=True`, and bf16
-        autocast on a CPU is an explicit choice (`bf16=True, use_cpu=True`), so a CPU run trains in float32.
-        """
-        from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
-
-        if not self.use_cpu and (is_torch_bf16_gpu_available() or is_torch_xla_available()):
-            return True
-        where = "use_cpu=True" if self.use_cpu else "no accelerator with bf16 on this machine"
-        logger.warning(
-            "bf16 left unset and %s: training in float32. Set bf16=True (with use_cpu=True on a CPU) for bf16 mixed "
-            "precision, or bf16=False to silence this notice.", where,
-        )
-        return False
-
-    @property
-    def layout(self) -> str:
-        if self.prefix_sharing:
-            return "prefix_sharing"
-        return "padding_free" if (self.padding_free or self.packing) else "padded"
-
-    def prompt_limit(self, encoder_decoder: bool = False) -> int | None:
-        """max_prompt_length as set (None: the default rule of `data.fit_pair`)."""
-        return self.max_prompt_length
-
-    def packing_budget(self) -> int:
-        if self.packing_max_tokens is not None:
-            return self.packing_max_tokens
-        max_length = self.max_length or 1024
-        return max(max_length * self.per_device_train_batch_size, 2 * max_length)
-
-
-def disable_dropout_in_model(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-
-
 class _EpochSetter(TrainerCallback):
     """Tell the packed sampler which epoch it is (also after a resume), on every transformers version."""
 
@@ -282,63 +48,9 @@ class _EpochSetter(TrainerCallback):
         self.sampler.set_epoch(int(math.floor(state.epoch or 0)))
 
 
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("orpo-plugin")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _report_table(rows: list[dict], report_to: list[str], name: str) -> None:
-    """Log generations as a table to the reporters that take tables (each one only when it is installed)."""
-    wanted = [r for r in ("wandb", "comet_ml", "trackio") if r in report_to or "all" in report_to]
-    if not wanted:
-        return
-    try:
-        import pandas as pd
-    except ImportError:
-        logger.warning("generate_during_eval: pandas is not installed; the generations table is only written to file")
-        return
-    table = pd.DataFrame(rows, columns=["step", "prompt", "chosen", "rejected", "generated"])
-    if "wandb" in wanted:
-        try:
-            import wandb
-        except ImportError:
-            wandb = None
-        if wandb is not None and wandb.run is not None:
-            wandb.log({name: wandb.Table(dataframe=table)})
-    if "comet_ml" in wanted:
-        from transformers import is_comet_available
-
-        if is_comet_available():
-            from trl.trainer.utils import log_table_to_comet_experiment
-
-            log_table_to_comet_experiment(name=f"{name}.csv", table=table)
-    if "trackio" in wanted:
-        try:
-            import trackio
-        except ImportError:
-            trackio = None
-        if trackio is not None and hasattr(trackio, "Table"):
-            trackio.log({name: trackio.Table(dataframe=table)})
-
-
-class ORPOTrainer(BaseTrainer):
+class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, BaseTrainer):
     """ORPO without a reference model: NLL on chosen + beta * odds-ratio loss, packed and chunked when asked."""
 
-    _tag_names = ["trl", "orpo", "orpo-plugin"]
-    _name = "ORPO"
-    _paper = {
-        "title": "ORPO: Monolithic Preference Optimization without Reference Model",
-        "id": "2403.07691",
-        "citation": textwrap.dedent("""\
-            @article{hong2024orpo,
-                title        = {{ORPO: Monolithic Preference Optimization without Reference Model}},
-                author       = {Jiwoo Hong and Noah Lee and James Thorne},
-                year         = 2024,
-                eprint       = {arXiv:2403.07691}
-            }"""),
-    }
     # compute_loss normalises by the totals of the whole accumulated batch (see get_batch_samples)
     loss_is_scaled_for_ga = True
 
@@ -368,7 +80,7 @@ class ORPOTrainer(BaseTrainer):
 
         model_id = model if isinstance(model, str) else None
         if isinstance(model, str):
-            model = self._load_model(model, args)
+            model = load_model(model, args)
         elif args.model_init_kwargs:
             raise ValueError("model_init_kwargs is set but the model is already instantiated")
         self.is_encoder_decoder = bool(getattr(getattr(unwrap(model), "config", None), "is_encoder_decoder", False))
@@ -386,7 +98,7 @@ class ORPOTrainer(BaseTrainer):
             # the adapter's random init draws from the global RNG: seed it as Trainer seeds everything after it, so
             # the same seed gives the same adapter whatever ran before in the process
             set_seed(args.seed)
-            model = self._apply_peft(model, peft_config, args)
+            model = apply_peft(model, peft_config, args)
         elif args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         if args.disable_dropout:
@@ -493,45 +205,6 @@ class ORPOTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------------------------------ setup helpers
     @staticmethod
-    def _load_model(name: str, args: ORPOConfig):
-        kwargs = dict(args.model_init_kwargs or {})
-        dtype = kwargs.get("dtype", kwargs.pop("torch_dtype", "auto"))
-        if isinstance(dtype, str) and dtype != "auto":
-            if not isinstance(getattr(torch, dtype, None), torch.dtype):
-                raise ValueError(f"model_init_kwargs.dtype: unknown dtype {dtype!r}")
-            dtype = getattr(torch, dtype)
-        kwargs["dtype"] = dtype
-        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
-
-    @staticmethod
-    def _apply_peft(model, peft_config, args: ORPOConfig):
-        from peft import PeftConfig, get_peft_model, prepare_model_for_kbit_training
-
-        if not isinstance(peft_config, PeftConfig):
-            raise TypeError(f"peft_config must be a peft.PeftConfig, got {type(peft_config).__name__}")
-        if hasattr(model, "peft_config"):
-            raise ValueError("the model already has a PEFT adapter; pass the base model with peft_config")
-        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-            embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
-            dtypes = [m.weight.dtype for m in embeddings]
-            model = prepare_model_for_kbit_training(
-                model,
-                use_gradient_checkpointing=args.gradient_checkpointing,
-                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
-            )
-            if args.bf16 or args.fp16:
-                # PEFT upcasts every non-quantized weight to float32, the frozen input and output embeddings too
-                # (2 GiB more at a 128k x 4096 vocabulary). Under mixed precision they are only read in half
-                # precision, so their loaded dtype is restored exactly; norms stay float32 (as in TRL).
-                for module, dtype in zip(embeddings, dtypes):
-                    if module.weight.dtype != dtype and not module.weight.requires_grad:
-                        module.to(dtype)
-        elif args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-        return get_peft_model(model, peft_config)
-
-    @staticmethod
     def _choose_attention(model, args: ORPOConfig) -> str | None:
         """The attention implementation used during our forwards (None: the model's own), or a clear refusal.
 
@@ -540,48 +213,11 @@ class ORPOTrainer(BaseTrainer):
         layout = args.layout
         if layout == "padded":
             return None
-        name, why = ORPOTrainer._pick_attention(model, args)
+        name, why = attention.pick_attention(
+            unwrap(model), layout, args.attention_backend, args.use_cpu, args.varlen_attention
+        )
         logger.info("attention for the %s layout: %s (%s)", layout, name or "the model's own", why)
         return name
-
-    @staticmethod
-    def _pick_attention(model, args: ORPOConfig) -> tuple[str | None, str]:
-        layout = args.layout
-        base = unwrap(model)
-        impl = getattr(base.config, "_attn_implementation", None) or "eager"
-        if not getattr(base, "_supports_attention_backend", False) and not str(impl).startswith("flash"):
-            raise ValueError(
-                f"{type(base).__name__} does not use transformers' attention interface, so it cannot take the "
-                f"{layout} layout; use the padded layout (padding_free=False, packing=False, prefix_sharing=False)"
-            )
-        forced = args.attention_backend != "auto"
-        cuda = attention.on_cuda(base, args.use_cpu)
-        picks_kernel = impl in ("sdpa", "eager", attention.ATTENTION_NAME) and (
-            layout == "prefix_sharing" or args.varlen_attention
-        )
-        if forced or (cuda and picks_kernel):
-            backend, name, why = attention.choose_backend(base, args.attention_backend, cuda)
-            return attention.register(name), f"attention_backend={backend}: {why}"
-        if layout == "prefix_sharing":
-            if impl in ("sdpa", "eager", attention.ATTENTION_NAME):
-                return attention.register(), f"{impl} model"
-            if impl in ("flex_attention", attention.FLEX_NAME):
-                return attention.register(attention.FLEX_NAME), f"{impl} model"
-            if impl in ("flash_attention_2", attention.FLASH_NAME):
-                attention._flash_kernel()  # fail now, with a clear message, if flash-attn is missing
-                return attention.register(attention.FLASH_NAME), f"{impl} model"
-            raise ValueError(
-                f"prefix_sharing runs on sdpa, eager (through orpo_plugin's '{attention.ATTENTION_NAME}'), "
-                f"flex_attention (a prefix-sharing BlockMask) or flash_attention_2 (varlen, different cu_seqlens "
-                f"for queries and keys) models; this model uses attn_implementation={impl!r}"
-            )
-        if impl in ("sdpa", "eager") and args.varlen_attention:
-            return attention.register(), f"{impl} model"
-        if impl in attention.NATIVE_PACKED or impl == attention.ATTENTION_NAME:
-            return None, f"{impl} model, packed sequences from position_ids"
-        raise ValueError(
-            f"padding_free/packing needs attn_implementation in {attention.NATIVE_PACKED}; this model uses {impl!r}"
-        )
 
     def _partitioned(self) -> bool:
         """Whether the model's parameters are already partitioned (ZeRO-3 zero.Init), so no forward can run yet."""
@@ -724,98 +360,6 @@ class ORPOTrainer(BaseTrainer):
         with training_weight_layout(self._4bit_layers()):
             return super().predict(*args, **kwargs)
 
-    # ------------------------------------------------------------------------------------------ generations
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
-        if self.args.generate_during_eval:
-            self.log_generations(dataloader.dataset, metric_key_prefix)
-        return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-
-    def _generation_sample(self, dataset, key: str) -> list[dict]:
-        """The same pairs at every evaluation: per_device_eval_batch_size of them, drawn once with the seed."""
-        indices = self._generation_indices.get(key)
-        if indices is None:
-            k = min(self.args.per_device_eval_batch_size, len(dataset))
-            indices = sorted(random.Random(self.args.seed).sample(range(len(dataset)), k))
-            self._generation_indices[key] = indices
-        return [dataset[i] for i in indices]
-
-    def generate_completions(self, prompts: list[list[int]]) -> list[list[int]]:
-        """Greedy completions of tokenized prompts by the model with its own attention (no packed-layout override),
-        at most max_completion_length new tokens, each cut after its first EOS."""
-        model = self.accelerator.unwrap_model(self.model)
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        pad = self.data_collator.pad_token_id if hasattr(self.data_collator, "pad_token_id") else tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, p in enumerate(prompts):  # decoder-only models continue left-padded prompts
-            span = slice(0, len(p)) if self.is_encoder_decoder else slice(width - len(p), width)
-            input_ids[row, span] = torch.tensor(p, dtype=torch.long)
-            attention_mask[row, span] = 1
-        if self.max_completion_length is not None:
-            max_new = self.max_completion_length
-        elif self.args.max_length is not None and not self.is_encoder_decoder:
-            max_new = max(self.args.max_length - width, 1)
-        else:
-            max_new = 128
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            # eval mode without grad: keep bitsandbytes' 4-bit training layout (see modeling.training_weight_layout)
-            with torch.no_grad(), training_weight_layout(self._4bit_layers()), self.compute_loss_context_manager():
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    max_new_tokens=max_new,
-                    do_sample=False,
-                    pad_token_id=pad,
-                )
-        finally:
-            model.train(was_training)
-        out = out.cpu() if self.is_encoder_decoder else out[:, width:].cpu()
-        eos = tokenizer.eos_token_id
-        completions = []
-        for row in out.tolist():
-            if self.is_encoder_decoder and row and row[0] == unwrap(model).config.decoder_start_token_id:
-                row = row[1:]
-            if eos is not None and eos in row:
-                row = row[: row.index(eos) + 1]
-            completions.append(row)
-        return completions
-
-    def log_generations(self, dataset, metric_key_prefix: str = "eval") -> list[dict] | None:
-        """Generate for the fixed sample of `dataset`, write output_dir/generations/step-N.jsonl (rank 0) and log
-        the table to the reporters that take tables. Every rank generates (sharded models need all of them)."""
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
-            logger.warning("generate_during_eval: the %s dataset cannot be sampled; no generations", metric_key_prefix)
-            return None
-        pairs = self._generation_sample(dataset, metric_key_prefix)
-        generated = self.generate_completions([list(p["prompt_input_ids"]) for p in pairs])
-        if not self.is_world_process_zero():
-            return None
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        decode = functools.partial(tokenizer.decode, skip_special_tokens=False)
-        step = self.state.global_step
-        rows = [
-            {
-                "step": step,
-                "prompt": decode(p["prompt_input_ids"]),
-                "chosen": decode(p["chosen_input_ids"]),
-                "rejected": decode(p["rejected_input_ids"]),
-                "generated": decode(g),
-            }
-            for p, g in zip(pairs, generated)
-        ]
-        suffix = "" if metric_key_prefix == "eval" else "-" + metric_key_prefix.removeprefix("eval_")
-        path = os.path.join(self.args.output_dir, "generations", f"step-{step}{suffix}.jsonl")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        _report_table(rows, self.args.report_to or [], "game_log" + suffix)
-        return rows
-
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """TRL's return: the batch's mean chosen and rejected logits as "predictions" and zero labels, so that
         `compute_metrics(EvalPrediction)` runs (one pair of values per evaluation batch)."""
@@ -831,62 +375,6 @@ class ORPOTrainer(BaseTrainer):
         logits = torch.tensor(logits, device=self.accelerator.device)
         labels = torch.zeros(logits.shape[0], device=self.accelerator.device)
         return loss.detach(), logits, labels
-
-    # ------------------------------------------------------------------------------------------ model card
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's model card (base model, ORPO citation, tags incl. `orpo-plugin`) plus the ORPO options used."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        path = os.path.join(self.args.output_dir, "README.md")
-        if not self.is_world_process_zero() or not os.path.exists(path):
-            return
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        marker = "### Framework versions"
-        section = self._model_card_options()
-        text = text.replace(marker, section + marker, 1) if marker in text else text + "\n" + section
-        text = text.replace(f"{marker}\n\n", f"{marker}\n\n- orpo-plugin: {_package_version()}\n", 1)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    def _model_card_options(self) -> str:
-        args = self.args
-        options = {
-            "layout": args.layout,
-            "packing": args.packing,
-            "packing_max_tokens": args.packing_budget() if args.packing else None,
-            "prefix_sharing": args.prefix_sharing,
-            "chunked_loss": self.chunk_size is not None,
-            "beta": args.beta,
-            "nll_on_prompt": args.nll_on_prompt,
-            "max_length": args.max_length,
-            "max_prompt_length": args.prompt_limit(self.is_encoder_decoder),
-            "truncation_mode": args.truncation_mode,
-            "max_completion_length": self.max_completion_length,
-            "encoder_decoder": self.is_encoder_decoder,
-        }
-        rows = "".join(f"| `{k}` | `{v}` |\n" for k, v in options.items() if v is not None)
-        return (
-            "### ORPO options\n\n"
-            "Trained with the `ORPOTrainer` of `orpo-plugin` (a drop-in for TRL's `trl.experimental.orpo`) and these "
-            "options:\n\n| option | value |\n|---|---|\n" + rows + "\n"
-        )
-
-    def _save_checkpoint(self, model, trial):
-        # as TRL's trainers: the model card is refreshed with every checkpoint
-        name = self.args.hub_model_id.split("/")[-1] if self.args.hub_model_id else Path(self.args.output_dir).name
-        self.create_model_card(model_name=name)
-        super()._save_checkpoint(model, trial)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        super().save_model(output_dir, _internal_call)
-        if _internal_call:  # checkpoints and push_to_hub write the card themselves
-            return
-        output_dir = output_dir or self.args.output_dir
-        name = self.args.hub_model_id.split("/")[-1] if self.args.hub_model_id else Path(output_dir).name
-        self.create_model_card(model_name=name)
-        card = os.path.join(self.args.output_dir, "README.md")
-        if self.is_world_process_zero() and os.path.exists(card) and os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):
-            shutil.copyfile(card, os.path.join(output_dir, "README.md"))
 
     # ------------------------------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -111,7 +111,7 @@ def dense_reference(q, k, v, mask, scale=None, softcap=None, sinks=None):
 
 
 def block_diagonal(cu, total, window=None):
-    from orpo_plugin.attention import _lower_right_causal
+    from orpo_plugin.attention.contract import _lower_right_causal
 
     mask = torch.zeros(total, total, dtype=torch.bool)
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):

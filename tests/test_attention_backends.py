@@ -150,10 +150,10 @@ def kernels(monkeypatch):
 
     def set_(flash=True, varlen="2.13", flex=True):
         fakes = {None: None, "2.13": varlen_attn_2_13, "legacy": varlen_attn_legacy}
-        monkeypatch.setattr(attention, "flash_attn_available", lambda: flash)
-        monkeypatch.setattr(attention, "flex_available", lambda: flex)
+        monkeypatch.setattr(attention.varlen, "flash_attn_available", lambda: flash)
+        monkeypatch.setattr(attention.flex, "flex_available", lambda: flex)
         real = torch_varlen_kernel
-        monkeypatch.setattr(attention, "torch_varlen_kernel",
+        monkeypatch.setattr(attention.varlen, "torch_varlen_kernel",
                             lambda fn=None: None if fakes[varlen] is None else real(fn or fakes[varlen]))
 
     return set_
@@ -204,7 +204,7 @@ def test_trainer_choice_on_cuda_logs_the_kernel_and_cpu_is_unchanged(kernels, mo
     model = build("mistral", 50)
     caplog.set_level(logging.INFO, logger="orpo_plugin")
     assert ORPOTrainer._choose_attention(model, _args(packing=True)) == attention.ATTENTION_NAME  # CPU: orpo_sdpa
-    monkeypatch.setattr(attention, "on_cuda", lambda model, use_cpu: True)
+    monkeypatch.setattr(attention.backends, "on_cuda", lambda model, use_cpu: True)
     assert ORPOTrainer._choose_attention(model, _args(prefix_sharing=True)) == attention.VARLEN_NAME
     assert ORPOTrainer._choose_attention(model, _args(padding_free=True, attention_backend="sdpa")) == "orpo_sdpa"
     assert ORPOTrainer._choose_attention(model, _args(attention_backend="flex")) is None  # padded: the model's own
@@ -242,7 +242,7 @@ def _step_on_cuda_path(monkeypatch, model, layout, checkpointing, reference_chec
     from orpo_plugin import ORPOTrainer
     from orpo_plugin.toy import build_tokenizer
 
-    monkeypatch.setattr(attention, "on_cuda", lambda model, use_cpu: True)
+    monkeypatch.setattr(attention.backends, "on_cuda", lambda model, use_cpu: True)
     chosen = []
     real = ORPOTrainer._choose_attention
     monkeypatch.setattr(ORPOTrainer, "_choose_attention", staticmethod(lambda m, a: chosen.append(real(m, a)) or chosen[-1]))
@@ -271,7 +271,7 @@ def test_training_through_the_flash_varlen_path_equals_padded(kernels, monkeypat
     import test_model_matrix as mm
 
     kernels(flash=True)
-    monkeypatch.setattr(attention, "_flash_kernel", lambda: attention.varlen_reference)
+    monkeypatch.setattr(attention.varlen, "_flash_kernel", lambda: attention.varlen_reference)
     ours, padded, chosen = _step_on_cuda_path(monkeypatch, "gemma2", layout, checkpointing, False)
     assert chosen == [attention.FLASH_NAME, None]
     mm.assert_close(ours, padded)

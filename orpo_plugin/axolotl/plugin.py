@@ -78,7 +78,7 @@ def axolotl_config_class():
     """Our ORPOConfig with Axolotl's training-argument mixins (as merged with every registered plugin's)."""
     from axolotl.core.training_args import AxolotlTrainingMixins
 
-    from ..trainer import ORPOConfig
+    from ..config import ORPOConfig
     from .args import ORPOTrainingArgsMixin
 
     bases = (AxolotlTrainingMixins,)

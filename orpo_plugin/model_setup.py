@@ -1,0 +1,56 @@
+"""The model the trainer trains, made ready before training: loaded from a name or path (`model_init_kwargs`), a
+PEFT adapter put on (after k-bit preparation for a 4-/8-bit model), dropout turned off."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from .config import ORPOConfig
+
+
+def load_model(name: str, args: ORPOConfig):
+    kwargs = dict(args.model_init_kwargs or {})
+    dtype = kwargs.get("dtype", kwargs.pop("torch_dtype", "auto"))
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"model_init_kwargs.dtype: unknown dtype {dtype!r}")
+        dtype = getattr(torch, dtype)
+    kwargs["dtype"] = dtype
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+
+
+def apply_peft(model, peft_config, args: ORPOConfig):
+    from peft import PeftConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a peft.PeftConfig, got {type(peft_config).__name__}")
+    if hasattr(model, "peft_config"):
+        raise ValueError("the model already has a PEFT adapter; pass the base model with peft_config")
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        embeddings = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+        dtypes = [m.weight.dtype for m in embeddings]
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+        )
+        if args.bf16 or args.fp16:
+            # PEFT upcasts every non-quantized weight to float32, the frozen input and output embeddings too
+            # (2 GiB more at a 128k x 4096 vocabulary). Under mixed precision they are only read in half
+            # precision, so their loaded dtype is restored exactly; norms stay float32 (as in TRL).
+            for module, dtype in zip(embeddings, dtypes):
+                if module.weight.dtype != dtype and not module.weight.requires_grad:
+                    module.to(dtype)
+    elif args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config)
+
+
+def disable_dropout_in_model(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
