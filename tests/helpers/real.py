@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 
@@ -12,10 +16,14 @@ def load(path, **kw):
 
 
 def args(config_cls, out, **kw):
-    """Training arguments of the real-tier steps: float32 on CPU, one step, checkpointing at its default (on)."""
+    """Training arguments of the real-tier steps: float32 on CPU, one step, checkpointing at its default (on).
+
+    SGD: the first step's gradients do not depend on the optimizer, and SGD keeps no state (AdamW's would double
+    a 268M-parameter model's memory and add seconds per step on 2 cores).
+    """
     base = dict(
         output_dir=str(out), per_device_train_batch_size=8, max_steps=1, learning_rate=1e-4, bf16=False,
-        use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
+        use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, optim="sgd",
     )
     base.update(kw)
     return config_cls(**base)
@@ -57,3 +65,28 @@ def grad_diff(grads, ref) -> tuple[float, str]:
         if d > worst:
             worst, where = d, k
     return worst, where
+
+
+@dataclass
+class Step:
+    """What one captured training step left: its loss, logged metrics, gradients and the trainer's data and setup."""
+
+    loss: float
+    logged: dict
+    grads: dict
+    train_dataset: Any
+    chunk_size: int | None
+    config: Any  # the model's config
+    gradient_checkpointing: bool
+
+
+def one_step(trainer_cls, **trainer_kwargs) -> Step:
+    """Train one captured step and keep only its results: the model and trainer are freed before returning, so a
+    test holds one 268M-parameter model at a time."""
+    t = capture(trainer_cls)(**trainer_kwargs)
+    t.train()
+    step = Step(t.loss, t.logged, t.grads, t.train_dataset, getattr(t, "chunk_size", None), t.model.config,
+                bool(t.args.gradient_checkpointing))
+    del t
+    gc.collect()
+    return step

@@ -17,7 +17,7 @@ from orpo_plugin import ORPOConfig, ORPOTrainer
 from orpo_plugin.data import prepare_dataset
 
 from helpers.pairs import METRICS  # tests/helpers
-from helpers.real import args, capture, grad_diff, load  # tests/helpers
+from helpers.real import args, grad_diff, load, one_step  # tests/helpers
 from helpers.trl_ref import pretokenized_trl_trainer, trl_rows  # tests/helpers
 
 LAYOUTS = {
@@ -54,10 +54,10 @@ def long_text(n_sentences: int) -> str:
     return " ".join(f"The {things[i % 8]} number {i} is {colours[(3 * i) % 8]}." for i in range(n_sentences))
 
 
+# one pair, past the window (a second, short one would double the padded runs' positions on 2 cores)
 TEXT_ROWS = [
     {"prompt": long_text(60) + " Which colour is the house number 8?", "chosen": " The house number 8 is black.",
      "rejected": " It is a very nice house."},
-    {"prompt": "Name a fruit.", "chosen": " An apple.", "rejected": " A hammer."},
 ]
 
 WINDOW_MIN = {"gemma3": 512}
@@ -73,10 +73,8 @@ def model_for(path):
 
 
 def run(trainer_cls, config_cls, path, tok, rows, out, **kw):
-    t = capture(trainer_cls)(model=model_for(path), args=args(config_cls, out, max_length=1024, **kw),
-                             train_dataset=Dataset.from_list(rows), processing_class=tok)
-    t.train()
-    return t
+    return one_step(trainer_cls, model=model_for(path), args=args(config_cls, out, max_length=1024, **kw),
+                    train_dataset=Dataset.from_list(rows), processing_class=tok)
 
 
 def assert_same(t, ref, what, rel=2e-4):
@@ -104,7 +102,7 @@ def test_pairs_are_as_intended(model_case):
         ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"]))
     if name == "gemma3":
         assert longest > WINDOW_MIN[name] + 20  # past the sliding window
-        assert padded.model.config.sliding_window == WINDOW_MIN[name]
+        assert padded.config.sliding_window == WINDOW_MIN[name]
     else:  # the real ChatML template: every response ends `<|im_end|>\n`, once
         for c in list(ds["chosen_input_ids"]) + list(ds["rejected_input_ids"]):
             assert tok.decode(c).endswith("<|im_end|>\n") and tok.decode(c).count("<|im_end|>") == 1
@@ -114,7 +112,7 @@ def test_pairs_are_as_intended(model_case):
 def test_layout_equals_padded(model_case, layout):
     name, path, tok, rows, out, padded = model_case
     ours = run(ORPOTrainer, ORPOConfig, path, tok, rows, out, **LAYOUTS[layout])
-    assert ours.args.gradient_checkpointing
+    assert ours.gradient_checkpointing
     assert_same(ours, padded, f"{name} {layout}")
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def test_qlora_with_packing_lowers_the_loss_of_a_fixed_batch(smollm2_path, smoll
         peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
                                task_type="CAUSAL_LM"),
     )
-    assert trainer.args.gradient_checkpointing and trainer.args.layout == "packing"
+    assert trainer.args.gradient_checkpointing and trainer.args.packing
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == steps
@@ -89,8 +90,8 @@ def test_command_line_train_then_eval_with_no_other_options(smollm2_path, tmp_pa
     out = tmp_path / "trainer_output"
     assert (out / "model.safetensors").is_file() and (out / "chat_template.jinja").is_file()
     state = json.loads(next(out.glob("checkpoint-*/trainer_state.json")).read_text())
-    logged = [h for h in state["log_history"] if "loss" in h]
-    assert state["global_step"] == 3 and logged  # 8 pairs, batch 8, 3 epochs
+    assert state["global_step"] == 3  # 8 pairs, batch 8, 3 epochs
+    assert math.isfinite(state["log_history"][-1]["train_loss"])
     assert "float32" in run.stderr  # bf16 left unset on a CPU: float32, said once
 
     report = tmp_path / "eval.json"
