@@ -303,9 +303,17 @@ def _bad_argilla_rows(folder: Path) -> Path:
     return path
 
 
+# Turns that end in no special token: orpo_plugin appends no EOS after a chat template's end-of-turn token (the tiny
+# tokenizer's <|end|>), Axolotl's built-in ORPO (TRL's tokenization) always does; with this template both append EOS,
+# so the two trainers see the same tokens and their losses can be compared.
+PLAIN_TURNS = dict(
+    chat_template="jinja",
+    chat_template_jinja="{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}",
+)
 RUN_SPECS = {
-    "plugin-padded": dict(),
-    "builtin": dict(plugin=False),
+    "plugin-padded": dict(**PLAIN_TURNS),
+    "builtin": dict(plugin=False, **PLAIN_TURNS),
     # pad_to_multiple_of makes Axolotl pass its DPO collator, which ours replaces; accumulation over 2 packed batches;
     # with an eval split: our eval metrics go through Axolotl's evaluation loop
     "plugin-qlora-packed": dict(
@@ -406,7 +414,8 @@ def test_shipped_configs_validate(axolotl_python, axolotl_runs, tmp_path):
 
 @pytest.mark.integration
 def test_plugin_matches_builtin_orpo_first_step(axolotl_runs):
-    """(a) the plugin, padded layout: same first-step loss as Axolotl's own `rl: orpo` on the same data and seed."""
+    """(a) the plugin, padded layout: same first-step loss as Axolotl's own `rl: orpo` on the same data and seed
+    (a chat template whose turns end in no special token, see PLAIN_TURNS)."""
     ours = _trained(axolotl_runs["plugin-padded"].result())
     builtin = _trained(axolotl_runs["builtin"].result())
     _check_orpo_metrics(ours)
