@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -73,6 +74,60 @@ def test_plugin_keys_validation_names_the_key():
     ]:
         with pytest.raises(pydantic.ValidationError, match=key):
             ORPOPluginArgs(**bad)
+
+
+def test_row_transform_names_the_row_and_field_without_axolotl():
+    """The wrapper around Axolotl's row transforms (orpo_plugin/axolotl/dataset_types.py), on stand-in transforms."""
+    from orpo_plugin.axolotl.dataset_types import RowTransform, check_argilla_row
+
+    def chatml_like(sample):  # reads like Axolotl's chatml.intel: system optional, question required
+        system = sample["system"] if "system" in sample and sample["system"] else ""
+        system = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        sample["prompt"] = f"{system}<|im_start|>user\n{sample['question']}<|im_end|>\n<|im_start|>assistant\n"
+        sample["chosen"], sample["rejected"] = f"{sample['chosen']}<|im_end|>", f"{sample['rejected']}<|im_end|>"
+        return sample
+
+    where = "datasets[0] (x.jsonl, type: chatml.intel)"
+    wrapped = RowTransform(chatml_like, "chatml.intel", where, frozenset({"system"}))
+    good = {"system": None, "question": "Why?", "chosen": "Because.", "rejected": "No."}
+    out = wrapped(dict(good), 0)
+    assert out["prompt"].startswith("<|im_start|>user") and out["chosen"] == "Because.<|im_end|>"
+    cases = [
+        ({**good, "question": None}, "datasets[0] (x.jsonl, type: chatml.intel): row 3: field 'question' is null"),
+        ({k: v for k, v in good.items() if k != "question"}, "row 3: field 'question' is missing"),
+        ({**good, "question": ["a", "list"]}, None),  # rendered as text by the transform: not ours to refuse
+    ]
+    for row, message in cases:
+        if message is None:
+            wrapped(row, 3)
+            continue
+        with pytest.raises(ValueError, match=re.escape(message)):
+            wrapped(row, 3)
+    failing = RowTransform(lambda sample: sample["answers"][1], "zephyr.nectar", "datasets[1]", frozenset())
+    with pytest.raises(ValueError, match=re.escape("datasets[1]: row 5: field 'answers' could not be read")):
+        failing({"answers": [1]}, 5)
+    empty = RowTransform(lambda sample: sample, "passthrough.default", "datasets[0]", frozenset())
+    with pytest.raises(ValueError, match=re.escape("row 0: field 'rejected' after the passthrough.default")):
+        empty({"prompt": "Q", "chosen": "A", "rejected": ""}, 0)
+
+    def argilla(sample):
+        raise AssertionError("invalid number of turns")  # what Axolotl's transform does with the rows below
+
+    checked = RowTransform(argilla, "chat_template.argilla", "datasets[0]", frozenset({"system"}), check_argilla_row)
+    user, answer = {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}
+    for row, message in [
+        ({"chosen": [answer], "rejected": [user, answer]}, "row 2: field 'chosen' has the turns ['assistant']"),
+        ({"chosen": [user, answer], "rejected": "A"}, "row 2: field 'rejected' must be a non-empty list of messages"),
+        ({"chosen": [user, {"role": "assistant", "content": None}], "rejected": [answer]},
+         "row 2: field 'chosen[1].content' is missing"),
+        ({"chosen": [user, answer], "rejected": [answer, user]}, "row 2: field 'rejected' ends with a 'user' turn"),
+        ({"chosen": [user, answer], "rejected": [answer], "prompt": None}, "row 2: field 'prompt' is null"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            checked(row, 2)
+    with pytest.raises(ValueError, match=re.escape("row 2: the row could not be read")) as err:
+        checked({"chosen": [user, answer], "rejected": [answer]}, 2)  # passes the checks; the transform still fails
+    assert isinstance(err.value.__cause__, AssertionError)
 
 
 def _unavailable(reason: str):
