@@ -5,9 +5,10 @@ alone), so a DPO config switched to ORPO stops at its first dataset. With the pl
 hook runs Axolotl's own preference-dataset loading, the very code `rl: dpo` runs (loading, prepared-dataset cache,
 length filters, validation split, deduplication), with each `type:` looked up first among Axolotl's ORPO strategies,
 then among its DPO strategies (`chat_template.default`, `chatml.*`, `llama3.*`, `zephyr.nectar`, `user_defined`,
-`passthrough`), then as Axolotl's own dotted path to a custom function (Axolotl 0.19's loader imports the
-second-to-last part as a top-level module, so `my_module.my_function` works and `package.module.function` does not). The trainer therefore receives exactly the
-prompt/chosen/rejected that `rl: dpo` produces for the same YAML; orpo_plugin's data module tokenizes them.
+`passthrough`), then as Axolotl's own dotted path to a custom function (its loader imports the second-to-last part
+as a top-level module: `my_module.my_function` works, `package.module.function` does not), and with each DPO-type
+entry read as `rl: dpo` reads it (`dataset_entries`). The trainer therefore receives exactly the prompt/chosen/rejected
+that `rl: dpo` produces for the same YAML; orpo_plugin's data module tokenizes them.
 
 Each row transform is wrapped (`RowTransform`): a transform that fails on a row, reads a field that is null in it,
 or returns no usable prompt/chosen/rejected stops with a ValueError naming the dataset, the row and the field,
