@@ -5,6 +5,10 @@ Axolotl pins its own transformers/TRL, so it runs in a venv of its own, built (o
 Each run trains a tiny random-init Llama (saved locally) on a local `chat_template.argilla` JSONL for 2 steps and
 reads the logged metrics from the checkpoint's trainer_state.json. Every shipped configs/axolotl/*.yml also runs with
 its options as written except model, data, sizes and what a CPU cannot run (the SHIPPED_* tables).
+Every preference dataset type Axolotl ships for DPO trains under `rl: orpo` with the plugin (TYPE_RUNS: one
+`axolotl train` per chat-format family, one dataset per type, a test-only plugin recording what the trainer received),
+and what the trainer received equals what `rl: dpo` makes of the same YAML, tokenized by orpo_plugin's rules
+(integration/axolotl/preference_data.py computes that reference, and the errors bad rows and bad types give).
 
 Without the venv (and no way to build it) these tests skip, or fail when ORPO_REQUIRE_INTEGRATION=1 (CI).
 The first tests (not integration-marked) check the YAML keys' pydantic model on the host, without Axolotl.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -69,6 +74,60 @@ def test_plugin_keys_validation_names_the_key():
     ]:
         with pytest.raises(pydantic.ValidationError, match=key):
             ORPOPluginArgs(**bad)
+
+
+def test_row_transform_names_the_row_and_field_without_axolotl():
+    """The wrapper around Axolotl's row transforms (orpo_plugin/axolotl/dataset_types.py), on stand-in transforms."""
+    from orpo_plugin.axolotl.dataset_types import RowTransform, check_argilla_row
+
+    def chatml_like(sample):  # reads like Axolotl's chatml.intel: system optional, question required
+        system = sample["system"] if "system" in sample and sample["system"] else ""
+        system = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        sample["prompt"] = f"{system}<|im_start|>user\n{sample['question']}<|im_end|>\n<|im_start|>assistant\n"
+        sample["chosen"], sample["rejected"] = f"{sample['chosen']}<|im_end|>", f"{sample['rejected']}<|im_end|>"
+        return sample
+
+    where = "datasets[0] (x.jsonl, type: chatml.intel)"
+    wrapped = RowTransform(chatml_like, "chatml.intel", where, frozenset({"system"}))
+    good = {"system": None, "question": "Why?", "chosen": "Because.", "rejected": "No."}
+    out = wrapped(dict(good), 0)
+    assert out["prompt"].startswith("<|im_start|>user") and out["chosen"] == "Because.<|im_end|>"
+    cases = [
+        ({**good, "question": None}, "datasets[0] (x.jsonl, type: chatml.intel): row 3: field 'question' is null"),
+        ({k: v for k, v in good.items() if k != "question"}, "row 3: field 'question' is missing"),
+        ({**good, "question": ["a", "list"]}, None),  # rendered as text by the transform: not ours to refuse
+    ]
+    for row, message in cases:
+        if message is None:
+            wrapped(row, 3)
+            continue
+        with pytest.raises(ValueError, match=re.escape(message)):
+            wrapped(row, 3)
+    failing = RowTransform(lambda sample: sample["answers"][1], "zephyr.nectar", "datasets[1]", frozenset())
+    with pytest.raises(ValueError, match=re.escape("datasets[1]: row 5: field 'answers' could not be read")):
+        failing({"answers": [1]}, 5)
+    empty = RowTransform(lambda sample: sample, "passthrough.default", "datasets[0]", frozenset())
+    with pytest.raises(ValueError, match=re.escape("row 0: field 'rejected' after the passthrough.default")):
+        empty({"prompt": "Q", "chosen": "A", "rejected": ""}, 0)
+
+    def argilla(sample):
+        raise AssertionError("invalid number of turns")  # what Axolotl's transform does with the rows below
+
+    checked = RowTransform(argilla, "chat_template.argilla", "datasets[0]", frozenset({"system"}), check_argilla_row)
+    user, answer = {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}
+    for row, message in [
+        ({"chosen": [answer], "rejected": [user, answer]}, "row 2: field 'chosen' has the turns ['assistant']"),
+        ({"chosen": [user, answer], "rejected": "A"}, "row 2: field 'rejected' must be a non-empty list of messages"),
+        ({"chosen": [user, {"role": "assistant", "content": None}], "rejected": [answer]},
+         "row 2: field 'chosen[1].content' is missing"),
+        ({"chosen": [user, answer], "rejected": [answer, user]}, "row 2: field 'rejected' ends with a 'user' turn"),
+        ({"chosen": [user, answer], "rejected": [answer], "prompt": None}, "row 2: field 'prompt' is null"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            checked(row, 2)
+    with pytest.raises(ValueError, match=re.escape("row 2: the row could not be read")) as err:
+        checked({"chosen": [user, answer], "rejected": [answer]}, 2)  # passes the checks; the transform still fails
+    assert isinstance(err.value.__cause__, AssertionError)
 
 
 def _unavailable(reason: str):
@@ -218,6 +277,8 @@ def _train(python: Path, cfg: dict, workdir: Path, threads: int | None = None) -
     path = workdir / "cfg.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = _env(python)
+    if RECORD_PLUGIN in cfg.get("plugins", []):
+        env["PYTHONPATH"] = str(HERE)  # the recording plugin's module, and nothing else from the host
     env["HF_DATASETS_CACHE"] = str(workdir / "hf-datasets")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -238,9 +299,76 @@ def _trained(run: AxolotlRun) -> AxolotlRun:
 
 # Each test's `axolotl train` runs; the session starts the selected ones together (ORPO_AXOLOTL_JOBS at a time)
 QLORA = dict(load_in_4bit=True, adapter="qlora", lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_linear=True)
+# ------------------------------------------------------------------------------ Axolotl's preference dataset types
+RECORD_PLUGIN = "record_plugin.RecordTrainData"  # integration/axolotl/record_plugin.py: what the trainer received
+# One `axolotl train` per chat-format family, with the tokenizer set up as for a real model of that family
+# (`special_tokens:` over the tiny tokenizer, which knows both families' tokens) and one dataset per type
+# (integration/axolotl/fixtures.py writes their rows; `+fields` is chat_template.default with its field options).
+# llama3: a Llama 3 base tokenizer, whose EOS (<|end_of_text|>) is not the end of a turn (<|eot_id|>).
+TYPE_RUNS = {
+    "types-chatml": dict(
+        chat_template="chatml",
+        types=(*(f"chatml.{f}" for f in ("default", "argilla_chat", "icr", "intel", "prompt_pairs", "ultra")),
+               "chat_template.default+fields", "chat_template.argilla_chat", "chat_template.argilla",
+               "zephyr.nectar", "user_defined.default", "passthrough.default"),
+    ),
+    "types-llama3": dict(
+        chat_template="llama3",
+        special_tokens={"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
+        types=(*(f"llama3.{f}" for f in ("default", "argilla_chat", "icr", "intel", "prompt_pairs", "ultra")),
+               "chat_template.default"),
+        orpo_packing=True,  # the packed layout over these rows too
+    ),
+}
+
+
+def _dataset_entry(fixtures: Path, name: str, rows_file: Path | None = None) -> dict:
+    """The `datasets:` entry a user writes for the fixture rows of type `name` (see integration/axolotl/fixtures.py)."""
+    sys.path.insert(0, str(HERE))
+    try:
+        from fixtures import TYPE_FIELD_OPTIONS, USER_DEFINED_TYPE
+    finally:
+        sys.path.remove(str(HERE))
+    entry = {"path": str(rows_file or fixtures / "types" / f"{name}.jsonl"), "split": "train"}
+    entry["type"] = USER_DEFINED_TYPE if name == "user_defined.default" else name.split("+")[0]
+    entry.update(TYPE_FIELD_OPTIONS.get(name, {"ds_type": "json"}))
+    return entry
+
+
+def _types_config(fixtures: Path, workdir: Path, run: str) -> dict:
+    spec = dict(TYPE_RUNS[run])
+    types = spec.pop("types")
+    cfg = _config(
+        fixtures, workdir, gradient_checkpointing=True, shuffle_merged_datasets=False, **spec,
+        datasets=[_dataset_entry(fixtures, name) for name in types],
+    )
+    cfg["plugins"] = [*cfg["plugins"], RECORD_PLUGIN]
+    return cfg
+
+
+def _bad_argilla_rows(folder: Path) -> Path:
+    """Argilla rows whose row 2 has a `chosen` conversation without the user's turn (the issue's example)."""
+    rows = [{"chosen": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Yes {i}."}],
+             "rejected": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"No {i}."}]}
+            for i in range(4)]
+    rows[2]["chosen"] = rows[2]["chosen"][1:]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "bad-argilla.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# Turns that end in no special token: orpo_plugin appends no EOS after a chat template's end-of-turn token (the tiny
+# tokenizer's <|end|>), Axolotl's built-in ORPO (TRL's tokenization) always does; with this template both append EOS,
+# so the two trainers see the same tokens and their losses can be compared.
+PLAIN_TURNS = dict(
+    chat_template="jinja",
+    chat_template_jinja="{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}",
+)
 RUN_SPECS = {
-    "plugin-padded": dict(),
-    "builtin": dict(plugin=False),
+    "plugin-padded": dict(**PLAIN_TURNS),
+    "builtin": dict(plugin=False, **PLAIN_TURNS),
     # pad_to_multiple_of makes Axolotl pass its DPO collator, which ours replaces; accumulation over 2 packed batches;
     # with an eval split: our eval metrics go through Axolotl's evaluation loop
     "plugin-qlora-packed": dict(
@@ -252,6 +380,9 @@ RUN_SPECS = {
     "wrong-value": dict(orpo_packing="maybe"),
     # every configs/axolotl/*.yml as a tiny CPU run (see _shipped_config); the tiny one is also the packed run
     **{f"shipped-{path.stem}": dict(shipped=path) for path in SHIPPED_CONFIGS},
+    # every preference dataset type (see TYPE_RUNS), and the argilla row without its user turn
+    **{name: dict(types=name) for name in TYPE_RUNS},
+    "bad-argilla-row": dict(bad_rows=True),
 }
 PACKED_RUN = f"shipped-{TINY_CONFIG.stem}"
 USED_BY = {
@@ -261,6 +392,8 @@ USED_BY = {
     "test_plugin_qlora_backprop_avoids_cpu_inference_kernel": ("plugin-qlora-packed",),
     "test_wrong_key_value_names_the_key": ("wrong-value",),
     "test_shipped_config_trains": tuple(f"shipped-{path.stem}" for path in SHIPPED_CONFIGS),
+    "test_dataset_type_trains_as_rl_dpo_loads_it": tuple(TYPE_RUNS),
+    "test_bad_argilla_row_names_the_row_and_field": ("bad-argilla-row",),
 }
 
 
@@ -276,9 +409,15 @@ def axolotl_runs(request, axolotl_python, fixtures_dir, tmp_path_factory):
         if name in wanted:
             spec = dict(spec)
             plugin, shipped = spec.pop("plugin", True), spec.pop("shipped", None)
+            types, bad_rows = spec.pop("types", None), spec.pop("bad_rows", False)
             workdir = tmp_path_factory.mktemp(f"axolotl-{name}")
             if shipped:
                 cfg = _shipped_config(shipped, fixtures_dir, workdir)
+            elif types:
+                cfg = _types_config(fixtures_dir, workdir, types)
+            elif bad_rows:
+                cfg = _config(fixtures_dir, workdir)
+                cfg["datasets"][0]["path"] = str(_bad_argilla_rows(workdir / "data"))
             else:
                 cfg = _config(fixtures_dir, workdir, plugin, **spec)
             futures[name] = pool.submit(_train, axolotl_python, cfg, workdir, threads)
@@ -330,7 +469,8 @@ def test_shipped_configs_validate(axolotl_python, axolotl_runs, tmp_path):
 
 @pytest.mark.integration
 def test_plugin_matches_builtin_orpo_first_step(axolotl_runs):
-    """(a) the plugin, padded layout: same first-step loss as Axolotl's own `rl: orpo` on the same data and seed."""
+    """(a) the plugin, padded layout: same first-step loss as Axolotl's own `rl: orpo` on the same data and seed
+    (a chat template whose turns end in no special token, see PLAIN_TURNS)."""
     ours = _trained(axolotl_runs["plugin-padded"].result())
     builtin = _trained(axolotl_runs["builtin"].result())
     _check_orpo_metrics(ours)
@@ -464,3 +604,184 @@ def test_shipped_config_trains(path, axolotl_runs, shipped_run_args):
         assert quant["load_in_4bit"] and quant["quant_method"] == "bitsandbytes", quant
         for key, value in (written.get("bnb_config_kwargs") or {}).items():
             assert quant[key] == value, (key, quant[key], value)
+
+
+# ------------------------------------------------------------------------------ dataset types: reference and errors
+def _error_cases(fixtures: Path, folder: Path) -> dict[str, tuple[dict, tuple[str, ...]]]:
+    """name -> (config, what the error must say): a bad type, and bad rows of DPO types, through the plugin's hook."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def rows_file(name: str, rows: list[dict]) -> Path:
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    def fixture_rows(name: str) -> list[dict]:
+        return [json.loads(line) for line in (fixtures / "types" / f"{name}.jsonl").read_text().splitlines()]
+
+    def config(*entries: dict, **overrides) -> dict:
+        return _config(fixtures, folder, datasets=list(entries), **overrides)
+
+    intel = fixture_rows("llama3.intel")
+    intel[1]["question"] = None  # null in one row (a JSONL row without the key reads the same)
+    pairs = [{k: v for k, v in r.items() if k != "prompt"} for r in fixture_rows("chatml.prompt_pairs")]
+    nectar = fixture_rows("zephyr.nectar")
+    nectar[3]["answers"] = nectar[3]["answers"][:1]
+    passthrough = fixture_rows("passthrough.default")
+    passthrough[0]["chosen"] = "  "
+    argilla = fixture_rows("chat_template.argilla")
+    argilla[1]["rejected"][0]["content"] = "Another question altogether."
+    swapped = fixture_rows("chat_template.argilla")
+    swapped[2]["chosen"] = swapped[2]["chosen"][::-1]
+    entry = lambda name, rows=None: _dataset_entry(fixtures, name, rows)  # noqa: E731
+    # a transform of one's own, as Axolotl's dotted path names it (`module.function`, a top-level module)
+    (folder / "my_orpo_rows.py").write_text(
+        "def pairs(cfg, **kwargs):\n"
+        "    return lambda row: {'prompt': 'Q: ' + row['q'], 'chosen': ' ' + row['good'],\n"
+        "                        'rejected': ' ' + row['bad']}\n"
+    )
+    custom = [{"q": f"question {i}", "good": f"yes {i}", "bad": f"no {i}"} for i in range(3)]
+    return {
+        "unknown-type": (config(dict(entry("chatml.intel"), type="alpaca")),
+                         ("datasets[0].type 'alpaca'", "chatml.intel", "llama3.default", "zephyr.nectar",
+                          "chat_template.argilla", "user_defined.default", "passthrough.default")),
+        "unknown-function": (config(dict(entry("llama3.intel"), type="llama3.nonexistent")),
+                             ("llama3.nonexistent", "Types that work", "llama3.ultra")),
+        "null-field": (config(entry("llama3.intel", rows_file("null", intel))), ("row 1: field 'question' is null",)),
+        "missing-column": (config(entry("chatml.prompt_pairs", rows_file("missing", pairs))),
+                           ("row 0: field 'prompt' is missing",)),
+        "one-answer": (config(entry("zephyr.nectar", rows_file("nectar", nectar))),
+                       ("row 3: field 'answers'", "IndexError")),
+        "empty-response": (config(entry("passthrough.default", rows_file("passthrough", passthrough))),
+                           ("row 0: field 'chosen'",)),
+        # Axolotl's DPO dataset schema has no message_property_mappings/roles: the rows are read with role/content,
+        # as under rl: dpo, and the first row stops with its field named
+        "mappings-ignored": (config(entry("chat_template.default+mappings"), chat_template="chatml"),
+                             ("row 0: field 'messages'", "KeyError")),
+        "dataset-chat-template": (config(dict(entry("chat_template.default"), chat_template="llama3"),
+                                         chat_template="chatml"),
+                                  ("`chat_template` is set for this dataset", "'chatml'")),
+        "argilla-other-prompt": (config(entry("chat_template.argilla", rows_file("argilla", argilla))),
+                                 ("row 1: field 'rejected'", "differ from chosen's")),
+        "argilla-turn-order": (config(entry("chat_template.argilla", rows_file("swapped", swapped))),
+                               ("row 2: field 'chosen'", "['assistant', 'user']")),
+        # not an error: loads its 3 rows
+        "custom-transform": (config(dict(entry("passthrough.default", rows_file("custom", custom)),
+                                         type="my_orpo_rows.pairs")), ()),
+    }
+
+
+@pytest.fixture(scope="session")
+def preference_data(axolotl_python, fixtures_dir, tmp_path_factory) -> dict:
+    """In one venv process (integration/axolotl/preference_data.py): the dataset types the plugin finds in Axolotl,
+    the rows `rl: dpo` makes of each TYPE_RUNS config tokenized by our rules, and each error case's message."""
+    tmp = tmp_path_factory.mktemp("preference-data")
+    spec = {"types": True, "reference": [], "errors": [], "sys_path": [str(tmp / "errors")]}
+    for run in TYPE_RUNS:
+        path = tmp / f"{run}.yml"
+        path.write_text(yaml.safe_dump(_types_config(fixtures_dir, tmp / run, run), sort_keys=False))
+        spec["reference"].append(str(path))
+    for name, (cfg, _) in _error_cases(fixtures_dir, tmp / "errors").items():
+        path = tmp / f"error-{name}.yml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        spec["errors"].append(str(path))
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    env = _env(axolotl_python)
+    env["HF_DATASETS_CACHE"] = str(tmp / "hf-datasets")
+    proc = subprocess.run(
+        [str(axolotl_python), str(HERE / "preference_data.py"), str(tmp / "spec.json")],
+        capture_output=True, text=True, timeout=900, env=env, cwd=tmp,
+    )
+    (tmp / "preference_data.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, _tail(proc.stdout + proc.stderr)
+    out = {"reference": {}, "errors": {}}
+    for line in proc.stdout.splitlines():
+        if line.startswith('{"mode": '):  # the script's lines (Axolotl prints other things too)
+            item = json.loads(line)
+            if item["mode"] == "types":
+                out["types"] = item["types"]
+            else:
+                out[item["mode"]][Path(item["path"]).stem.removeprefix("error-")] = item
+    return out
+
+
+@pytest.mark.integration
+def test_dataset_types_cover_every_preference_type_axolotl_ships(preference_data):
+    """TYPE_RUNS train a dataset of every type the installed Axolotl ships for DPO, and its ORPO type."""
+    found = preference_data["types"]
+    assert found.get("chat_template.argilla") == "orpo", found
+    assert {"chatml.intel", "llama3.default", "zephyr.nectar", "user_defined.default", "passthrough.default"} <= set(
+        found
+    ), found
+    covered = {name.split("+")[0] for run in TYPE_RUNS.values() for name in run["types"]}
+    assert set(found) <= covered, f"types no run trains: {sorted(set(found) - covered)}"
+    fields = {k for run in TYPE_RUNS.values() for name in run["types"] if "+" in name for k in
+              _dataset_entry(Path("."), name)}
+    assert {"field_messages", "field_chosen", "field_rejected"} <= fields  # chat_template.default's field options
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("run_name", list(TYPE_RUNS))
+def test_dataset_type_trains_as_rl_dpo_loads_it(run_name, axolotl_runs, preference_data):
+    """`axolotl train` with one dataset per type: trains, and the trainer's pairs are exactly what `rl: dpo` makes of
+    the same YAML (Axolotl's ORPO loader for chat_template.argilla), tokenized by orpo_plugin's rules: one BOS first,
+    each response ending in one end-of-turn token, EOS not added after one."""
+    run = _trained(axolotl_runs[run_name].result())
+    _check_orpo_metrics(run)
+    assert all(math.isfinite(entry["grad_norm"]) and entry["grad_norm"] > 0 for entry in run.steps), run.steps
+    received = [json.loads(line) for line in (run.out_dir / "received.jsonl").read_text().splitlines()]
+    tokens = json.loads((run.out_dir / "received_tokens.json").read_text())
+    assert tokens["trainer"] == "AxolotlORPOPluginTrainer", tokens
+    ref = preference_data["reference"][run_name]
+    names = TYPE_RUNS[run_name]["types"]
+    assert len(ref["per_dataset"]) == len(names) and all(n > 0 for n in ref["per_dataset"]), (names, ref["per_dataset"])
+    assert ref["stats"] == {"kept": sum(ref["per_dataset"]), "rows": sum(ref["per_dataset"]), "dropped": {},
+                            "truncated": 0}, ref["stats"]
+    start = 0
+    for name, count in zip(names, ref["per_dataset"]):  # per type, so a failure names it
+        got, want = received[start : start + count], ref["ids"][start : start + count]
+        assert got == want, (name, ref["texts"][start], got[:1], want[:1])
+        start += count
+    assert len(received) == start
+    bos, ends, blank = tokens["bos"], set(tokens["end_of_turn"]), set(tokens["whitespace"])
+    assert bos is not None and tokens["eos"] in ends and len(ends) >= 2, tokens  # EOS and the template's end of turn
+    for prompt, *responses in received:
+        assert prompt[0] == bos and prompt.count(bos) == 1, prompt
+        for response in responses:
+            while response and response[-1] in blank:  # a rendered turn may end "<|im_end|>\n"
+                response = response[:-1]
+            assert response[-1] in ends and response[-2] not in ends, response
+
+
+@pytest.mark.integration
+def test_bad_argilla_row_names_the_row_and_field(axolotl_runs):
+    """The argilla row whose chosen conversation lacks the user's turn: `axolotl train` stops naming row 2 and the
+    field, not with Axolotl's bare AssertionError."""
+    run = axolotl_runs["bad-argilla-row"].result()
+    assert run.proc.returncode != 0
+    assert "datasets[0]" in run.output and "row 2: field 'chosen' has the turns ['assistant']" in run.output, _tail(
+        run.output
+    )
+    assert "AssertionError" not in run.output and "invalid number of turns" not in run.output
+    assert not (run.out_dir / f"checkpoint-{STEPS}").exists()
+
+
+@pytest.mark.integration
+def test_custom_transform_by_dotted_path(preference_data):
+    """`type: my_module.my_function` (Axolotl's own dotted path) loads through the plugin too."""
+    result = preference_data["errors"]["custom-transform"]
+    assert result["ok"] and result["rows"] == 3, result
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", ["unknown-type", "unknown-function", "null-field", "missing-column", "one-answer",
+                                  "empty-response", "mappings-ignored", "dataset-chat-template",
+                                  "argilla-other-prompt", "argilla-turn-order"])
+def test_bad_dataset_type_or_row_is_named(case, preference_data, fixtures_dir, tmp_path):
+    """A type that resolves nowhere lists the types that work; a bad row names the dataset, the row and the field."""
+    result = preference_data["errors"][case]
+    _, expected = _error_cases(fixtures_dir, tmp_path)[case]
+    assert not result["ok"] and result["error_type"] == "ValueError", result
+    for text in expected:
+        assert text in result["error"], (text, result["error"])
+    assert "AssertionError" not in result["error"]

@@ -1,10 +1,11 @@
-"""The output layer under a ZeRO-3-like engine, on CPU: the same forward redirection the trainer uses for DeepSpeed.
+"""The output layer under a ZeRO-3-like engine, in one process: the forward redirection the trainer uses for ZeRO-3.
 
-DeepSpeed is not installed here (ZeRO-3 itself runs on GPUs only, see the README). `FakeZero3` reproduces what the
-chunked loss depends on: every parameter carries a `ds_id` and holds an empty placeholder except inside the forward
-of the module that owns it (a forward pre-hook gathers it, a post-hook frees it; a hook on the module's outputs
-gathers it again for backward, as DeepSpeed's pre-backward hook does), and gradients are moved into a separate
-partition store as soon as they are accumulated. Log-probs and every gradient must equal the plain model's.
+tests/test_zero3.py runs the trainer under real DeepSpeed ZeRO-3 (2 CPU processes); this stand-in isolates the
+redirection itself, for tied and untied embeddings and several chunk sizes, in a fraction of a second. `FakeZero3`
+reproduces what the chunked loss depends on: every parameter carries a `ds_id` and holds an empty placeholder except
+inside the forward of the module that owns it (a forward pre-hook gathers it, a post-hook frees it; a hook on the
+module's outputs gathers it again for backward, as DeepSpeed's pre-backward hook does), and gradients are moved into a
+separate partition store as soon as they are accumulated. Log-probs and every gradient must equal the plain model's.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ How Axolotl 0.19's `rl:` path meets our trainer (see core/builders/rl.py there):
   `orpo_alpha`/`rl_beta`/`trl.beta`, max_length from `sequence_len`); they are copied into our ORPOConfig with the
   same Axolotl mixins, so Axolotl's optimizer and scheduler extensions keep working;
 - our YAML keys reach those arguments through a dataclass mixin (`args.ORPOTrainingArgsMixin`);
-- the collator Axolotl may pass (only when `pad_to_multiple_of` is set) is a DPO one: ours replaces it.
+- the collator Axolotl may pass (only when `pad_to_multiple_of` is set) is a DPO one: ours replaces it;
+- datasets load through the plugin's `load_datasets` hook: Axolotl's own loading, with the dataset types of
+  `rl: dpo` as well as ORPO's, and bad rows named (see dataset_types.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class ORPOPlugin(BasePlugin):
         super().__init__()
         self.model = None
         self.orpo_args: dict = {}  # our keys' values, also for a trainer whose arguments lack the mixin
+        self.written_datasets: list | None = None
 
     def get_input_args(self) -> str:
         return "orpo_plugin.axolotl.args.ORPOPluginArgs"
@@ -48,6 +51,16 @@ class ORPOPlugin(BasePlugin):
             LOG.warning(
                 "orpo_plugin.axolotl.ORPOPlugin is listed but rl is %r: it acts only with `rl: orpo`", cfg.get("rl")
             )
+        # the dataset entries as written, before Axolotl's schema reads them (see dataset_types.dataset_entries)
+        self.written_datasets = [dict(d) if hasattr(d, "keys") else d for d in (cfg.get("datasets") or [])]
+
+    def load_datasets(self, cfg, preprocess=False):
+        """`rl: orpo`: Axolotl's preference-dataset loading with every DPO dataset type too (see dataset_types)."""
+        if not _is_orpo(cfg):
+            return None
+        from .dataset_types import load_preference_datasets
+
+        return load_preference_datasets(cfg, getattr(self, "written_datasets", None))
 
     def post_model_load(self, cfg, model):
         self.model = model  # the trainer below is built without it (see the module docstring)
