@@ -21,8 +21,9 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from . import instructions
 
@@ -253,17 +254,34 @@ def train(model, tokenizer, rows: list[dict], settings: DemoSettings, output_dir
     import torch
 
     from .callbacks import LogpsPlotCallback, MetricsFileCallback
-    from .trainer import ORPOConfig, ORPOTrainer
+    from .trainer import ORPOTrainer
 
     s = settings
-    cuda = torch.cuda.is_available()
     peft_config = None
     if s.lora or s.load_in_4bit:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                  task_type="CAUSAL_LM")
-    args = ORPOConfig(
+    with warnings.catch_warnings():  # transformers' notice that gradient_checkpointing is renamed, on every demo run
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        args = training_config(s, output_dir, mode, rows, tokenizer)
+    trainer = ORPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
+                          peft_config=peft_config, callbacks=[MetricsFileCallback(), LogpsPlotCallback()])
+    _quiet_progress(trainer)
+    start = time.time()
+    trainer.train()
+    return trainer, time.time() - start
+
+
+def training_config(s: DemoSettings, output_dir: str, mode: str, rows: list[dict], tokenizer):
+    """The ORPOConfig of a demo run (mode "sft": beta 0, the NLL of the chosen answers alone)."""
+    import torch
+
+    from .trainer import ORPOConfig
+
+    cuda = torch.cuda.is_available()
+    return ORPOConfig(
         output_dir=output_dir,
         max_steps=s.steps,
         per_device_train_batch_size=s.pairs_per_step,
@@ -285,12 +303,6 @@ def train(model, tokenizer, rows: list[dict], settings: DemoSettings, output_dir
         disable_tqdm=s.quiet,
         dataloader_num_workers=0,
     )
-    trainer = ORPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
-                          peft_config=peft_config, callbacks=[MetricsFileCallback(), LogpsPlotCallback()])
-    _quiet_progress(trainer)
-    start = time.time()
-    trainer.train()
-    return trainer, time.time() - start
 
 
 def learning_rate(s: DemoSettings) -> float:
@@ -394,7 +406,8 @@ def _run(settings: DemoSettings) -> dict:
             os.remove(os.path.join(s.output_dir, stale))
     timings = {}
 
-    say(f"[1/5] loading {s.model}")
+    say(f"[1/5] loading {s.model}" + (" (the first run converts its GGUF file into a checkpoint folder, once)"
+                                      if s.model in ("smollm2", "gemma3") else ""))
     t = time.time()
     path = resolve_model(s.model)
     model, tokenizer = load_model(path, s)
@@ -444,7 +457,7 @@ def _run(settings: DemoSettings) -> dict:
 
     timings["total"] = time.time() - t0
     result = {
-        "settings": asdict(s),
+        "settings": {**asdict(s), "learning_rate": learning_rate(s)},
         "learning_rate": learning_rate(s),
         "model_path": path,
         "train_prompts": len(train_items),
