@@ -45,7 +45,7 @@ class DemoSettings:
     pairs_per_step: int = 14  # about; packing groups whole pairs under a token budget
     learning_rate: float | None = None  # None: 5e-5 for full fine-tuning, 2e-4 for a LoRA adapter
     beta: float = 0.5
-    max_length: int = 160
+    max_length: int | None = None  # None: the longest pair of the data with this tokenizer (nothing is cut)
     packing: bool = True
     prefix_sharing: bool = True
     # off on the CPU demo: a 135M model's activations fit in a few GB, and recomputing them costs a third of a step.
@@ -305,6 +305,15 @@ def training_config(s: DemoSettings, output_dir: str, mode: str, rows: list[dict
     )
 
 
+def longest_pair(rows: list[dict], tokenizer) -> int:
+    """Tokens of the longest pair (prompt + the longer answer) once the chat template has rendered it."""
+    from .data import prepare_dataset
+
+    pairs, _ = prepare_dataset(rows, tokenizer, name="demo")
+    return max(len(f["prompt_input_ids"]) + max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"]))
+               for f in pairs)
+
+
 def learning_rate(s: DemoSettings) -> float:
     if s.learning_rate is not None:
         return s.learning_rate
@@ -325,7 +334,7 @@ def packing_budget(rows: list[dict], tokenizer, s: DemoSettings) -> int:
 
 def _quiet_progress(trainer) -> None:
     """The training progress bar without a printed dict per logging step: the key numbers ride on the bar."""
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     class BarOnly(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -336,6 +345,7 @@ def _quiet_progress(trainer) -> None:
     if any(isinstance(c, ProgressCallback) for c in trainer.callback_handler.callbacks):
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(BarOnly())
+    trainer.remove_callback(PrinterCallback)  # --quiet: no bar, and no dict per step either
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -415,6 +425,8 @@ def _run(settings: DemoSettings) -> dict:
 
     train_items, held_items = instructions.make_split(s.train_prompts, s.held_out_prompts, s.seed)
     rows = [it.row() for it in train_items]
+    if s.max_length is None:
+        s.max_length = longest_pair(rows + [it.row() for it in held_items], tokenizer)
     measurer = Measurer(tokenizer, held_items, s)
     if s.diversity_prompts >= 2:
         measurer.embedder()  # fail now, not after training, when the embedder is missing
