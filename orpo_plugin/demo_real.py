@@ -485,6 +485,7 @@ def _run(settings: DemoSettings) -> dict:
     }
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     result["cpu_seconds"] = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    result["peak_rss_gib"] = cpu1.ru_maxrss / 2**20  # Linux reports kilobytes
     say("[5/5] writing the report")
     result["files"] = demo_report.write(result, s.output_dir)
     result["timings"]["total"] = time.time() - t0

@@ -68,20 +68,26 @@ def _md_cell(text: str) -> str:
 
 
 def compare_lines(result: dict) -> list[str]:
-    """What the SFT-vs-ORPO comparison measured, in sentences (whatever it shows)."""
+    """What the SFT-vs-ORPO comparison measured, in sentences (whatever it shows).
+
+    The training-batch log-probs change batch to batch (each step sees other prompts), so the held-out pairs, the
+    same before and after, carry the cleaner before/after comparison.
+    """
     sft = result.get("sft")
     if not sft or not sft["history"] or not result["orpo_history"]:
         return []
     lines = []
-    for name, hist in (("SFT", sft["history"]), ("ORPO", result["orpo_history"])):
+    before = result["before"]["preference"]
+    for name, hist, after in (("SFT", sft["history"], sft["after"]), ("ORPO", result["orpo_history"], result["after"])):
         first, last = hist[0], hist[-1]
-        dc = last["logps/chosen"] - first["logps/chosen"]
-        dr = last["logps/rejected"] - first["logps/rejected"]
+        p = after["preference"]
+        dr = p["logps_rejected"] - before["logps_rejected"]
         lines.append(
-            f"{name}: chosen log-prob {first['logps/chosen']:.2f} -> {last['logps/chosen']:.2f} ({dc:+.2f}), "
-            f"rejected {first['logps/rejected']:.2f} -> {last['logps/rejected']:.2f} ({dr:+.2f}) "
-            f"from step {first['step']} to step {last['step']}; the rejected log-prob "
-            f"{'rose' if dr > 0 else 'fell'}."
+            f"{name}: held-out mean log-prob of chosen {before['logps_chosen']:.2f} -> {p['logps_chosen']:.2f}, "
+            f"of rejected {before['logps_rejected']:.2f} -> {p['logps_rejected']:.2f} (the rejected log-prob "
+            f"{'rose' if dr > 0 else 'fell'} by {abs(dr):.2f}); on the training batches, chosen "
+            f"{first['logps/chosen']:.2f} -> {last['logps/chosen']:.2f} and rejected {first['logps/rejected']:.2f} -> "
+            f"{last['logps/rejected']:.2f} from step {first['step']} to step {last['step']}."
         )
     s_after, o_after = sft["after"], result["after"]
     lines.append(
@@ -90,12 +96,14 @@ def compare_lines(result: dict) -> list[str]:
         f"after ORPO: {o_after['preference']['accuracy']:.3f}, {o_after['preference']['log_odds_margin']:+.3f}, "
         f"{_pct(o_after['checker']['pass_rate'])}."
     )
-    s_gap = sft["history"][-1]["logps/chosen"] - sft["history"][-1]["logps/rejected"]
-    o_gap = result["orpo_history"][-1]["logps/chosen"] - result["orpo_history"][-1]["logps/rejected"]
+    s_rej, o_rej = s_after["preference"]["logps_rejected"], o_after["preference"]["logps_rejected"]
+    raised = s_rej > before["logps_rejected"]
     lines.append(
-        f"Last logged training margin (chosen - rejected mean log-prob): SFT {s_gap:+.2f}, ORPO {o_gap:+.2f}: "
-        + ("ORPO separated chosen from rejected more than SFT." if o_gap > s_gap
-           else "SFT separated them as much as or more than ORPO in this run.")
+        "The seed's claim, measured: SFT " + ("raised" if raised else "did not raise")
+        + f" the held-out rejected log-prob ({before['logps_rejected']:.2f} -> {s_rej:.2f}); ORPO "
+        + ("separated chosen from rejected more than SFT" if o_after["preference"]["log_odds_margin"]
+           > s_after["preference"]["log_odds_margin"] else "did not separate them more than SFT")
+        + f" (rejected {o_rej:.2f} after ORPO)."
     )
     return lines
 
@@ -235,7 +243,8 @@ def markdown(result: dict, figures: dict[str, str]) -> str:
         lines.append(f"![training curves]({os.path.basename(figures['training'])})")
     lines += ["", "## Time", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k.replace('_', ' ')} | {v:.0f} |" for k, v in t.items()]
-    lines += ["", f"Process CPU time {result['cpu_seconds']:.0f} s on {result['torch_threads']} torch thread(s); 1-minute "
+    lines += ["", f"Process CPU time {result['cpu_seconds']:.0f} s on {result['torch_threads']} torch thread(s), peak "
+              f"memory (RSS) {result.get('peak_rss_gib', float('nan')):.1f} GiB; 1-minute "
               f"load average at the start {result['load_average_at_start']:.2f} (other processes sharing the cores "
               "make the wall times longer).", "", f"Settings: `{_settings_line(s)}`."]
     return "\n".join(lines) + "\n"
