@@ -34,7 +34,7 @@ DEFAULT_MODEL = "smollm2"
 
 @dataclass
 class DemoSettings:
-    """What the real demo runs. The defaults fit SmolLM2-135M-Instruct on 2 CPU cores in about 10 minutes."""
+    """What the real demo runs. The defaults train SmolLM2-135M-Instruct on 2 CPU cores in under 10 minutes."""
 
     model: str = DEFAULT_MODEL  # a pretrained name of orpo_plugin.pretrained, or a local checkpoint folder
     output_dir: str = "orpo-demo"
@@ -48,8 +48,9 @@ class DemoSettings:
     max_length: int | None = None  # None: the longest pair of the data with this tokenizer (nothing is cut)
     packing: bool = True
     prefix_sharing: bool = True
-    # off on the CPU demo: a 135M model's activations fit in a few GB, and recomputing them costs a third of a step.
-    # The trainer's default (on) is what a large model on a GPU needs.
+    # off on the CPU demo (`orpo-plugin demo` turns it on with a GPU): a 135M model's activations fit in memory, and
+    # recomputing every layer's forward during the backward costs about a third more compute. The trainer's default
+    # (on) is what a large model on a GPU needs.
     gradient_checkpointing: bool = False
     lora: bool = False
     load_in_4bit: bool = False
@@ -80,6 +81,7 @@ def resolve_model(name: str) -> str:
 
 
 def load_model(path: str, settings: DemoSettings):
+    """(model, tokenizer) from a checkpoint folder: float32 on a CPU, bf16 (or fp16) on a GPU, 4-bit on request."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,7 +106,7 @@ def load_model(path: str, settings: DemoSettings):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"],
         )
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+        kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if torch.cuda.is_available() and not settings.load_in_4bit:
         model = model.to("cuda")
@@ -202,8 +204,11 @@ class Measurer:
         import torch
 
         from .evaluation import pair_logps, preference_metrics
+        from .modeling import unwrap
 
-        layout = "prefix_sharing" if self.settings.prefix_sharing else "padded"
+        impl = getattr(unwrap(model).config, "_attn_implementation", None)
+        # orpo_sdpa computes each prompt once; other attention implementations score pairs padded
+        layout = "prefix_sharing" if self.settings.prefix_sharing and impl in ("sdpa", "eager") else "padded"
         chosen, rejected = pair_logps(model, self.pairs, self.tokenizer.pad_token_id, layout=layout)
         metrics = preference_metrics(chosen, rejected)
         by_kind = defaultdict(list)
@@ -251,8 +256,6 @@ class Measurer:
 # ----------------------------------------------------------------------------------------------- training
 def train(model, tokenizer, rows: list[dict], settings: DemoSettings, output_dir: str, mode: str = "orpo"):
     """Train `model` in place with ORPO (or SFT on chosen only: beta 0); returns (trainer, seconds)."""
-    import torch
-
     from .callbacks import LogpsPlotCallback, MetricsFileCallback
     from .trainer import ORPOTrainer
 
