@@ -1,4 +1,5 @@
-"""The offline demo: a tiny Llama learns a content preference with ORPO on CPU in a minute or two.
+"""The toy demo (`orpo-plugin demo --model tiny`): a tiny Llama learns a content preference with ORPO on CPU in a
+minute or two. `main` runs the real-model demo (`orpo_plugin.demo_real`) for any other --model.
 
 The data: "Name three fruits." -> chosen names three fruits, rejected names three words of another category.
 The model has to read the prompt to prefer the chosen response; held-out pairs use word combinations never
@@ -19,6 +20,7 @@ CATEGORIES = {
     "colors": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "brown", "pink"],
     "tools": ["hammer", "saw", "drill", "wrench", "chisel", "shovel", "rake", "pliers", "axe", "ladder"],
 }
+DEFAULT_MODEL = "smollm2"  # `orpo-plugin demo` with no flags: SmolLM2-135M-Instruct (orpo_plugin.pretrained)
 TEMPLATES = ["Name three {c}.", "List three {c}, please.", "Give me three {c}:", "Which three {c} come to mind?"]
 
 
@@ -240,6 +242,10 @@ def compare_main(args) -> int:
 
 
 def main(args) -> int:
+    if getattr(args, "model", DEFAULT_MODEL) != "tiny":
+        from . import demo_real
+
+        return demo_real.main(args)
     if getattr(args, "compare_sft", False):
         return compare_main(args)
     logging.basicConfig(level=logging.WARNING)

@@ -10,16 +10,39 @@ from .losses import log_odds, sequence_logps
 from .modeling import OutputHead, predicted_logps, unwrap, verify_head
 
 
+def _row_attention(model, layout: str) -> str | None:
+    """The attention that runs a padding-free or prefix-shared row of an sdpa/eager model: orpo_sdpa (exact)."""
+    from . import attention
+
+    if layout == "padded":
+        return None
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager", attention.ATTENTION_NAME):
+        raise ValueError(f"pair_logps runs the {layout} layout on sdpa or eager models; this model uses "
+                         f"attn_implementation={impl!r}: use layout='padded'")
+    return attention.register()
+
+
 @torch.no_grad()
-def pair_logps(model, pairs, pad_token_id: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean response log-prob of chosen and rejected for every pair (padded layout, eval mode)."""
+def pair_logps(
+    model, pairs, pad_token_id: int, batch_size: int = 16, layout: str = "padded"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean response log-prob of chosen and rejected for every pair (eval mode).
+
+    `layout` "prefix_sharing" computes each prompt once (`[prompt][chosen][rejected]` per pair, pairs of a batch in
+    one row), "padding_free" lays the sequences end to end; both equal "padded" and cost fewer positions. They run
+    orpo_plugin's per-segment attention, so they take sdpa or eager models.
+    """
+    from .attention import attention_implementation
+
     base = unwrap(model)
     was_training = base.training
     base.eval()
     head = OutputHead.of(base)
-    collate = PreferenceCollator(pad_token_id, "padded")
+    collate = PreferenceCollator(pad_token_id, layout)
     device = next(base.parameters()).device
     chosen, rejected = [], []
+    override = _row_attention(base, layout)
     try:
         try:  # a model whose logits are not plain lm_head(hidden) computes them inside its own forward
             verify_head(base, head)
@@ -30,7 +53,8 @@ def pair_logps(model, pairs, pad_token_id: int, batch_size: int = 16) -> tuple[t
             batch = collate([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))])
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             chunk_size = default_chunk_size(head.vocab_size) if head.chunkable else None
-            token_logps, _ = predicted_logps(model, batch, head, chunk_size, logits_in_forward)
+            with attention_implementation(model, override):
+                token_logps, _ = predicted_logps(model, batch, head, chunk_size, logits_in_forward)
             p = int(batch["num_pairs"])
             seq = batch["pred_seq"]
             resp = seq >= 0

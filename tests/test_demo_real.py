@@ -1,0 +1,102 @@
+"""The real-model demo's code paths on a tiny local checkpoint (`--model PATH`), in seconds; the run on SmolLM2
+itself is tests/real/test_demo_smollm2.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orpo_plugin import cli, demo_real, instructions
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tiny_tokenizer, tiny_model_factory):
+    """A local checkpoint folder with a chat template: what `--model PATH` takes."""
+    folder = tmp_path_factory.mktemp("tiny_chat_model")
+    tiny_model_factory(seed=0).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _demo(folder, out, *extra):
+    argv = ["demo", "--model", str(folder), "--output_dir", str(out), "--train_prompts", "14", "--held_out_prompts",
+            "7", "--steps", "2", "--pairs_per_step", "7", "--diversity_prompts", "0", "--quiet", *extra]
+    assert cli.main(argv) == 0
+    return json.loads((out / "demo_result.json").read_text())
+
+
+def test_local_checkpoint_end_to_end(tiny_folder, tmp_path):
+    result = _demo(tiny_folder, tmp_path)
+    assert result["model_path"] == str(tiny_folder)
+    s = result["settings"]
+    assert s["steps"] == 2 and s["packing"] and s["prefix_sharing"]
+    assert s["gradient_checkpointing"] is False  # auto on a CPU
+    assert len(result["orpo_history"]) == 2
+    for phase in ("before", "after"):
+        m = result[phase]
+        assert len(m["answers"]) == 7
+        assert 0.0 <= m["preference"]["accuracy"] <= 1.0
+        assert set(m["checker"]["pass_rate_by_kind"]) == set(instructions.KINDS)
+        assert set(m["preference"]["accuracy_by_kind"]) == set(instructions.KINDS)
+        assert "diversity" not in m  # --diversity_prompts 0
+    report = (tmp_path / "report.md").read_text()
+    assert "## Before and after" in report and "## Answers side by side" in report and "PID" not in report
+    assert (tmp_path / "pass_rates.png").read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / "logps.png").read_bytes()[:8] == PNG_MAGIC
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["phase"] == "before" and rows[-1]["phase"] == "after"
+    assert [r["step"] for r in rows if "logps/chosen" in r] == [1, 2]
+
+
+def test_lora_trains_an_adapter(tiny_folder, tmp_path):
+    result = _demo(tiny_folder, tmp_path, "--lora", "--save_model")
+    assert result["settings"]["lora"] and result["learning_rate"] == 2e-4
+    assert (tmp_path / "model" / "adapter_config.json").exists()
+    assert result["after"]["preference"]["chosen_logps"] != result["before"]["preference"]["chosen_logps"]
+
+
+def test_four_bit_needs_a_gpu(tiny_folder, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU refusal")
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        _demo(tiny_folder, tmp_path, "--load_in_4bit")
+
+
+def test_unknown_model_names_the_choices(tmp_path):
+    with pytest.raises(FileNotFoundError, match="smollm2.*tiny"):
+        _demo(tmp_path / "nowhere", tmp_path)
+
+
+def test_cpu_threads():
+    assert demo_real.cpu_threads("3") == 3
+    assert demo_real.cpu_threads(0) == 1
+    import os
+
+    assert 1 <= demo_real.cpu_threads("auto") <= (os.cpu_count() or 1)
+
+
+def test_judge_counts_per_kind():
+    _, held = instructions.make_split(train=7, held_out=7)
+    verdict = demo_real.judge(held, [item.chosen for item in held])
+    assert verdict["pass_rate"] == 1.0 and verdict["answer_mentioned"] == 1.0
+    verdict = demo_real.judge(held, [item.rejected for item in held])
+    assert verdict["pass_rate"] == 0.0 and set(verdict["pass_rate_by_kind"].values()) == {0.0}
+
+
+def test_generate_left_pads_and_matches_one_by_one(tiny_folder, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    prompts = [tiny_tokenizer("What color is the sky?")["input_ids"], tiny_tokenizer("Be brief.")["input_ids"]]
+    together = demo_real.generate(model, tiny_tokenizer, prompts, max_new_tokens=6, batch_size=8, quiet=True)
+    alone = [demo_real.generate(model, tiny_tokenizer, [p], max_new_tokens=6, batch_size=8, quiet=True)[0]
+             for p in prompts]
+    assert together == alone
+    sampled = demo_real.generate(model, tiny_tokenizer, prompts, 6, 8, num_samples=3, seed=0, quiet=True)
+    assert [len(s) for s in sampled] == [3, 3]
+    assert sampled == demo_real.generate(model, tiny_tokenizer, prompts, 6, 8, num_samples=3, seed=0, quiet=True)
