@@ -13,20 +13,9 @@ import pytest
 
 from orpo_plugin import data
 from orpo_plugin.data import end_of_turn_ids, load_preference_dataset, prepare_dataset
+
+from helpers.messages import assistant, system, user  # tests/helpers
 from helpers.templates import CASES, assert_rendering, build_template_tokenizer  # tests/helpers
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
-
 
 SKY, FRUIT = "What color is the sky?", "Name a fruit."
 HISTORY = [user("Is fire hot?"), assistant("Yes."), user(SKY)]

@@ -18,20 +18,10 @@ from orpo_plugin.data import (
     row_to_text,
 )
 
+from helpers.messages import assistant, system, user  # tests/helpers
+
 SKY = "What color is the sky?"
 FIRE = "Q: Is fire hot?"
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
 
 
 def enc(tok, text):

@@ -16,6 +16,7 @@ from datasets import Dataset
 from orpo_plugin import ORPOConfig, ORPOTrainer
 from orpo_plugin.data import prepare_dataset
 
+from helpers.messages import assistant, user  # tests/helpers
 from helpers.pairs import METRICS  # tests/helpers
 from helpers.real import args, grad_diff, load, one_step  # tests/helpers
 from helpers.trl_ref import pretokenized_trl_trainer, trl_rows  # tests/helpers
@@ -26,14 +27,6 @@ LAYOUTS = {
     "prefix_sharing": dict(prefix_sharing=True),
     "packing+prefix_sharing": dict(packing=True, prefix_sharing=True),
 }
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
 
 
 SYSTEM = {"role": "system", "content": "Be brief."}  # shorter than the template's default system message

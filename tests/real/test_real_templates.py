@@ -13,21 +13,10 @@ import pytest
 
 from orpo_plugin.data import end_of_turn_ids, prepare_dataset
 
+from helpers.messages import assistant, system, user  # tests/helpers
 from helpers.templates import assert_rendering  # tests/helpers
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
 
 
 Q = "What is the capital of France?"

@@ -20,16 +20,8 @@ from datasets import Dataset
 
 from orpo_plugin import ORPOConfig, ORPOTrainer
 
+from helpers.messages import assistant, user  # tests/helpers
 from helpers.real import args  # tests/helpers
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
 
 PAIRS = [
     ("What is the capital of France?", "The capital of France is Paris.", "I like bread."),
