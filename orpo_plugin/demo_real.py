@@ -379,6 +379,7 @@ def _summary(measured: dict) -> dict:
 def run(settings: DemoSettings) -> dict:
     """The whole demo; returns what demo_result.json holds."""
     import datasets
+    import torch
     import transformers
 
     # the demo's own progress bars only: not one per tokenized split or loaded checkpoint
@@ -386,9 +387,11 @@ def run(settings: DemoSettings) -> dict:
     quiet_loading = not transformers.utils.logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    threads = torch.get_num_threads()  # _run may lower it for the demo; the process keeps its own afterwards
     try:
         return _run(settings)
     finally:
+        torch.set_num_threads(threads)
         if not quiet_datasets:
             datasets.enable_progress_bars()
         if not quiet_loading:

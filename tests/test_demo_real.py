@@ -72,6 +72,14 @@ def test_unknown_model_names_the_choices(tmp_path):
         _demo(tmp_path / "nowhere", tmp_path)
 
 
+def test_the_demo_leaves_the_process_thread_count_as_it_found_it(tiny_folder, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    _demo(tiny_folder, tmp_path, "--threads", "1")
+    assert torch.get_num_threads() == before
+
+
 def test_cpu_threads():
     assert demo_real.cpu_threads("3") == 3
     assert demo_real.cpu_threads(0) == 1
@@ -100,3 +108,15 @@ def test_generate_left_pads_and_matches_one_by_one(tiny_folder, tiny_tokenizer):
     sampled = demo_real.generate(model, tiny_tokenizer, prompts, 6, 8, num_samples=3, seed=0, quiet=True)
     assert [len(s) for s in sampled] == [3, 3]
     assert sampled == demo_real.generate(model, tiny_tokenizer, prompts, 6, 8, num_samples=3, seed=0, quiet=True)
+
+
+def test_gradient_checkpointing_on_trains_the_same_steps(tiny_folder, tmp_path):
+    """The demo turns checkpointing off on a CPU (a speed choice, README); the trainer's default, on, gives the same
+    training: the same loss and log-probs at every step."""
+    off = _demo(tiny_folder, tmp_path / "off")
+    on = _demo(tiny_folder, tmp_path / "on", "--gradient_checkpointing", "on")
+    assert on["settings"]["gradient_checkpointing"] is True and off["settings"]["gradient_checkpointing"] is False
+    assert len(on["orpo_history"]) == len(off["orpo_history"]) == 2
+    for a, b in zip(on["orpo_history"], off["orpo_history"]):
+        for key in ("loss", "logps/chosen", "logps/rejected"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
