@@ -343,7 +343,8 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, BaseTrainer):
                 "restore the weights exactly: reload the model, and run any inference before training in train mode"
             )
         if self._verify_head_on_first_step:  # a plain input, so under the model's own attention, not the layout's
-            self._verify_head_now(model)
+            with self.accelerator.autocast():  # and in the training's precision, as at start (see __init__)
+                self._verify_head_now(model)
         # Forward and backward under one attention override: gradient checkpointing recomputes the layers during
         # backward, and the recomputation must run the same attention as the forward did.
         with attention.attention_implementation(model, self.attention_override):
