@@ -325,6 +325,18 @@ def add_checkpointing_option(parser) -> None:
     )
 
 
+def meminfo_gib(field: str) -> float | None:
+    """A /proc/meminfo field in GiB (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 

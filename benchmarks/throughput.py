@@ -13,7 +13,8 @@ both trainers' constructors call `enable_input_require_grads`. Before timing, th
 time a broken path: for every method, one optimizer step with checkpointing on and one with it off on the same
 fresh model and batch must give the same loss and gradients (`--no-check` skips this).
 
-Every method trains the same random-init tiny Llama (a fresh copy built from the same seed for each run) on the
+Every method trains the same random-init tiny Llama (a fresh copy built from the same seed for each run; with
+`--model`, a fresh copy of the pretrained model) on the
 same synthetic preference set (log-normal prompt/response lengths) for a fixed number of optimizer steps after
 a few untimed warm-up steps. Real tokens are counted from the micro-batches each run actually trained on, the
 same way for every method: 2*prompt + chosen + rejected per pair (prefix sharing computes the prompt once but
@@ -29,7 +30,10 @@ the baseline of the same round.
 real tokenizer on conversational rows (`--set chat`: message lists rendered by SmolLM2's ChatML template through
 each trainer's own data path; lengths in common.CHAT_LENGTHS). TRL appends an EOS after ChatML's `<|im_end|>\n`
 (orpo_plugin does not): the script checks that this is the only difference between the two tokenizations, and
-TRL's real tokens include that extra EOS, since they are counted from its own batches.
+TRL's real tokens include that extra EOS, since they are counted from its own batches. Its default run (4 pairs per
+TRL batch, 1 warm-up + 2 timed steps, 3 rounds) takes 20-25 minutes on 2 shared cores and peaks at 16-18 GiB of
+RAM (three trainers in one process, TRL's [8 x ~1,000 x 49,152] float32 logits); the script refuses to start when
+its estimate exceeds the available RAM (`--force` overrides).
 
 Packing budget: `packing_max_tokens` is calibrated so that a packed micro-batch holds, on average, as many real
 tokens as TRL's batch of `--batch` pairs (8; 4 with SmolLM2). Prefix sharing keeps the same budget, which then
@@ -206,6 +210,31 @@ def build_trainer(
     return trainer, meter, logs
 
 
+def check_memory(opts, methods, prepared, tokenizer) -> None:
+    """Refuse a pretrained-model run that would not fit in the available RAM (unless --force).
+
+    All of a round's trainers live in one process: per trainer float32 weights, AdamW's two states and gradients
+    (16 bytes per parameter), plus TRL's step, whose [2 x batch x longest pair x vocab] float32 logits, their
+    log-softmax and gradients take several times the logits, plus ~3 GiB for the rest (SmolLM2's default run:
+    16.3-17.9 GiB peak RSS measured, 17 GiB estimated).
+    """
+    path = common.pretrained_path(opts.model)
+    weights_gib = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30  # float32, every layer
+    longest = max(
+        len(p) + max(len(c), len(r)) + 1
+        for p, c, r in zip(prepared["prompt_input_ids"], prepared["chosen_input_ids"], prepared["rejected_input_ids"])
+    )
+    logits_gib = 2 * opts.batch * longest * len(tokenizer) * 4 / 2**30
+    need = 3 + 4 * weights_gib * len(methods) + (6 * logits_gib if "trl" in methods else 0)
+    avail = common.meminfo_gib("MemAvailable")
+    print(f"memory: about {need:.0f} GiB at peak (estimate); " + (f"{avail:.0f} GiB available" if avail else ""))
+    if avail is not None and need > 0.9 * avail and not opts.force:
+        raise SystemExit(
+            f"this run needs roughly {need:.0f} GiB and only {avail:.0f} GiB is available; lower --batch/--max-length, "
+            "drop methods, or pass --force (an out-of-memory kill may hit other processes)"
+        )
+
+
 def check_checkpointing(methods: list[str], rows, tokenizer, opts, budget: int) -> None:
     """One optimizer step per method with checkpointing on and off (fresh model, same seed and batch): the loss and
     the gradients must agree, and the on-run's model must really checkpoint. Prints one line per method."""
@@ -322,6 +351,9 @@ def main(argv=None) -> int:
         "--no-check", action="store_true", help="skip the checkpointing on-vs-off first-step check before timing"
     )
     p.add_argument("--json", help="also write the per-run results here")
+    p.add_argument(
+        "--force", action="store_true", help="run even if the estimated memory exceeds available RAM (--model smollm2)"
+    )
     opts = p.parse_args(argv)
     defaults = dict(length_set="mixed", batch=BATCH, pairs=600, max_length=512, steps=8, warmup=2, repeats=3)
     if opts.model != "toy":
@@ -393,6 +425,8 @@ def main(argv=None) -> int:
     )
     if tokenization:
         print(f"tokenization: {tokenization}")
+    if opts.model != "toy":
+        check_memory(opts, methods, prepared, tokenizer)
 
     if opts.gradient_checkpointing == "on" and not opts.no_check:
         check_checkpointing(methods, rows, tokenizer, opts, budget)
