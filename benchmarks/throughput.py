@@ -71,7 +71,7 @@ DEFAULTS = {
     "prompt-heavy": dict(methods=["packing", "packing+prefix_sharing"], baseline="packing"),
     "chat": dict(methods=["trl", "packing", "packing+prefix_sharing"], baseline="trl"),
 }
-# --model smollm2's defaults: about 25 minutes on 2 shared cores (a TRL step of 4 pairs takes about a minute)
+# --model smollm2's defaults: 20-25 minutes on 2 shared cores (a TRL step of 4 pairs took 21-79 s)
 REAL_DEFAULTS = dict(length_set="chat", batch=4, pairs=200, max_length=1024, steps=2, warmup=1, repeats=3)
 
 
