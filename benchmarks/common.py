@@ -5,6 +5,7 @@ Everything is built locally and deterministically from a seed; nothing is downlo
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -110,6 +111,175 @@ def make_pairs(
     return rows
 
 
+# ------------------------------------------------------------------------------------ conversational pairs
+# Lengths in tokens of the real tokenizer, message content only (the chat template adds its own tokens):
+# log-normal draws (median, sigma), capped so that a pair is never truncated (see make_chat_pairs).
+CHAT_LENGTHS = dict(
+    system_share=0.5, system=(30, 0.6),  # half the rows bring a system message; the others get the template's default
+    history_share=0.25, history_user=(40, 0.7), history_assistant=(80, 0.7),  # a quarter have one earlier exchange
+    user=(60, 0.9),  # the question
+    response=(110, 0.7),  # chosen and rejected, drawn independently
+)
+
+# A small English lexicon written for this benchmark, so a real BPE sees ordinary words (about one token each):
+# function words take the top Zipf ranks, content words follow in a seeded order.
+FUNCTION_WORDS = "the a of and to in is it that for on with as at by from this be are was or not can will you we they I if but so".split()
+CONTENT_WORDS = """
+able about above act add after again against ago air all also always among an animal answer any appear area ask back
+base beauty been before began begin behind best better between big bird black blue boat body book both box boy bring
+brought build busy call came car care carry cause center certain change check children city class clear close cold
+color come common complete contain correct could country course cover cross cry cut dark day decide deep develop did
+differ direct distant do does dog done door down draw drive dry during each early earth ease east eat end enough
+equate even ever every example explain eye face fact fall family far farm fast father feel feet few field figure
+fill final find fine fire first fish five fly follow food foot force form found four free friend front full game
+gave get girl give go gold good got govern great green ground group grow had half hand happen hard has have he head
+hear heard heat help her here high him his hold home horse hot hour house how hundred idea inch interest island just
+keep kind king knew know land language large last late laugh lay lead learn leave left less let letter life light
+like line list listen little live long look love low machine made main make man many map mark may me mean measure
+men might mile mind minute miss money moon more morning most mother mountain move much multiply music must my name
+near need never new next night no north note nothing notice noun now number numeral object ocean off often old once
+one only open order other our out over own page paint paper part pass pattern people person picture piece place
+plain plan plane plant play point port pose possible pound power press problem produce product pull put question
+quick rain ran reach read ready real reason record red remember rest right river road rock room round rule run said
+same saw say school science sea second see seem self sentence serve set several shape she ship short should show
+side simple since sing six slow small snow some song soon sound south space special spell stand star start state
+stay step still stood stop story street strong study such sun sure surface system table tail take talk teach tell
+ten test than their them then there these thing think those though thought thousand three through time tire together
+told too took top toward town travel tree true try turn two under unit until up us use usual verb very voice vowel
+wait walk want war warm watch water way week well went were west what wheel when where which while white who whole
+why wind wonder wood word work world would write year yes young your
+""".split()
+
+
+class ChatMaker:
+    """Conversational preference rows (message lists) of a chosen length in tokens of a real tokenizer.
+
+    Zipf-weighted common English words; each word's token count (with its leading space) is read off the tokenizer
+    once, so a message can be grown word by word to a target length.
+    """
+
+    def __init__(self, tokenizer, seed: int = 0):
+        rng = random.Random(seed)
+        content = [w for w in CONTENT_WORDS if w not in FUNCTION_WORDS]
+        rng.shuffle(content)
+        self.words = FUNCTION_WORDS + content  # in Zipf rank order
+        weights = [1.0 / (rank + 1) for rank in range(len(self.words))]
+        total = sum(weights)
+        self.cum = list(_accumulate([w / total for w in weights]))
+        ids = tokenizer([" " + w for w in self.words], add_special_tokens=False)["input_ids"]
+        self.cost = [len(x) for x in ids]
+        self.period = len(tokenizer(" word.", add_special_tokens=False)["input_ids"]) - len(
+            tokenizer(" word", add_special_tokens=False)["input_ids"]
+        )
+
+    def text(self, rng: random.Random, tokens: int, question: bool = False) -> str:
+        """Sentences of about `tokens` tokens (a question ends with "?")."""
+        out, n, sentence, length = [], 0, 0, rng.randint(6, 16)
+        while n < tokens:
+            i = _bisect(self.cum, rng.random())
+            word = self.words[i]
+            out.append(word.capitalize() if sentence == 0 else word)
+            n += self.cost[i]
+            sentence += 1
+            if sentence == length and n < tokens - 2:  # end the sentence
+                out[-1] += "."
+                n += self.period
+                sentence, length = 0, rng.randint(6, 16)
+        return " ".join(out) + ("?" if question else ".")
+
+
+def _draw(rng: random.Random, spec: tuple[float, float], cap: int) -> int:
+    median, sigma = spec
+    return lognormal_words(rng, median, sigma, cap)
+
+
+def make_chat_pairs(n: int, tokenizer, max_length: int, seed: int = 0) -> list[dict]:
+    """`n` conversational preference rows (`prompt` = [system?, (user, assistant)?, user], `chosen`/`rejected` =
+    [assistant]) with CHAT_LENGTHS' log-normal lengths in tokens.
+
+    Caps keep every pair within `max_length` after the chat template (and one more token: TRL appends an EOS), so
+    neither trainer truncates: of what the template leaves of `max_length` (less a margin), the prompt's messages
+    together take at most 55 % in content tokens, each response at most 45 %.
+    """
+    spec = CHAT_LENGTHS
+    maker = ChatMaker(tokenizer, seed)
+    rng = random.Random(seed + 1)
+    # the template's own tokens around the longest prompt shape ([system, user, assistant, user]) and a response;
+    # without a system message a template may insert its default one (SmolLM2's does)
+    shape = [{"role": r, "content": ""} for r in ("system", "user", "assistant", "user", "assistant")]
+    overhead = max(len(tokenizer.apply_chat_template(s, tokenize=True, return_dict=False)) for s in (shape, shape[1:]))
+    room = max_length - overhead - 8
+    if room < 40:
+        raise ValueError(f"max_length {max_length} leaves too little room for conversational pairs")
+    prompt_cap, response_cap = int(0.55 * room), int(0.45 * room)
+    rows = []
+    for _ in range(n):
+        budget = prompt_cap
+        prompt = []
+        if rng.random() < spec["system_share"]:
+            k = _draw(rng, spec["system"], budget // 3)
+            prompt.append({"role": "system", "content": maker.text(rng, k)})
+            budget -= k
+        if rng.random() < spec["history_share"]:
+            ku = _draw(rng, spec["history_user"], budget // 4)
+            ka = _draw(rng, spec["history_assistant"], budget // 3)
+            prompt += [
+                {"role": "user", "content": maker.text(rng, ku, question=True)},
+                {"role": "assistant", "content": maker.text(rng, ka)},
+            ]
+            budget -= ku + ka
+        prompt.append({"role": "user", "content": maker.text(rng, _draw(rng, spec["user"], max(1, budget)), True)})
+        chosen, rejected = (
+            [{"role": "assistant", "content": maker.text(rng, _draw(rng, spec["response"], response_cap))}]
+            for _ in range(2)
+        )
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- real models
+@functools.lru_cache(maxsize=None)
+def pretrained_path(name: str):
+    """The cached checkpoint folder of an `orpo_plugin.pretrained` model (converted once from its GGUF package)."""
+    from orpo_plugin import pretrained
+
+    return pretrained.checkpoint(name)
+
+
+def pretrained_config(name: str, layers: int | None = None):
+    """The model's config; `layers`: keep only its first layers (a smoke-test size, not a benchmark)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(pretrained_path(name))
+    if layers is not None and layers < config.num_hidden_layers:
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:layers]
+    return config
+
+
+def load_pretrained(name: str, layers: int | None = None, **kwargs):
+    """The pretrained model in float32 (with `layers`, only its first layers)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = pretrained_config(name, layers)
+    return AutoModelForCausalLM.from_pretrained(pretrained_path(name), config=config, dtype=torch.float32, **kwargs)
+
+
+def pretrained_line(name: str, config, full_layers: int) -> str:
+    """One line describing a pretrained model as loaded."""
+    layers = f"{config.num_hidden_layers} layers"
+    if config.num_hidden_layers < full_layers:
+        layers = f"its first {config.num_hidden_layers} of {full_layers} layers (a smoke-test size)"
+    window = getattr(config, "sliding_window", None)
+    return (
+        f"pretrained {name} ({config.model_type}, {layers}, hidden {config.hidden_size}, vocab "
+        f"{config.vocab_size:,}{', tied output layer' if config.tie_word_embeddings else ''}"
+        f"{f', sliding window {window}' if window else ''}), float32"
+    )
+
+
 def build_tokenizer(seed: int = 0, vocab_size: int = 4096, maker: TextMaker | None = None):
     from orpo_plugin.toy import build_tokenizer as toy_tokenizer
 
@@ -153,6 +323,18 @@ def add_checkpointing_option(parser) -> None:
         default="on",
         help="gradient checkpointing for every method, TRL included (default on: both trainers' default)",
     )
+
+
+def meminfo_gib(field: str) -> float | None:
+    """A /proc/meminfo field in GiB (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
 
 
 def median(xs):
@@ -359,6 +541,7 @@ def quiet_logs():
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights" of pretrained checkpoints
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     logging.getLogger("orpo_plugin").setLevel(logging.ERROR)

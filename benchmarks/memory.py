@@ -4,6 +4,8 @@
     python benchmarks/memory.py --seq-len 512      # the issue's size; TRL then needs ~15 GB of RAM
     python benchmarks/memory.py --gradient-checkpointing off   # checkpointing off for every method
     python benchmarks/memory.py --fsdp2 --pairs 2  # 2 CPU processes, FSDP2: chunked vs full logits, per rank
+    python benchmarks/memory.py --model gemma3     # pretrained Gemma 3 270M (vocab 262,144): TRL vs ours chunked,
+                                                   # padded and packed; 2 pairs x 512 tokens per sequence
 
 Gradient checkpointing is on by default for every method, TRL included (both trainers' config default, what a
 24 GB GPU run uses; `Trainer.train` enables it in the model, non-reentrant by transformers' default). Every child
@@ -14,6 +16,11 @@ The model is a random-init Llama with a 128,256-row embedding and output layer b
 [tokens x vocab] logits dominate. The text comes from a small toy tokenizer: its ids are all < 128,256 and the
 model simply has rows the data never uses, which changes nothing about memory. Every sequence is exactly
 `--seq-len` tokens (prompt + response, truncated), so no method gains or loses anything from padding.
+
+`--model gemma3` trains the pretrained Gemma 3 270M (`orpo_plugin.pretrained`, loaded offline; 18 layers, hidden
+640, tied 262,144 x 640 embedding and output layer, sliding window 512) with its own tokenizer, a full fine-tune in
+float32, on plain-text rows of common English words (common.ChatMaker) cut to exactly `--seq-len` tokens per
+sequence. `ours_packing` packs each step's pairs into one row (chunked loss, as `ours_chunked`).
 
 Memory phase: each method runs in its own fresh process (so no method's peak hides in another's high-water mark).
 Reported (CPU): "step peak" = high-water RSS during the step - RSS just before it, i.e. what one steady-state
@@ -56,7 +63,11 @@ METHODS = {
     "ours_chunked": ("ours", {"chunked_loss": True}),
     "ours_unchunked": ("ours", {"chunked_loss": False}),
     "ours_model_logits": ("ours", {"chunked_loss": False}),  # the model computes full logits in its forward
+    "ours_packing": ("ours", {"chunked_loss": True, "packing": True}),  # each step's pairs in one packed row
 }
+REAL_MODELS = {"gemma3": "Gemma 3 270M"}  # --model: orpo_plugin.pretrained checkpoints
+# --model gemma3's defaults (measured process peaks: TRL about 11 GiB, ours about 6 GiB)
+REAL_DEFAULTS = dict(methods=["trl", "ours_chunked", "ours_packing"], timing_methods=[], pairs=2, seq_len=512)
 FSDP2_METHODS = ["ours_chunked", "ours_model_logits"]
 FSDP2_CONFIG = {
     "fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "reshard_after_forward": True,
@@ -133,7 +144,8 @@ class MemoryProbe:
 
 def make_rows(n: int, seq_len: int, seed: int, maker):
     """Rows whose prompt+response overflow `seq_len` tokens, so after truncation every sequence is exactly seq_len
-    tokens long."""
+    tokens long. `maker.text(rng, n)`: about n words (common.TextMaker) or n tokens (common.ChatMaker), both at
+    least one token each."""
     import random
 
     rng = random.Random(seed + 1)
@@ -147,20 +159,38 @@ def make_rows(n: int, seq_len: int, seed: int, maker):
     ]
 
 
+def model_and_tokenizer(opts):
+    """The model every method trains and its tokenizer and text maker: the random-init toy Llama at VOCAB with a toy
+    BPE, or `--model`'s pretrained checkpoint and tokenizer."""
+    import common
+
+    if opts.model == "toy":
+        from orpo_plugin.toy import build_model
+
+        maker = common.TextMaker(opts.seed)
+        tokenizer = common.build_tokenizer(opts.seed, 1024, maker)
+        model = build_model(
+            VOCAB, hidden_size=opts.hidden, num_layers=opts.layers, num_heads=opts.heads, seed=opts.seed,
+            max_position_embeddings=max(2048, opts.seq_len),
+        )
+        return model, tokenizer, maker
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(common.pretrained_path(opts.model))
+    model = common.load_pretrained(opts.model, opts.layers)
+    return model, tokenizer, common.ChatMaker(tokenizer, opts.seed)
+
+
 def build_trainer(method: str, opts, steps: int, callbacks, meter, out: str, cuda: bool, losses=None):
     import datasets
 
     import common
-    from orpo_plugin.toy import build_model
 
     kind, fields = METHODS[method]
-    maker = common.TextMaker(opts.seed)
-    tokenizer = common.build_tokenizer(opts.seed, 1024, maker)
+    model, tokenizer, maker = model_and_tokenizer(opts)
     rows = make_rows(opts.pairs * steps, opts.seq_len, opts.seed, maker)
-    model = build_model(
-        VOCAB, hidden_size=opts.hidden, num_layers=opts.layers, num_heads=opts.heads, seed=opts.seed,
-        max_position_embeddings=max(2048, opts.seq_len),
-    )
+    if fields.get("packing"):  # room for exactly one micro-batch's pairs: every sequence is seq_len tokens
+        fields = {**fields, "packing_max_tokens": 2 * opts.pairs * opts.seq_len}
     if kind == "trl":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
     else:
@@ -267,17 +297,6 @@ def timing_child(opts) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ parent side
-def _meminfo_gib(field: str) -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        return None
-    return None
-
-
 def run_child(role: str, opts, malloc_env: bool):
     argv = [sys.executable, __file__, role]
     if opts.fsdp2:
@@ -288,8 +307,9 @@ def run_child(role: str, opts, malloc_env: bool):
             port = sock.getsockname()[1]
         argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--main_process_port", str(port), __file__, role, "--fsdp2"]
-    for k in ("seq_len", "pairs", "hidden", "layers", "heads", "threads", "timed_steps", "seed"):
-        argv += [f"--{k.replace('_', '-')}", str(getattr(opts, k))]
+    for k in ("model", "seq_len", "pairs", "hidden", "layers", "heads", "threads", "timed_steps", "seed"):
+        if getattr(opts, k) is not None:
+            argv += [f"--{k.replace('_', '-')}", str(getattr(opts, k))]
     argv += ["--timing-methods", *opts.timing_methods, "--gradient-checkpointing", opts.gradient_checkpointing]
     if opts.cpu:
         argv.append("--cpu")
@@ -319,16 +339,28 @@ def main(argv=None) -> int:
     import common
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="memory phase")
     p.add_argument(
-        "--timing-methods", nargs="*", choices=list(METHODS), default=["ours_chunked", "ours_unchunked"],
-        help="timing phase (add trl to time it too: ~2x slower per step here); nothing: skip the phase",
+        "--model", choices=["toy", *REAL_MODELS], default="toy",
+        help="toy: a random-init Llama at vocab 128,256 (default); gemma3: the pretrained Gemma 3 270M and its "
+        f"tokenizer (vocab 262,144; changes the defaults: {REAL_DEFAULTS})",
     )
-    p.add_argument("--seq-len", type=int, default=256, help="tokens of every sequence (prompt + one response)")
-    p.add_argument("--pairs", type=int, default=8, help="pairs per micro-batch (2x sequences)")
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument(
+        "--methods", nargs="+", choices=list(METHODS),
+        help="memory phase (default: trl ours_chunked ours_unchunked ours_model_logits)",
+    )
+    p.add_argument(
+        "--timing-methods", nargs="*", choices=list(METHODS),
+        help="timing phase (default: ours_chunked ours_unchunked; add trl to time it too: ~2x slower per step here); "
+        "nothing: skip the phase",
+    )
+    p.add_argument("--seq-len", type=int, help="tokens of every sequence (prompt + one response; default 256)")
+    p.add_argument("--pairs", type=int, help="pairs per micro-batch (2x sequences; default 8)")
+    p.add_argument("--hidden", type=int, default=128, help="toy model only")
+    p.add_argument(
+        "--layers", type=int, help="toy model: its layers (default 2); a pretrained model: keep only its first layers "
+        "(a smoke-test size; default all)",
+    )
+    p.add_argument("--heads", type=int, default=4, help="toy model only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--timed-steps", type=int, default=4, help="timed steps per method in the timing phase")
     p.add_argument("--repeats", type=int, default=1, help="memory children per method; medians are reported")
@@ -344,6 +376,19 @@ def main(argv=None) -> int:
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("role", nargs="?", default="main", choices=["main", *METHODS, "timing"], help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
+    defaults = dict(
+        methods=["trl", "ours_chunked", "ours_unchunked", "ours_model_logits"],
+        timing_methods=["ours_chunked", "ours_unchunked"], pairs=8, seq_len=256,
+    )
+    if opts.model != "toy":
+        defaults.update(REAL_DEFAULTS)
+    else:
+        defaults["layers"] = 2
+    for k, v in defaults.items():
+        if getattr(opts, k) is None:
+            setattr(opts, k, v)
+    if opts.fsdp2 and opts.model != "toy":
+        p.error("--fsdp2 runs the toy model only")
 
     if opts.role == "timing":
         Path(opts.result).write_text(json.dumps(timing_child(opts)))
@@ -361,19 +406,32 @@ def main(argv=None) -> int:
             raise SystemExit(f"--fsdp2 compares {FSDP2_METHODS}")
 
 
-    logits_gib = 2 * opts.pairs * opts.seq_len * VOCAB * 4 / 2**30
+    if opts.model == "toy":
+        vocab, base_gib = VOCAB, 1.2  # the process before the step: torch, model, AdamW state (~1 GiB)
+        model_line = f"Llama vocab {VOCAB:,}, hidden {opts.hidden}, {opts.layers} layers"
+    else:
+        config = common.pretrained_config(opts.model, opts.layers)
+        vocab = config.vocab_size
+        path = common.pretrained_path(opts.model)
+        weights_gib = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30  # float32, every layer
+        base_gib = 0.9 + 4 * weights_gib  # torch + weights, AdamW's two states, the gradients
+        full = common.pretrained_config(opts.model).num_hidden_layers
+        model_line = f"{common.pretrained_line(REAL_MODELS[opts.model], config, full)}, full fine-tune"
+    logits_gib = 2 * opts.pairs * opts.seq_len * vocab * 4 / 2**30
     print(f"# memory: {common.versions().rsplit(', threads', 1)[0]}, threads {opts.threads}")
     print(
-        f"model: Llama vocab {VOCAB:,}, hidden {opts.hidden}, {opts.layers} layers; batch {opts.pairs} pairs x 2 "
+        f"model: {model_line}; batch {opts.pairs} pairs x 2 "
         f"sequences x {opts.seq_len} tokens (no padding); full float32 logits of the batch: {logits_gib:.2f} GiB; "
         f"load average at start {os.getloadavg()[0]:.1f}; gradient checkpointing {opts.gradient_checkpointing} for every method"
     )
-    # rough step peaks measured at 256 tokens: TRL ~3.6x the logits, our unchunked path ~4.1x, + ~1 GiB process
-    factor = {"trl": 3.8, "ours_unchunked": 4.3, "ours_chunked": 0.5, "ours_model_logits": 4.3}
+    # rough step peaks measured at 256 tokens: TRL ~3.6x the logits, our unchunked path ~4.1x; the chunked loss holds
+    # a few chunks of at most 512 MiB of logits
+    factor = {"trl": 3.8, "ours_unchunked": 4.3, "ours_model_logits": 4.3}
+    step_gib = {m: factor[m] * logits_gib if m in factor else 3 * min(logits_gib, 0.5) for m in METHODS}
     if opts.fsdp2:
-        factor = {k: 2 * v for k, v in factor.items()}  # two processes
-    need_gib = 1.2 + max(factor[m] for m in set(opts.methods) | set(opts.timing_methods)) * logits_gib
-    avail_gib = _meminfo_gib("MemAvailable")
+        step_gib = {k: 2 * v for k, v in step_gib.items()}  # two processes
+    need_gib = base_gib + max(step_gib[m] for m in set(opts.methods) | set(opts.timing_methods))
+    avail_gib = common.meminfo_gib("MemAvailable")
     if avail_gib is not None and need_gib > 0.9 * avail_gib and not opts.force:
         raise SystemExit(
             f"the largest step here needs roughly {need_gib:.0f} GiB and only {avail_gib:.0f} GiB is available; "
@@ -416,6 +474,7 @@ def main(argv=None) -> int:
                 f"{med(m, 'step_peak_mib') / med(ref, 'step_peak_mib'):.3f}x" if ref else "-",
                 f"{med(m, 'process_peak_mib'):,.0f}",
                 f"{med(m, 'process_peak_mib') / med(ref, 'process_peak_mib'):.3f}x" if ref else "-",
+                f"{med(m, 'tokens_per_step'):,.0f}",
                 f"{med(m, 'first_loss'):.7f}",
             ]
         )
@@ -425,7 +484,11 @@ def main(argv=None) -> int:
         unit = "MiB per rank (max of 2)"
         print("FSDP2, 2 processes; output layer sharded in every run: "
               f"{all(r['head_sharded'] for x in runs for r in x['ranks'])}")
-    print(common.table(["method", f"step peak {unit}", vs, "process peak RSS MiB", vs, "first-step loss"], rows))
+    print(common.table(
+        ["method", f"step peak {unit}", vs, "process peak RSS MiB", vs, "real tokens in the step", "first-step loss"], rows
+    ))
+    if len({x["tokens_per_step"] for x in runs}) > 1:
+        print("NOTE: the methods' measured steps trained different numbers of tokens")
     if timing:
         by = {x["method"]: x for x in timing}
         ref = by.get("ours_unchunked")

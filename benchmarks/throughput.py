@@ -3,6 +3,8 @@
     python benchmarks/throughput.py                      # TRL vs ours: padded, padding_free, packing
     python benchmarks/throughput.py --set prompt-heavy   # packing vs packing + prefix_sharing
     python benchmarks/throughput.py --gradient-checkpointing off   # the same with checkpointing off for everyone
+    python benchmarks/throughput.py --model smollm2      # pretrained SmolLM2-135M-Instruct, conversational pairs:
+                                                         # TRL vs packing vs packing + prefix_sharing
 
 Gradient checkpointing is on by default for every method, TRL included: it is the default of both trainers'
 configs (TRL's `gradient_checkpointing=True`, with transformers' default kwargs, i.e. non-reentrant
@@ -11,7 +13,8 @@ both trainers' constructors call `enable_input_require_grads`. Before timing, th
 time a broken path: for every method, one optimizer step with checkpointing on and one with it off on the same
 fresh model and batch must give the same loss and gradients (`--no-check` skips this).
 
-Every method trains the same random-init tiny Llama (a fresh copy built from the same seed for each run) on the
+Every method trains the same random-init tiny Llama (a fresh copy built from the same seed for each run; with
+`--model`, a fresh copy of the pretrained model) on the
 same synthetic preference set (log-normal prompt/response lengths) for a fixed number of optimizer steps after
 a few untimed warm-up steps. Real tokens are counted from the micro-batches each run actually trained on, the
 same way for every method: 2*prompt + chosen + rejected per pair (prefix sharing computes the prompt once but
@@ -23,9 +26,18 @@ machine hit all methods alike; `--sequential` runs them one after the other inst
 models, rotated order); the table shows medians, each ratio being the median of the per-round ratios against
 the baseline of the same round.
 
+`--model smollm2` trains the pretrained SmolLM2-135M-Instruct (`orpo_plugin.pretrained`, loaded offline) with its
+real tokenizer on conversational rows (`--set chat`: message lists rendered by SmolLM2's ChatML template through
+each trainer's own data path; lengths in common.CHAT_LENGTHS). TRL appends an EOS after ChatML's `<|im_end|>\n`
+(orpo_plugin does not): the script checks that this is the only difference between the two tokenizations, and
+TRL's real tokens include that extra EOS, since they are counted from its own batches. Its default run (4 pairs per
+TRL batch, 1 warm-up + 2 timed steps, 3 rounds) takes 20-25 minutes on 2 shared cores and peaks at 16-18 GiB of
+RAM (three trainers in one process, TRL's [8 x ~1,000 x 49,152] float32 logits); the script refuses to start when
+its estimate exceeds the available RAM (`--force` overrides).
+
 Packing budget: `packing_max_tokens` is calibrated so that a packed micro-batch holds, on average, as many real
-tokens as TRL's batch of 8 pairs. Prefix sharing keeps the same budget, which then bounds the computed positions
-(a shared prompt once), so its micro-batches hold more pairs.
+tokens as TRL's batch of `--batch` pairs (8; 4 with SmolLM2). Prefix sharing keeps the same budget, which then
+bounds the computed positions (a shared prompt once), so its micro-batches hold more pairs.
 """
 
 from __future__ import annotations
@@ -43,7 +55,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-BATCH = 8  # pairs per micro-batch for the padded methods (TRL's setting in the issue)
+BATCH = 8  # pairs per micro-batch for the padded methods (TRL's setting in the issue); --batch changes it
+REAL_MODELS = {"smollm2": "SmolLM2-135M-Instruct"}  # --model: orpo_plugin.pretrained checkpoints
 
 METHODS = {
     # name: (trainer, our config fields)
@@ -56,7 +69,10 @@ METHODS = {
 DEFAULTS = {
     "mixed": dict(methods=["trl", "padded", "padding_free", "packing"], baseline="trl"),
     "prompt-heavy": dict(methods=["packing", "packing+prefix_sharing"], baseline="packing"),
+    "chat": dict(methods=["trl", "packing", "packing+prefix_sharing"], baseline="trl"),
 }
+# --model smollm2's defaults: 20-25 minutes on 2 shared cores (a TRL step of 4 pairs took 21-79 s)
+REAL_DEFAULTS = dict(length_set="chat", batch=4, pairs=200, max_length=1024, steps=2, warmup=1, repeats=3)
 
 
 def pair_costs(dataset) -> list[int]:
@@ -82,32 +98,54 @@ def calibrate_budget(costs: list[int], target_tokens: float, seed: int) -> tuple
     return budget, PackedBatchSampler(costs, budget, seed=seed).stats()
 
 
-def check_same_tokenization(rows, tokenizer, ours, max_length: int) -> None:
-    """TRL and orpo_plugin must see the same token counts per pair, or tokens/s would not be comparable."""
+def check_same_tokenization(rows, tokenizer, ours, opts) -> str:
+    """TRL and orpo_plugin must train the same tokens per pair, or tokens/s would not be comparable.
+
+    The one difference allowed is TRL's: an EOS appended to a response that already ends with the chat template's
+    end of turn (ChatML's `<|im_end|>\\n`). Returns a line saying how many responses got it.
+    """
     import datasets
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     probe = rows[:64]
-    model = common_model(tokenizer, hidden=64, layers=1, heads=2, seed=0)
+    model = make_model(opts, tokenizer, probe=True)
     with tempfile.TemporaryDirectory() as out:
-        args = ORPOConfig(output_dir=out, max_length=max_length, **cpu_args(False))
+        args = ORPOConfig(output_dir=out, max_length=opts.max_length, **cpu_args(False, opts.batch))
         trl = ORPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(probe), processing_class=tokenizer)
-    theirs = [len(c) + len(r) for c, r in zip(trl.train_dataset["chosen_input_ids"], trl.train_dataset["rejected_input_ids"])]
-    mine = pair_costs(ours.select(range(len(probe))))
-    if theirs != mine:
-        bad = next(i for i, (a, b) in enumerate(zip(theirs, mine)) if a != b)
-        raise SystemExit(f"tokenization differs between TRL and orpo_plugin at pair {bad}: {theirs[bad]} vs {mine[bad]} tokens")
+    eos, extra = tokenizer.eos_token_id, 0
+    for i in range(len(probe)):
+        prompt = list(ours[i]["prompt_input_ids"])
+        if list(trl.train_dataset[i]["prompt_input_ids"]) != prompt:
+            raise SystemExit(f"TRL and orpo_plugin tokenize the prompt of pair {i} differently")
+        for name in ("chosen", "rejected"):
+            mine, theirs = prompt + list(ours[i][f"{name}_input_ids"]), list(trl.train_dataset[i][f"{name}_input_ids"])
+            if theirs == mine:
+                continue
+            if theirs == mine + [eos] and mine[-1] != eos:
+                extra += 1
+                continue
+            raise SystemExit(f"tokenization differs between TRL and orpo_plugin at pair {i} ({name}): "
+                             f"{len(theirs)} vs {len(mine)} tokens")
+    if not extra:
+        return "TRL and orpo_plugin tokenize every probed pair identically"
+    return (f"TRL and orpo_plugin tokenize every probed pair identically except for the EOS TRL appends after the "
+            f"template's end of turn ({extra} of {2 * len(probe)} responses, one token each; counted in TRL's real tokens)")
 
 
-def common_model(tokenizer, hidden: int, layers: int, heads: int, seed: int):
+def make_model(opts, tokenizer, probe: bool = False):
+    """The model every method trains: a fresh random-init tiny Llama (same seed for every method; `probe`: an even
+    smaller one, for the tokenization check), or the pretrained checkpoint of `--model`."""
+    if opts.model != "toy":
+        return common.load_pretrained(opts.model, opts.layers, attn_implementation="sdpa")
     from orpo_plugin.toy import build_model
 
+    hidden, layers, heads, seed = (64, 1, 2, 0) if probe else (opts.hidden, opts.layers, opts.heads, opts.seed)
     return build_model(
         len(tokenizer), hidden_size=hidden, num_layers=layers, num_heads=heads, seed=seed, attn_implementation="sdpa"
     )
 
 
-def cpu_args(checkpointing: bool) -> dict:
+def cpu_args(checkpointing: bool, batch: int) -> dict:
     return dict(
         bf16=False,
         use_cpu=True,
@@ -116,7 +154,7 @@ def cpu_args(checkpointing: bool) -> dict:
         gradient_checkpointing=checkpointing,
         disable_tqdm=True,
         dataloader_num_workers=0,
-        per_device_train_batch_size=BATCH,
+        per_device_train_batch_size=batch,
         gradient_accumulation_steps=1,
     )
 
@@ -157,10 +195,10 @@ def build_trainer(
         seed=opts.seed,
         data_seed=opts.seed,
         logging_steps=steps,
-        **cpu_args(checkpointing),
+        **cpu_args(checkpointing, opts.batch),
         **fields,
     )
-    model = common_model(tokenizer, opts.hidden, opts.layers, opts.heads, opts.seed)
+    model = make_model(opts, tokenizer)
     trainer = common.metered(ORPOTrainer, meter)(
         model=model,
         args=args,
@@ -170,6 +208,31 @@ def build_trainer(
     )
     common.silence_printer(trainer)
     return trainer, meter, logs
+
+
+def check_memory(opts, methods, prepared, tokenizer) -> None:
+    """Refuse a pretrained-model run that would not fit in the available RAM (unless --force).
+
+    All of a round's trainers live in one process: per trainer float32 weights, AdamW's two states and gradients
+    (16 bytes per parameter), plus TRL's step, whose [2 x batch x longest pair x vocab] float32 logits, their
+    log-softmax and gradients take several times the logits, plus ~3 GiB for the rest (SmolLM2's default run:
+    16.3-17.9 GiB peak RSS measured, 17 GiB estimated).
+    """
+    path = common.pretrained_path(opts.model)
+    weights_gib = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30  # float32, every layer
+    longest = max(
+        len(p) + max(len(c), len(r)) + 1
+        for p, c, r in zip(prepared["prompt_input_ids"], prepared["chosen_input_ids"], prepared["rejected_input_ids"])
+    )
+    logits_gib = 2 * opts.batch * longest * len(tokenizer) * 4 / 2**30
+    need = 3 + 4 * weights_gib * len(methods) + (6 * logits_gib if "trl" in methods else 0)
+    avail = common.meminfo_gib("MemAvailable")
+    print(f"memory: about {need:.0f} GiB at peak (estimate); " + (f"{avail:.0f} GiB available" if avail else ""))
+    if avail is not None and need > 0.9 * avail and not opts.force:
+        raise SystemExit(
+            f"this run needs roughly {need:.0f} GiB and only {avail:.0f} GiB is available; lower --batch/--max-length, "
+            "drop methods, or pass --force (an out-of-memory kill may hit other processes)"
+        )
 
 
 def check_checkpointing(methods: list[str], rows, tokenizer, opts, budget: int) -> None:
@@ -249,23 +312,37 @@ def run_round(order: list[str], rows, tokenizer, opts, budget: int) -> list[dict
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--set", dest="length_set", choices=sorted(common.LENGTH_SETS), default="mixed")
+    p.add_argument(
+        "--model", choices=["toy", *REAL_MODELS], default="toy",
+        help="toy: a random-init tiny Llama and a toy BPE (default); smollm2: the pretrained SmolLM2-135M-Instruct and "
+        "its tokenizer (changes the defaults of --set, --batch, --pairs, --max-length, --steps, --warmup, --repeats: "
+        f"{REAL_DEFAULTS})",
+    )
+    p.add_argument(
+        "--set", dest="length_set", choices=[*sorted(common.LENGTH_SETS), "chat"],
+        help="length mix: mixed (default), prompt-heavy (plain text, lengths in words), chat (conversational rows, "
+        "lengths in tokens; needs a chat template: --model smollm2)",
+    )
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="default: depends on --set")
     p.add_argument("--baseline", help="the method ratios are taken against (default: trl, or packing for prompt-heavy)")
-    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
-    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before timing")
-    p.add_argument("--repeats", type=int, default=3, help="rounds (every method once, fresh models); medians reported")
+    p.add_argument("--batch", type=int, help=f"pairs per micro-batch of TRL and our padded layouts (default {BATCH})")
+    p.add_argument("--steps", type=int, help="timed optimizer steps per run (default 8)")
+    p.add_argument("--warmup", type=int, help="untimed optimizer steps before timing (default 2)")
+    p.add_argument("--repeats", type=int, help="rounds (every method once, fresh models); medians reported (default 3)")
     p.add_argument(
         "--sequential",
         action="store_true",
         help="run the methods of a round one after the other instead of interleaving them step by step",
     )
-    p.add_argument("--pairs", type=int, default=600, help="pairs in the synthetic dataset")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary of the toy tokenizer (= model vocab)")
+    p.add_argument("--pairs", type=int, help="pairs in the synthetic dataset (default 600)")
+    p.add_argument("--max-length", type=int, help="default 512")
+    p.add_argument("--hidden", type=int, default=256, help="toy model only")
+    p.add_argument(
+        "--layers", type=int, help="toy model: its layers (default 4); a pretrained model: keep only its first layers "
+        "(a smoke-test size; default all)",
+    )
+    p.add_argument("--heads", type=int, default=4, help="toy model only")
+    p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary of the toy tokenizer (= toy model vocab)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=int, help="packing_max_tokens (default: calibrated to TRL's real tokens per batch)")
@@ -274,7 +351,20 @@ def main(argv=None) -> int:
         "--no-check", action="store_true", help="skip the checkpointing on-vs-off first-step check before timing"
     )
     p.add_argument("--json", help="also write the per-run results here")
+    p.add_argument(
+        "--force", action="store_true", help="run even if the estimated memory exceeds available RAM (--model smollm2)"
+    )
     opts = p.parse_args(argv)
+    defaults = dict(length_set="mixed", batch=BATCH, pairs=600, max_length=512, steps=8, warmup=2, repeats=3)
+    if opts.model != "toy":
+        defaults.update(REAL_DEFAULTS)
+    else:
+        defaults["layers"] = 4
+    for k, v in defaults.items():
+        if getattr(opts, k) is None:
+            setattr(opts, k, v)
+    if opts.length_set == "chat" and opts.model == "toy":
+        p.error("--set chat needs a tokenizer with a chat template: --model smollm2")
     methods = opts.methods or DEFAULTS[opts.length_set]["methods"]
     baseline = opts.baseline or DEFAULTS[opts.length_set]["baseline"]
     if baseline not in methods:
@@ -287,32 +377,56 @@ def main(argv=None) -> int:
     from orpo_plugin.data import prepare_dataset
 
     t0 = time.perf_counter()
-    maker = common.TextMaker(opts.seed)
-    tokenizer = common.build_tokenizer(opts.seed, opts.vocab, maker)
-    rows = common.make_pairs(opts.pairs, opts.length_set, opts.max_length, opts.seed, maker)
-    prepared, _ = prepare_dataset(rows, tokenizer, max_length=opts.max_length)
+    if opts.model == "toy":
+        maker = common.TextMaker(opts.seed)
+        tokenizer = common.build_tokenizer(opts.seed, opts.vocab, maker)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(common.pretrained_path(opts.model))
+        maker = None
+    if opts.length_set == "chat":
+        rows = common.make_chat_pairs(opts.pairs, tokenizer, opts.max_length, opts.seed)
+    else:
+        rows = common.make_pairs(opts.pairs, opts.length_set, opts.max_length, opts.seed, maker)
+    prepared, prep_stats = prepare_dataset(rows, tokenizer, max_length=opts.max_length)
     if len(prepared) != len(rows):
         raise SystemExit(f"{len(rows) - len(prepared)} synthetic pairs were dropped; lower the lengths")
     costs = pair_costs(prepared)
     prompts = [len(x) for x in prepared["prompt_input_ids"]]
     responses = [len(x) for x in prepared["chosen_input_ids"]] + [len(x) for x in prepared["rejected_input_ids"]]
-    target = BATCH * statistics.fmean(costs)
+    target = opts.batch * statistics.fmean(costs)
     budget, pstats = (opts.budget, None) if opts.budget else calibrate_budget(costs, target, opts.seed)
+    tokenization = None
     if any(k == "trl" for k in (METHODS[m][0] for m in methods)):
-        check_same_tokenization(rows, tokenizer, prepared, opts.max_length)
+        tokenization = check_same_tokenization(rows, tokenizer, prepared, opts)
 
     print(f"# throughput, set={opts.length_set}: {common.versions()}; load average {os.getloadavg()[0]:.1f}")
+    if opts.model == "toy":
+        model_line = f"Llama hidden {opts.hidden}, {opts.layers} layers, {opts.heads} heads, vocab {len(tokenizer)}"
+    else:
+        config = common.pretrained_config(opts.model, opts.layers)
+        full = common.pretrained_config(opts.model).num_hidden_layers
+        model_line = f"{common.pretrained_line(REAL_MODELS[opts.model], config, full)}, its tokenizer and chat template"
     print(
-        f"model: Llama hidden {opts.hidden}, {opts.layers} layers, {opts.heads} heads, vocab {len(tokenizer)}; "
-        f"max_length {opts.max_length}; {opts.warmup} warm-up + {opts.steps} timed steps; {opts.repeats} repeats; "
-        f"gradient checkpointing {opts.gradient_checkpointing} for every method"
+        f"model: {model_line}; max_length {opts.max_length}; {opts.warmup} warm-up + {opts.steps} timed steps; "
+        f"{opts.repeats} repeats; gradient checkpointing {opts.gradient_checkpointing} for every method"
     )
+
+    def spread(xs):
+        q = statistics.quantiles(xs, n=10)
+        return f"p10 {q[0]:.0f}, median {statistics.median(xs):.0f}, p90 {q[-1]:.0f}, max {max(xs)}"
+
     print(
-        f"data: {len(rows)} pairs; tokens per pair median prompt {statistics.median(prompts):.0f}, "
-        f"response {statistics.median(responses):.0f} (max {max(responses)}); "
-        f"real tokens per 8 pairs {target:.0f}; packing_max_tokens {budget}"
+        f"data: {len(rows)} pairs; tokens per prompt {spread(prompts)}; per response {spread(responses)}; "
+        f"{prep_stats.truncated_prompts + prep_stats.truncated_responses} truncated; "
+        f"real tokens per {opts.batch} pairs {target:.0f}; packing_max_tokens {budget}"
         + (f" (packed groups: {pstats['mean_group_tokens']:.0f} tokens, {pstats['mean_pairs_per_group']:.1f} pairs on average)" if pstats else "")
     )
+    if tokenization:
+        print(f"tokenization: {tokenization}")
+    if opts.model != "toy":
+        check_memory(opts, methods, prepared, tokenizer)
 
     if opts.gradient_checkpointing == "on" and not opts.no_check:
         check_checkpointing(methods, rows, tokenizer, opts, budget)
