@@ -9,6 +9,7 @@ process then writes INFO.json: the world size and the torch.distributed backend 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -33,6 +34,15 @@ def main() -> int:
         with open(info_path, "w", encoding="utf-8") as f:
             json.dump(info, f)
     return 0
+
+
+def main_and_exit() -> None:
+    """Run `main()` and leave without interpreter finalization: with torch 2.13's gloo, a finished distributed worker
+    sometimes aborts there ("terminate called without an active exception") after all its work is done and written."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

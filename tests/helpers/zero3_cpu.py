@@ -15,7 +15,6 @@ really partitioned.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -89,9 +88,4 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import cli_runs
 
-    code = cli_runs.main()
-    # Skip interpreter finalization: with torch 2.13's gloo, a finished worker sometimes aborts there ("terminate
-    # called without an active exception") after all its work is done and written.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
+    cli_runs.main_and_exit()
