@@ -1,16 +1,16 @@
-"""Run `orpo_plugin.cli train` under accelerate's DeepSpeed plugin (ZeRO stage 3) on CPU processes, for the tests.
+"""Run `orpo_plugin.cli train` under accelerate's DeepSpeed plugin (ZeRO stage 2 or 3) on CPU processes, for the tests.
 
     DS_ACCELERATOR=cpu accelerate launch --config_file configs/accelerate/deepspeed-zero3.yaml --num_processes 2 \
-        tests/helpers/zero3_cpu.py RUNS.json INFO.json
+        tests/helpers/deepspeed_cpu.py RUNS.json INFO.json
 
 Nothing is changed in accelerate, transformers or DeepSpeed: DeepSpeed's CPU accelerator communicates over gloo
-(oneCCL is not installed), accelerate's DeepSpeed plugin builds the engine, transformers partitions the model at load
-time (zero.Init, `zero3_init_flag`). This helper runs tests/helpers/cli_runs.py's list of training runs and, after
-each, has the main process write <output_dir>/zero3.json: what the trained model looked like (a DeepSpeed engine at
-ZeRO stage 3, every parameter partitioned, the output layer's weight a partition outside its forward, the model
-partitioned before the trainer wrapped it, the chunked loss on, how many times the loss ran inside the output
-layer's forward (forward redirection), gradient checkpointing), so a test can check that the run it compares was
-really partitioned.
+(oneCCL is not installed), accelerate's DeepSpeed plugin builds the engine, and under ZeRO-3 transformers partitions
+the model at load time (zero.Init, `zero3_init_flag`). This helper runs tests/helpers/cli_runs.py's list of training
+runs and, after each, has the main process write <output_dir>/deepspeed.json: what the trained model looked like (a
+DeepSpeed engine and its ZeRO stage, whether every parameter was partitioned and whether it already was before the
+trainer wrapped it, the output layer's local and whole sizes, the chunked loss on, how many times the loss ran inside
+the output layer's forward (forward redirection) and what the weight was outside and inside it, gradient
+checkpointing), so a test can check that the run it compares really ran as the config says.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def record_partitioning() -> None:
 
     def recorded_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        self._zero3_partitioned_at_init = self._partitioned()
+        self._ds_partitioned_at_init = self._partitioned()
 
     ORPOTrainer.__init__ = recorded_init
 
@@ -64,7 +64,7 @@ def record_partitioning() -> None:
             "engine": type(engine).__name__,
             "zero_stage": engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None,
             "all_params_partitioned": all(getattr(p, "ds_id", None) is not None for p in params),
-            "partitioned_at_init": self._zero3_partitioned_at_init,
+            "partitioned_at_init": self._ds_partitioned_at_init,
             "head_local_numel": weight.ds_tensor.numel() if hasattr(weight, "ds_tensor") else weight.numel(),
             "head_numel": getattr(weight, "ds_numel", weight.numel()),
             "head_owner": type(sharded_head_owner(engine, self.head)).__name__,
@@ -77,7 +77,7 @@ def record_partitioning() -> None:
             "global_steps": getattr(engine, "global_steps", None),
         }
         if self.accelerator.is_main_process:
-            Path(self.args.output_dir, "zero3.json").write_text(json.dumps(info))
+            Path(self.args.output_dir, "deepspeed.json").write_text(json.dumps(info))
         return out
 
     ORPOTrainer.train = recorded
