@@ -139,6 +139,13 @@ def row_to_text(row: dict[str, Any], index: int, tokenizer) -> tuple[str, str, s
             prompt = _prompt_beside_messages(text_prompt, prompt, tokenizer, index)
         if not prompt:
             raise ValueError(f"row {index}: 'chosen' and 'rejected' share no leading messages to use as the prompt")
+        for field, response in (("chosen", chosen), ("rejected", rejected)):
+            if response[0]["role"] != "assistant":
+                raise ValueError(
+                    f"row {index}: field '{field}' goes on with a '{response[0]['role']}' message after the {n} "
+                    "message(s) 'chosen' and 'rejected' share; what follows the prompt must be the assistant's answer "
+                    "(do the two conversations' earlier turns differ?)"
+                )
     else:
         prompt = _check_messages(prompt, index, "prompt")
     system = row.get("system")
@@ -178,10 +185,17 @@ def _render_chat(prompt, chosen, rejected, tokenizer, index):
     if last_role not in ("user", "tool", "assistant", "system"):
         raise ValueError(f"row {index}: field 'prompt' ends with role '{last_role}', expected user/tool/assistant")
     continuing = last_role == "assistant"
-    prompt_text = tokenizer.apply_chat_template(
-        prompt, tokenize=False, add_generation_prompt=not continuing, continue_final_message=continuing
-    )
-    full = [tokenizer.apply_chat_template(prompt + r, tokenize=False) for r in (chosen, rejected)]
+    try:
+        prompt_text = tokenizer.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=not continuing, continue_final_message=continuing
+        )
+        full = [tokenizer.apply_chat_template(prompt + r, tokenize=False) for r in (chosen, rejected)]
+    except Exception as err:  # noqa: BLE001 - jinja2's TemplateError and whatever a template raises: name the row
+        roles = [m["role"] for m in prompt] + ["|"] + [m["role"] for m in chosen]
+        raise ValueError(
+            f"row {index}: the tokenizer's chat template refused the conversation (roles {roles}, '|' marks where "
+            f"the prompt ends): {type(err).__name__}: {err}"
+        ) from err
     # Some templates render the generation prompt differently from a finished turn: keep the common prefix.
     n = min(_common_prefix(prompt_text, full[0]), _common_prefix(prompt_text, full[1]))
     prompt_text = prompt_text[:n]

@@ -109,6 +109,35 @@ def test_mixed_string_prompt_beside_assistant_only_lists_is_the_user_turn(case):
     assert_rendering(tok, ds[0], [user(FRUIT)], [assistant("apple.")], [assistant("dog.")], spec.appends_eos)
 
 
+@pytest.mark.parametrize("row", [
+    # a string prompt beside conversations whose user turns differ (by one space): nothing is shared
+    {"prompt": FRUIT, "chosen": [user(FRUIT), assistant("apple.")], "rejected": [user(FRUIT + " "), assistant("dog.")]},
+    # no string prompt: the shared system message would be the prompt and the user turns part of the answers
+    {"chosen": [system("Be brief."), user(FRUIT), assistant("apple.")],
+     "rejected": [system("Be brief."), user(SKY), assistant("Blue.")]},
+], ids=["string prompt", "implicit prompt"])
+def test_a_user_turn_is_never_trained_as_the_answer(case, row):
+    """Where the shared leading messages stop before the user's last turn, the rest is not the assistant's answer:
+    an error naming the row and field, not a pair whose response holds the user's turn."""
+    _, tok = case
+    good = {"chosen": [user(FRUIT), assistant("apple.")], "rejected": [user(FRUIT), assistant("dog.")]}
+    with pytest.raises(ValueError, match=r"row 1: field 'chosen' goes on with a 'user' message"):
+        prepare_dataset([good, row], tok)
+
+
+def test_a_template_that_refuses_a_row_names_the_row(case):
+    spec, tok = case
+    refusing = build_template_tokenizer(spec)
+    refusing.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    good = {"prompt": [user(FRUIT)], "chosen": [assistant("apple.")], "rejected": [assistant("dog.")]}
+    bad = {"prompt": [user(FRUIT), user(SKY)], "chosen": [assistant("apple.")], "rejected": [assistant("dog.")]}
+    with pytest.raises(ValueError, match=r"row 1: the tokenizer's chat template refused .*roles must alternate"):
+        prepare_dataset([good, bad], refusing)
+
+
 ROWS_WITH_DIFFERENT_KEYS = [
     {"chosen": "Name a fruit. apple", "rejected": "Name a fruit. dog"},  # implicit prompt: no 'prompt' key
     {"prompt": "Tell me a colour.", "chosen": " Blue.", "rejected": " Loud."},
