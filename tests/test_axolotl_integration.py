@@ -665,7 +665,9 @@ def _error_cases(fixtures: Path, folder: Path) -> dict[str, tuple[dict, tuple[st
                                  ("row 1: field 'rejected'", "differ from chosen's")),
         "argilla-turn-order": (config(entry("chat_template.argilla", rows_file("swapped", swapped))),
                                ("row 2: field 'chosen'", "['assistant', 'user']")),
-        # not an error: loads its 3 rows
+        # not errors: rows already prompt/chosen/rejected under no `type:` load as given (all 4), and a transform
+        # of one's own loads its 3 rows
+        "no-type": (config({k: v for k, v in entry("passthrough.default").items() if k != "type"}), ()),
         "custom-transform": (config(dict(entry("passthrough.default", rows_file("custom", custom)),
                                          type="my_orpo_rows.pairs")), ()),
     }
@@ -764,6 +766,13 @@ def test_bad_argilla_row_names_the_row_and_field(axolotl_runs):
     )
     assert "AssertionError" not in run.output and "invalid number of turns" not in run.output
     assert not (run.out_dir / f"checkpoint-{STEPS}").exists()
+
+
+@pytest.mark.integration
+def test_entry_without_a_type_loads_its_rows_as_given(preference_data):
+    """A `datasets:` entry with no `type:` (rows already prompt/chosen/rejected), as Axolotl allows."""
+    result = preference_data["errors"]["no-type"]
+    assert result["ok"] and result["rows"] == 4, result
 
 
 @pytest.mark.integration

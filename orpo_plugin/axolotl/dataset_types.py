@@ -60,8 +60,11 @@ def preference_types() -> dict[str, tuple[str, Any]]:
 
 
 def type_name(value) -> str:
-    """A dataset's `type:` as Axolotl names it: a mapping is `user_defined.default`, `module` is `module.default`."""
-    if value is not None and not isinstance(value, str):
+    """A dataset's `type:` as Axolotl names it: a mapping is `user_defined.default`, `module` is `module.default`;
+    "untyped" for an entry without one (its rows are already prompt/chosen/rejected)."""
+    if value is None:
+        return "untyped"
+    if not isinstance(value, str):
         return "user_defined.default"
     return value if "." in value else f"{value}.default"
 
@@ -119,7 +122,8 @@ def dataset_entries(written: list | None, cfg) -> list:
     orpo = {name for name, (kind, _) in preference_types().items() if kind == "orpo"}
     entries = []
     for raw, kept in zip(written, validated):
-        if hasattr(raw, "keys") and type_name(raw.get("type")) not in orpo:
+        # no `type:`: rows already prompt/chosen/rejected, read by either model; any other non-ORPO type as rl: dpo
+        if hasattr(raw, "keys") and raw.get("type") is not None and type_name(raw["type"]) not in orpo:
             kept = DictDefault(DPODataset(**raw).model_dump(exclude_none=True))
         entries.append(kept)
     return entries + validated[len(entries) :]
