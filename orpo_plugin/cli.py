@@ -81,10 +81,10 @@ def _demo(argv: list[str]) -> int:
         "and PID/AID diversity before and after. --model tiny runs the toy demo (a random-init model, a minute).",
     )
     p.add_argument("--model", default=demo.DEFAULT_MODEL,
-                   help="smollm2 (default), gemma3, tiny (the toy demo) or a local checkpoint folder with a chat template")
+                   help="smollm2 (default), tiny (the toy demo) or a local checkpoint folder with a chat template")
     p.add_argument("--output_dir", default="orpo-demo")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps (default: 24 for a real model; 120 for tiny, 60 per run with --compare-sft)")
+                   help="training steps (default: 20 for a real model; 120 for tiny, 60 per run with --compare-sft)")
     p.add_argument("--compare-sft", "--compare_sft", dest="compare_sft", action="store_true",
                    help="also train SFT on the chosen answers only on the same data; plot both runs' log-probs")
     p.add_argument("--seed", type=int, default=0)

@@ -20,7 +20,7 @@ CATEGORIES = {
     "colors": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "brown", "pink"],
     "tools": ["hammer", "saw", "drill", "wrench", "chisel", "shovel", "rake", "pliers", "axe", "ladder"],
 }
-DEFAULT_MODEL = "smollm2"  # `orpo-plugin demo` with no flags: SmolLM2-135M-Instruct (orpo_plugin.pretrained)
+from .demo_real import DEFAULT_MODEL  # `orpo-plugin demo` with no flags: SmolLM2-135M-Instruct (orpo_plugin.pretrained)
 TEMPLATES = ["Name three {c}.", "List three {c}, please.", "Give me three {c}:", "Which three {c} come to mind?"]
 
 

@@ -71,6 +71,11 @@ def resolve_model(name: str) -> str:
     from . import pretrained
 
     if name in pretrained.MODELS:
+        if not pretrained.MODELS[name].chat:
+            raise ValueError(
+                f"--model {name}: a base model without a chat template, and the demo's prompts are chat messages; "
+                f"use {', '.join(n for n, m in pretrained.MODELS.items() if m.chat)}, tiny, or a local chat checkpoint"
+            )
         return str(pretrained.checkpoint(name))
     if os.path.isdir(name):
         return name
@@ -423,7 +428,7 @@ def _run(settings: DemoSettings) -> dict:
     timings = {}
 
     say(f"[1/5] loading {s.model}" + (" (the first run converts its GGUF file into a checkpoint folder, once)"
-                                      if s.model in ("smollm2", "gemma3") else ""))
+                                      if s.model == DEFAULT_MODEL else ""))
     t = time.time()
     path = resolve_model(s.model)
     model, tokenizer = load_model(path, s)

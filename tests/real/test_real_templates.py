@@ -36,6 +36,14 @@ FORMATS = {
 }
 
 
+def test_pretrained_models_chat_flags_match_their_tokenizers(smollm2_tok, gemma3_tok):
+    """orpo_plugin.pretrained's `chat` (the demo refuses a model without one) says what each tokenizer has."""
+    from orpo_plugin import pretrained
+
+    assert pretrained.MODELS["smollm2"].chat and smollm2_tok.chat_template
+    assert not pretrained.MODELS["gemma3"].chat and getattr(gemma3_tok, "chat_template", None) is None
+
+
 def test_end_of_turn_of_smollm2(smollm2_tok):
     assert smollm2_tok.bos_token == "<|im_start|>" and smollm2_tok.eos_token == "<|im_end|>"
     assert {smollm2_tok.convert_ids_to_tokens(i) for i in end_of_turn_ids(smollm2_tok)} == {"<|im_end|>"}
