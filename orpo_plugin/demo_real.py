@@ -126,6 +126,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     import torch
     from tqdm.auto import tqdm
 
+    from .generation import stop_token_ids
     from .modeling import unwrap
 
     base = unwrap(model)
@@ -133,6 +134,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     base.eval()
     device = next(base.parameters()).device
     pad = tokenizer.pad_token_id
+    stops = stop_token_ids(model, tokenizer)  # an answer ends at the template's end of turn, as trained
     sampling = seed is not None
     rng_state = torch.random.get_rng_state()
     if sampling:
@@ -149,7 +151,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
                 if sampling else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=True, **extra)
+                                     pad_token_id=pad, eos_token_id=stops or None, use_cache=True, **extra)
             texts = [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
             answers += [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk))]
     finally:

@@ -16,6 +16,17 @@ from .modeling import training_weight_layout, unwrap
 logger = logging.getLogger("orpo_plugin")
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a generated answer: the tokenizer's EOS, the chat template's end-of-turn tokens (what
+    orpo_plugin trains a response to end with, see `data.end_of_turn_ids`) and the model's generation-config EOS."""
+    from .data import end_of_turn_ids
+
+    ids = set(end_of_turn_ids(tokenizer))
+    configured = getattr(getattr(unwrap(model), "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
 def _report_table(rows: list[dict], report_to: list[str], name: str) -> None:
     """Log generations as a table to the reporters that take tables (each one only when it is installed)."""
     wanted = [r for r in ("wandb", "comet_ml", "trackio") if r in report_to or "all" in report_to]
@@ -69,7 +80,7 @@ class EvalGenerationsMixin:
 
     def generate_completions(self, prompts: list[list[int]]) -> list[list[int]]:
         """Greedy completions of tokenized prompts by the model with its own attention (no packed-layout override),
-        at most max_completion_length new tokens, each cut after its first EOS."""
+        at most max_completion_length new tokens, each cut after its first stop token (`stop_token_ids`)."""
         model = self.accelerator.unwrap_model(self.model)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         pad = self.data_collator.pad_token_id if hasattr(self.data_collator, "pad_token_id") else tokenizer.pad_token_id
@@ -86,6 +97,7 @@ class EvalGenerationsMixin:
             max_new = max(self.args.max_length - width, 1)
         else:
             max_new = 128
+        stops = stop_token_ids(model, tokenizer)
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
@@ -98,18 +110,17 @@ class EvalGenerationsMixin:
                     max_new_tokens=max_new,
                     do_sample=False,
                     pad_token_id=pad,
+                    eos_token_id=stops or None,
                 )
         finally:
             model.train(was_training)
         out = out.cpu() if self.is_encoder_decoder else out[:, width:].cpu()
-        eos = tokenizer.eos_token_id
         completions = []
         for row in out.tolist():
             if self.is_encoder_decoder and row and row[0] == unwrap(model).config.decoder_start_token_id:
                 row = row[1:]
-            if eos is not None and eos in row:
-                row = row[: row.index(eos) + 1]
-            completions.append(row)
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            completions.append(row if end is None else row[: end + 1])
         return completions
 
     def log_generations(self, dataset, metric_key_prefix: str = "eval") -> list[dict] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from orpo_plugin import data
 from orpo_plugin.data import end_of_turn_ids, load_preference_dataset, prepare_dataset
@@ -171,3 +172,39 @@ def test_rows_with_different_keys_keep_every_field_from_a_file(case, tmp_path, s
     assert loaded[0]["prompt"] is None and loaded[1]["prompt"] == "Tell me a colour."
     ds, _ = prepare_dataset(loaded, tok)
     _check_keys_kept(ds, tok)
+
+
+# ------------------------------------------------------------------------------------- generation stops
+def test_generation_stops_at_the_end_of_turn_it_trained(case, tmp_path, monkeypatch):
+    """Generated answers (generate_during_eval, the demo) end where orpo_plugin trains a response to end: at the
+    template's end-of-turn token (ChatML's `<|im_end|>` when EOS is `<|endoftext|>`), EOS, or the model's configured
+    EOS; `generate` is asked to stop there and each completion is cut after the first one."""
+    from orpo_plugin import ORPOConfig, ORPOTrainer
+    from orpo_plugin.generation import stop_token_ids
+    from orpo_plugin.toy import build_model
+
+    spec, tok = case
+    model = build_model(len(tok), hidden_size=32)
+    model.generation_config.eos_token_id = tok.pad_token_id  # a model's own extra stop token
+    stops = stop_token_ids(model, tok)
+    assert set(stops) == set(end_of_turn_ids(tok)) | {tok.pad_token_id}
+    if spec.end_of_turn:
+        assert tok.convert_tokens_to_ids(spec.end_of_turn) in stops
+
+    rows = [{"prompt": [user(FRUIT)], "chosen": [assistant("apple.")], "rejected": [assistant("dog.")]}] * 2
+    trainer = ORPOTrainer(model=model, args=ORPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                                                       max_completion_length=6),
+                          train_dataset=rows, processing_class=tok)
+    word = tok("apple", add_special_tokens=False)["input_ids"][0]
+    last = stops[-1]
+    asked = {}
+
+    def fake_generate(input_ids, **kw):  # what a model that answers `word word <stop> word ...` would return
+        asked.update(kw)
+        tail = torch.tensor([word, word, last, word, word, word])
+        return torch.cat([input_ids, tail.expand(len(input_ids), -1)], dim=1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    got = trainer.generate_completions([[word, word], [word]])
+    assert sorted(asked["eos_token_id"]) == stops
+    assert got == [[word, word, last]] * 2
