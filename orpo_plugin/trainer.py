@@ -224,10 +224,12 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, BaseTrainer):
         return any(getattr(p, "ds_id", None) is not None for p in self.model.parameters())
 
     def _verify_head_now(self, model) -> None:
-        """The start-of-training head check, for a model that was partitioned when the trainer was built."""
+        """The start-of-training head check, for a model that was partitioned when the trainer was built: on the first
+        training step or evaluation, whichever comes first, in the training's precision as at start (see __init__)."""
         self._verify_head_on_first_step = False
         try:
-            verify_head(model, self.head, owner=sharded_head_owner(model, self.head))
+            with self.accelerator.autocast():
+                verify_head(model, self.head, owner=sharded_head_owner(model, self.head))
         except ValueError as err:
             logger.warning("%s; the model will compute the logits itself (no chunked loss)", err)
             self.logits_in_forward, self.chunk_size = True, None
@@ -343,8 +345,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, BaseTrainer):
                 "restore the weights exactly: reload the model, and run any inference before training in train mode"
             )
         if self._verify_head_on_first_step:  # a plain input, so under the model's own attention, not the layout's
-            with self.accelerator.autocast():  # and in the training's precision, as at start (see __init__)
-                self._verify_head_now(model)
+            self._verify_head_now(model)
         # Forward and backward under one attention override: gradient checkpointing recomputes the layers during
         # backward, and the recomputation must run the same attention as the forward did.
         with attention.attention_implementation(model, self.attention_override):
