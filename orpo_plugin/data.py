@@ -281,12 +281,26 @@ def end_of_turn_ids(tokenizer) -> frozenset[int]:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": "Orpo0Probe0Ask"}, {"role": "assistant", "content": marker}], tokenize=False
         )
-    except Exception:  # noqa: BLE001 - a template that refuses the probe: only EOS is known to end a turn
+    except Exception as err:  # noqa: BLE001 - a template that refuses the probe: only EOS is known to end a turn
+        _warn_once(tokenizer, f"the chat template refused a [user, assistant] probe ({type(err).__name__}: {err})")
         return frozenset(ends)
     if marker not in text:
+        _warn_once(tokenizer, "the chat template did not render the probe's assistant message")
         return frozenset(ends)
     after = tokenizer(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)["input_ids"]
     return frozenset(ends | (set(after) & _special_ids(tokenizer)))
+
+
+_WARNED_TEMPLATES: set[str] = set()
+
+
+def _warn_once(tokenizer, why: str) -> None:
+    if tokenizer.chat_template not in _WARNED_TEMPLATES:
+        _WARNED_TEMPLATES.add(tokenizer.chat_template)
+        logger.warning(
+            "%s: its end-of-turn token is unknown, so EOS is appended after every response that does not already end "
+            "with EOS (as TRL does), also after the template's own end of turn if it has one", why
+        )
 
 
 def _ends_turn(ids: list[int], ends: frozenset[int], tokenizer) -> bool:

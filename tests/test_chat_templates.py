@@ -50,6 +50,18 @@ def test_end_of_turn_is_read_off_the_template(case):
     assert ends == {spec.eos} | ({spec.end_of_turn} if spec.end_of_turn else set())
 
 
+def test_a_template_that_hides_its_end_of_turn_is_said_once(caplog):
+    """A template that refuses the [user, assistant] probe: only EOS is known to end a turn, and a warning says so
+    (once per template), instead of silently training on EOS after the template's own end of turn."""
+    tok = build_template_tokenizer(CASES[0])
+    tok.chat_template = "{{ raise_exception('a template of its own rules') }}"
+    with caplog.at_level("WARNING", logger="orpo_plugin"):
+        assert end_of_turn_ids(tok) == {tok.eos_token_id}
+        assert end_of_turn_ids(tok) == {tok.eos_token_id}
+    said = [r.getMessage() for r in caplog.records if "end-of-turn token is unknown" in r.getMessage()]
+    assert len(said) == 1 and "a template of its own rules" in said[0], said
+
+
 @pytest.mark.parametrize("fmt", [f[0] for f in row_formats()])
 def test_rows_tokenize_to_the_template_rendering(case, fmt):
     spec, tok = case
