@@ -23,7 +23,7 @@ import os
 import time
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from . import instructions
 
@@ -63,6 +63,20 @@ class DemoSettings:
     embedder: str | None = None
     threads: str = "auto"  # torch CPU threads (see cpu_threads)
     quiet: bool = False
+
+    def __post_init__(self):
+        """Refuse settings that could only fail later, after the model has loaded and been measured."""
+        for name in ("train_prompts", "held_out_prompts", "steps", "pairs_per_step", "max_new_tokens",
+                     "generation_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.diversity_prompts >= 2:  # fewer: no diversity measurement
+            if self.diversity_samples < 2:
+                raise ValueError(f"diversity_samples must be at least 2 (PID compares a prompt's samples), got "
+                                 f"{self.diversity_samples}; diversity_prompts 0 turns the measurement off")
+            if self.held_out_prompts < 2:
+                raise ValueError(f"held_out_prompts must be at least 2 with diversity_prompts >= 2 (AID compares "
+                                 f"prompts), got {self.held_out_prompts}")
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -438,8 +452,8 @@ def _run(settings: DemoSettings) -> dict:
 
     train_items, held_items = instructions.make_split(s.train_prompts, s.held_out_prompts, s.seed)
     rows = [it.row() for it in train_items]
-    if s.max_length is None:
-        s.max_length = longest_pair(rows + [it.row() for it in held_items], tokenizer)
+    if s.max_length is None:  # a copy: the caller's settings stay as given
+        s = replace(s, max_length=longest_pair(rows + [it.row() for it in held_items], tokenizer))
     measurer = Measurer(tokenizer, held_items, s)
     if s.diversity_prompts >= 2:
         measurer.embedder()  # fail now, not after training, when the embedder is missing
@@ -535,26 +549,22 @@ def cpu_threads(spec: str | int | None = "auto") -> int:
 
 
 def settings_from_args(args) -> DemoSettings:
-    """DemoSettings from the parsed `orpo-plugin demo` options (None keeps the default)."""
+    """DemoSettings from the parsed `orpo-plugin demo` options (None keeps the default).
+
+    Raises ValueError for settings that could only fail later (see DemoSettings.__post_init__)."""
     import torch
 
-    s = DemoSettings()
-    names = {"model": "model", "output_dir": "output_dir", "seed": "seed", "steps": "steps",
-             "train_prompts": "train_prompts", "held_out_prompts": "held_out_prompts",
-             "pairs_per_step": "pairs_per_step", "learning_rate": "learning_rate", "beta": "beta",
-             "diversity_prompts": "diversity_prompts", "diversity_samples": "diversity_samples",
-             "embedder": "embedder"}
-    for arg, attr in names.items():
-        value = getattr(args, arg, None)
-        if value is not None:
-            setattr(s, attr, value)
+    names = ("model", "output_dir", "seed", "steps", "train_prompts", "held_out_prompts", "pairs_per_step",
+             "learning_rate", "beta", "diversity_prompts", "diversity_samples", "embedder")
+    kw = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     for flag in ("compare_sft", "lora", "load_in_4bit", "save_model", "quiet"):
-        setattr(s, flag, bool(getattr(args, flag, False)))
-    s.packing = not getattr(args, "no_packing", False)
-    s.prefix_sharing = not getattr(args, "no_prefix_sharing", False)
+        kw[flag] = bool(getattr(args, flag, False))
+    kw["packing"] = not getattr(args, "no_packing", False)
+    kw["prefix_sharing"] = not getattr(args, "no_prefix_sharing", False)
     checkpointing = getattr(args, "gradient_checkpointing", "auto") or "auto"
-    s.gradient_checkpointing = torch.cuda.is_available() if checkpointing == "auto" else checkpointing == "on"
-    return s
+    kw["gradient_checkpointing"] = torch.cuda.is_available() if checkpointing == "auto" else checkpointing == "on"
+    kw["threads"] = str(getattr(args, "threads", None) or "auto")
+    return DemoSettings(**kw)
 
 
 def main(args) -> int:
@@ -563,7 +573,6 @@ def main(args) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     settings = settings_from_args(args)
-    settings.threads = str(getattr(args, "threads", None) or "auto")
     result = run(settings)
     if not settings.quiet:
         print(demo_report.terminal(result))

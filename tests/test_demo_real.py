@@ -81,6 +81,16 @@ def test_a_pretrained_base_model_is_refused_before_its_conversion(monkeypatch):
         demo_real.resolve_model("gemma3")
 
 
+@pytest.mark.parametrize("options, says", [
+    (["--diversity_prompts", "2", "--diversity_samples", "1"], "diversity_samples must be at least 2"),
+    (["--diversity_prompts", "2", "--held_out_prompts", "1"], "held_out_prompts must be at least 2"),
+    (["--steps", "0"], "steps must be at least 1"),
+])
+def test_settings_that_could_only_fail_later_are_refused_at_once(tmp_path, options, says):
+    with pytest.raises(ValueError, match=says):
+        _demo(tmp_path / "nowhere", tmp_path, *options)  # refused before the model (a missing folder) is looked at
+
+
 def test_the_demo_leaves_the_process_thread_count_as_it_found_it(tiny_folder, tmp_path):
     import torch
 
