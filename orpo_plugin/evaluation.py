@@ -27,11 +27,13 @@ def _row_attention(model, layout: str) -> str | None:
 def pair_logps(
     model, pairs, pad_token_id: int, batch_size: int = 16, layout: str = "padded"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean response log-prob of chosen and rejected for every pair (eval mode).
+    """Mean response log-prob (nats per response token) of chosen and rejected for every pair (eval mode).
 
+    `pairs`: tokenized pairs (`prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids`, as `prepare_dataset`
+    makes them). Returns two float32 CPU tensors of shape [len(pairs)], chosen and rejected.
     `layout` "prefix_sharing" computes each prompt once (`[prompt][chosen][rejected]` per pair, pairs of a batch in
     one row), "padding_free" lays the sequences end to end; both equal "padded" and cost fewer positions. They run
-    orpo_plugin's per-segment attention, so they take sdpa or eager models.
+    orpo_plugin's per-segment attention, so they take sdpa or eager models (ValueError for another attention).
     """
     from .attention import attention_implementation
 

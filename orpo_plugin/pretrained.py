@@ -101,6 +101,10 @@ def checkpoint(name: str) -> Path:
     """A normal float32 checkpoint folder (config, safetensors, tokenizer) of a pretrained model, built once.
 
     The folder is rebuilt when the GGUF file, transformers' version or this module's format changes.
+
+    Raises ValueError for an unknown name, ModuleNotFoundError naming the pip command when the model's package is
+    not installed, FileNotFoundError when its GGUF file is missing, RuntimeError when the GGUF weights do not fit
+    the model built from its config.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
