@@ -20,7 +20,8 @@ CATEGORIES = {
     "colors": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "brown", "pink"],
     "tools": ["hammer", "saw", "drill", "wrench", "chisel", "shovel", "rake", "pliers", "axe", "ladder"],
 }
-from .demo_real import DEFAULT_MODEL  # `orpo-plugin demo` with no flags: SmolLM2-135M-Instruct (orpo_plugin.pretrained)
+# DEFAULT_MODEL: what `orpo-plugin demo` runs with no flags, SmolLM2-135M-Instruct (orpo_plugin.pretrained)
+from .demo_real import DEFAULT_MODEL, logps_history
 TEMPLATES = ["Name three {c}.", "List three {c}, please.", "Give me three {c}:", "Which three {c} come to mind?"]
 
 
@@ -131,43 +132,13 @@ def run_demo(
     return result
 
 
-def _logps_history(output_dir: str) -> list[dict]:
-    """The training log lines of a run's metrics.jsonl that carry chosen/rejected log-probs."""
-    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if "logps/chosen" in r and "logps/rejected" in r]
-
-
 def plot_compare(histories: dict[str, list[dict]], path: str) -> str:
     """Chosen (solid) and rejected (dashed) mean log-prob per step for each run, and their margins below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .demo_report import plot_logps_runs
 
     colors = {"sft": "tab:orange", "orpo": "tab:blue"}
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True, height_ratios=[2, 1])
-    for mode, rows in histories.items():
-        steps = [r["step"] for r in rows]
-        chosen = [r["logps/chosen"] for r in rows]
-        rejected = [r["logps/rejected"] for r in rows]
-        color = colors.get(mode)
-        ax.plot(steps, chosen, color=color, label=f"{mode.upper()} chosen")
-        ax.plot(steps, rejected, color=color, ls="--", label=f"{mode.upper()} rejected")
-        ax2.plot(steps, [c - r for c, r in zip(chosen, rejected)], color=color, label=mode.upper())
-    ax.set_ylabel("mean log-prob per response token")
-    ax.set_title("SFT on chosen vs ORPO: same model, same data")
-    ax.legend(ncol=2)
-    ax.grid(alpha=0.3)
-    ax2.axhline(0, color="grey", lw=0.8)
-    ax2.set_ylabel("margin (chosen - rejected)")
-    ax2.set_xlabel("step")
-    ax2.legend()
-    ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    runs = [(mode.upper(), rows, colors.get(mode)) for mode, rows in histories.items()]
+    return plot_logps_runs(runs, path, "SFT on chosen vs ORPO: same model, same data")
 
 
 def compare_sft(
@@ -187,7 +158,7 @@ def compare_sft(
     for mode in ("sft", "orpo"):
         run_dir = os.path.join(output_dir, mode)
         run = run_demo(output_dir=run_dir, steps=steps, seed=seed, packing=packing, mode=mode, quiet=quiet)
-        rows = _logps_history(run_dir)
+        rows = logps_history(os.path.join(run_dir, "metrics.jsonl"))
         histories[mode] = rows
         first, last = rows[0], rows[-1]
         result["runs"][mode] = {

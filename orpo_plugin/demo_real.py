@@ -477,7 +477,7 @@ def _run(settings: DemoSettings) -> dict:
     if s.save_model:
         trainer.save_model(os.path.join(s.output_dir, "model"))
         tokenizer.save_pretrained(os.path.join(s.output_dir, "model"))
-    orpo_history = _history(metrics_path)
+    orpo_history = logps_history(metrics_path)
     del trainer, trained, model
 
     sft = None
@@ -491,7 +491,7 @@ def _run(settings: DemoSettings) -> dict:
         sft_after = measurer.measure(sft_trainer.model, "after SFT", with_diversity=False)
         timings["measure_sft"] = time.time() - t
         _append_jsonl(metrics_path, {"phase": "after_sft", **_summary(sft_after)})
-        sft = {"after": sft_after, "history": _history(os.path.join(sft_dir, "metrics.jsonl"))}
+        sft = {"after": sft_after, "history": logps_history(os.path.join(sft_dir, "metrics.jsonl"))}
         del sft_trainer, sft_model
 
     timings["total"] = time.time() - t0
@@ -521,8 +521,8 @@ def _run(settings: DemoSettings) -> dict:
     return result
 
 
-def _history(path: str) -> list[dict]:
-    """The training log lines of a metrics.jsonl (those with chosen and rejected log-probs)."""
+def logps_history(path: str) -> list[dict]:
+    """The training log lines of a metrics.jsonl (those with chosen and rejected log-probs); [] without the file."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:

@@ -142,20 +142,16 @@ def plot_pass_rates(result: dict, path: str) -> str:
     return path
 
 
-def plot_training(result: dict, path: str) -> str | None:
-    """Chosen (solid) and rejected (dashed) mean log-prob per training step: ORPO, and SFT when it ran."""
+def plot_logps_runs(runs: list[tuple[str, list[dict], str]], path: str, title: str) -> str:
+    """Chosen (solid) and rejected (dashed) mean log-prob per step of each run, their margins below; a PNG at `path`.
+
+    `runs`: (label, logged rows with `step`, `logps/chosen`, `logps/rejected`, matplotlib colour) per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    runs = []
-    if result.get("sft") and result["sft"]["history"]:
-        runs.append(("SFT on chosen", result["sft"]["history"], "tab:orange"))
-    if result["orpo_history"]:
-        runs.append(("ORPO", result["orpo_history"], "tab:blue"))
-    if not runs:
-        return None
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7.5, 5.6), sharex=True, height_ratios=[2, 1])
     for name, hist, color in runs:
         steps = [h["step"] for h in hist]
@@ -164,9 +160,7 @@ def plot_training(result: dict, path: str) -> str | None:
         ax.plot(steps, chosen, color=color, label=f"{name}: chosen")
         ax.plot(steps, rejected, color=color, ls="--", label=f"{name}: rejected")
         ax2.plot(steps, [c - r for c, r in zip(chosen, rejected)], color=color, label=name)
-    ax.set_title(f"{model_name(result)}: mean log-prob per answer token of each training batch")
-    from matplotlib.ticker import MaxNLocator
-
+    ax.set_title(title)
     ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mean log-prob")
     ax.legend(fontsize=8, ncol=2)
@@ -180,6 +174,19 @@ def plot_training(result: dict, path: str) -> str | None:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def plot_training(result: dict, path: str) -> str | None:
+    """The real demo's runs: ORPO, and SFT on chosen when it ran (None when nothing was logged)."""
+    runs = []
+    if result.get("sft") and result["sft"]["history"]:
+        runs.append(("SFT on chosen", result["sft"]["history"], "tab:orange"))
+    if result["orpo_history"]:
+        runs.append(("ORPO", result["orpo_history"], "tab:blue"))
+    if not runs:
+        return None
+    title = f"{model_name(result)}: mean log-prob per answer token of each training batch"
+    return plot_logps_runs(runs, path, title)
 
 
 # ----------------------------------------------------------------------------------------------- report
