@@ -14,14 +14,15 @@ import os
 import random
 import time
 
+# DEFAULT_MODEL: what `orpo-plugin demo` runs with no flags, SmolLM2-135M-Instruct (orpo_plugin.pretrained)
+from .demo_real import DEFAULT_MODEL, logps_history
+
 CATEGORIES = {
     "fruits": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear", "plum", "melon"],
     "animals": ["dog", "cat", "horse", "tiger", "zebra", "mouse", "eagle", "shark", "whale", "camel"],
     "colors": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "brown", "pink"],
     "tools": ["hammer", "saw", "drill", "wrench", "chisel", "shovel", "rake", "pliers", "axe", "ladder"],
 }
-# DEFAULT_MODEL: what `orpo-plugin demo` runs with no flags, SmolLM2-135M-Instruct (orpo_plugin.pretrained)
-from .demo_real import DEFAULT_MODEL, logps_history
 TEMPLATES = ["Name three {c}.", "List three {c}, please.", "Give me three {c}:", "Which three {c} come to mind?"]
 
 
