@@ -222,10 +222,6 @@ class ORPOConfig(BaseConfig):
             return "prefix_sharing"
         return "padding_free" if (self.padding_free or self.packing) else "padded"
 
-    def prompt_limit(self, encoder_decoder: bool = False) -> int | None:
-        """max_prompt_length as set (None: the default rule of `data.fit_pair`)."""
-        return self.max_prompt_length
-
     def packing_budget(self) -> int:
         if self.packing_max_tokens is not None:
             return self.packing_max_tokens

@@ -302,7 +302,7 @@ def training_config(s: DemoSettings, output_dir: str, mode: str, rows: list[dict
     """The ORPOConfig of a demo run (mode "sft": beta 0, the NLL of the chosen answers alone)."""
     import torch
 
-    from .trainer import ORPOConfig
+    from .config import ORPOConfig
 
     cuda = torch.cuda.is_available()
     return ORPOConfig(

@@ -169,7 +169,8 @@ def _questions(rng: random.Random, arithmetic: int) -> list[Question]:
 # ----------------------------------------------------------------------------------------------- instructions
 @dataclass(frozen=True)
 class Instruction:
-    """A format instruction: its phrasings, which questions it fits, the reply that obeys it, and its checker."""
+    """A format instruction: its kind (the key of its checker and of the reply that obeys it, see `check` and
+    `obeying_reply`), its phrasings, and which questions it fits."""
 
     kind: str
     phrasings: tuple[str, ...]
@@ -273,7 +274,8 @@ class Item:
         }
 
 
-def _items(questions: list[Question], n: int, rng: random.Random, kind_offset: int) -> list[Item]:
+def _items(questions: list[Question], n: int, rng: random.Random) -> list[Item]:
+    """`n` distinct prompts, the instruction kinds in turn; ValueError when the questions cannot make that many."""
     by_numeric = {True: [q for q in questions if q.numeric], False: [q for q in questions if not q.numeric]}
     pools: dict[bool, list[Question]] = {True: [], False: []}
     used, items = set(), []
@@ -282,7 +284,7 @@ def _items(questions: list[Question], n: int, rng: random.Random, kind_offset: i
         attempts += 1
         if attempts > 50 * n + 1000:
             raise ValueError(f"cannot write {n} distinct prompts from {len(questions)} questions; ask for fewer")
-        instruction = INSTRUCTIONS[(len(items) + kind_offset) % len(INSTRUCTIONS)]
+        instruction = INSTRUCTIONS[len(items) % len(INSTRUCTIONS)]
         numeric = instruction.numeric if instruction.numeric is not None else rng.random() < 0.4
         if not pools[numeric]:  # cycle through the questions so every one is used before any repeats
             pools[numeric] = list(by_numeric[numeric])
@@ -314,6 +316,6 @@ def make_split(train: int = 336, held_out: int = 70, seed: int = 0, held_out_sha
         cut = max(1, round(len(members) * held_out_share))
         held_q += members[:cut]
         train_q += members[cut:]
-    train_items = _items(train_q, train, rng, kind_offset=0)
-    held_items = _items(held_q, held_out, rng, kind_offset=0)
+    train_items = _items(train_q, train, rng)
+    held_items = _items(held_q, held_out, rng)
     return train_items, held_items

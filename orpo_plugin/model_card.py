@@ -60,7 +60,7 @@ class ModelCardMixin:
             "beta": args.beta,
             "nll_on_prompt": args.nll_on_prompt,
             "max_length": args.max_length,
-            "max_prompt_length": args.prompt_limit(self.is_encoder_decoder),
+            "max_prompt_length": args.max_prompt_length,
             "truncation_mode": args.truncation_mode,
             "max_completion_length": self.max_completion_length,
             "encoder_decoder": self.is_encoder_decoder,

@@ -139,7 +139,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, BaseTrainer):
             max_completion_length=max_completion_length,
             drop_long_pairs=args.drop_long_pairs,
             num_proc=args.dataset_num_proc,
-            max_prompt_length=args.prompt_limit(self.is_encoder_decoder),
+            max_prompt_length=args.max_prompt_length,
             truncation_mode=args.truncation_mode,
             encoder_decoder=self.is_encoder_decoder,
         )
