@@ -150,27 +150,27 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     pad = tokenizer.pad_token_id
     stops = stop_token_ids(model, tokenizer)  # an answer ends at the template's end of turn, as trained
     sampling = seed is not None
-    rng_state = torch.random.get_rng_state()
-    if sampling:
-        torch.manual_seed(seed)
     per_batch = max(1, batch_size // num_samples)
     answers: list[list[str]] = []
-    try:
-        for start in tqdm(range(0, len(prompt_ids), per_batch), desc=desc, disable=quiet, leave=False):
-            chunk = prompt_ids[start : start + per_batch]
-            width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-            extra = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=num_samples) \
-                if sampling else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     pad_token_id=pad, eos_token_id=stops or None, use_cache=True, **extra)
-            texts = [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
-            answers += [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk))]
-    finally:
-        base.train(was_training)
-        torch.random.set_rng_state(rng_state)
+    # the caller's random state (CPU and the model's GPU) is restored afterwards: sampling here leaves training as is
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if sampling:
+            torch.manual_seed(seed)
+        try:
+            for start in tqdm(range(0, len(prompt_ids), per_batch), desc=desc, disable=quiet, leave=False):
+                chunk = prompt_ids[start : start + per_batch]
+                width = max(len(p) for p in chunk)
+                ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], device=device)
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+                extra = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=num_samples) \
+                    if sampling else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+                with torch.no_grad():
+                    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                         pad_token_id=pad, eos_token_id=stops or None, use_cache=True, **extra)
+                texts = [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+                answers += [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk))]
+        finally:
+            base.train(was_training)
     return answers
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from orpo_plugin import cli, demo_real, instructions
 
@@ -127,6 +128,11 @@ def test_generate_left_pads_and_matches_one_by_one(tiny_folder, tiny_tokenizer):
     sampled = demo_real.generate(model, tiny_tokenizer, prompts, 6, 8, num_samples=3, seed=0, quiet=True)
     assert [len(s) for s in sampled] == [3, 3]
     assert sampled == demo_real.generate(model, tiny_tokenizer, prompts, 6, 8, num_samples=3, seed=0, quiet=True)
+    torch.manual_seed(5)
+    untouched = torch.rand(4)
+    torch.manual_seed(5)
+    demo_real.generate(model, tiny_tokenizer, prompts, 6, 8, num_samples=3, seed=0, quiet=True)
+    assert torch.equal(torch.rand(4), untouched), "sampling must leave the caller's random state as it was"
 
 
 def test_gradient_checkpointing_on_trains_the_same_steps(tiny_folder, tmp_path):
