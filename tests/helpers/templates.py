@@ -107,6 +107,13 @@ def build_template_tokenizer(case: TemplateCase):
     return fast
 
 
+def _common_chars(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def rendered_ids(tok, messages: list[dict], appends_eos: bool) -> list[int]:
     """What a correct tokenization of a whole conversation is: the template's rendering tokenized as is (no special
     tokens added), one BOS first when the tokenizer has one the rendering lacks, and EOS last only when the template
@@ -118,7 +125,19 @@ def rendered_ids(tok, messages: list[dict], appends_eos: bool) -> list[int]:
 
 
 def assert_rendering(tok, got: dict, prompt: list[dict], chosen: list[dict], rejected: list[dict], appends_eos: bool):
-    """prompt_input_ids + <response>_input_ids is exactly the rendering of prompt + response (see rendered_ids)."""
+    """prompt_input_ids + <response>_input_ids is exactly the rendering of prompt + response (see rendered_ids), and
+    the prompt ends where the template's generation prompt does (`add_generation_prompt=True`; where a template
+    renders that prompt differently from a finished turn, e.g. an empty `<think>` block, where the two agree), so
+    the generation prompt is never trained as part of a response."""
+    generation_prompt = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    agreed = min(_common_chars(generation_prompt, tok.apply_chat_template(prompt + r, tokenize=False))
+                 for r in (chosen, rejected))
+    want = tok(generation_prompt[:agreed], add_special_tokens=False)["input_ids"]
+    if tok.bos_token_id is not None and want[:1] != [tok.bos_token_id]:
+        want = [tok.bos_token_id] + want
+    assert list(got["prompt_input_ids"]) == want, (
+        f"prompt: {tok.decode(got['prompt_input_ids'])!r} != {tok.decode(want)!r}"
+    )
     for name, response in (("chosen", chosen), ("rejected", rejected)):
         ids = list(got["prompt_input_ids"]) + list(got[f"{name}_input_ids"])
         assert ids == rendered_ids(tok, prompt + response, appends_eos), (

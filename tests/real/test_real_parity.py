@@ -106,6 +106,14 @@ def test_layout_equals_padded(model_case, layout):
     name, path, tok, rows, out, padded = model_case
     ours = run(ORPOTrainer, ORPOConfig, path, tok, rows, out, **LAYOUTS[layout])
     assert ours.gradient_checkpointing
+    # the layout really ran: no padding where sequences lie end to end, each prompt computed once where shared
+    assert padded.logged["tokens/padding_fraction"] > 0, padded.logged
+    if layout != "prefix_sharing":
+        assert ours.logged["tokens/padding_fraction"] == 0, ours.logged
+    if "prefix_sharing" in layout:
+        assert ours.logged["tokens/computed_per_trained"] < 0.9, ours.logged
+    else:
+        assert "tokens/computed_per_trained" not in ours.logged, ours.logged
     assert_same(ours, padded, f"{name} {layout}")
 
 

@@ -94,6 +94,7 @@ def test_axolotl_argilla_text_tokenizes_to_the_template_rendering(smollm2_path, 
     out = json.loads(run.stdout.strip().splitlines()[-1])
     expected = [([system("Be brief."), user(Q)], [assistant("Paris.")], [assistant("Rome.")]),
                 ([user("Name a fruit.")], [assistant("An apple.")], [assistant("A hammer.")])]
+    assert len(out["ids"]) == len(out["texts"]) == len(expected), out  # every row kept, none dropped
     for ids, text, (prompt, chosen, rejected) in zip(out["ids"], out["texts"], expected):
         assert text["chosen"].endswith("<|im_end|>\n")  # Axolotl's text ends the turn as the template does
         assert_rendering(smollm2_tok, ids, prompt, chosen, rejected, appends_eos=False)
