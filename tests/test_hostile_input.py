@@ -7,10 +7,10 @@ import os
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from orpo_plugin.data import COLUMNS, prepare_dataset
+from orpo_plugin.data import COLUMNS, end_of_turn_ids, prepare_dataset
 
 from helpers.stubs import StubTokenizer  # tests/helpers
 
@@ -63,7 +63,10 @@ any_row = st.one_of(rows(), rows(), rows(), junk)  # now and then a row that is 
 def check_kept(ds, stats, tok, n_rows):
     assert stats.rows == n_rows and stats.kept == len(ds) >= 1
     assert stats.kept + sum(stats.dropped.values()) == n_rows
-    vocab, eos, bos = len(tok), tok.eos_token_id, tok.bos_token_id
+    vocab, bos = len(tok), tok.bos_token_id
+    # EOS, and the chat template's end of turn (a response that already ends a turn gets no EOS after it; that rule
+    # is checked template by template in test_chat_templates.py)
+    ends = end_of_turn_ids(tok)
     unterminated = 0
     for pair in ds:
         ids = {k: list(pair[k]) for k in COLUMNS}
@@ -72,8 +75,10 @@ def check_kept(ds, stats, tok, n_rows):
         for name in ("chosen_input_ids", "rejected_input_ids"):
             assert ids[name], f"empty {name}"
             assert len(ids["prompt_input_ids"]) + len(ids[name]) <= MAX_LENGTH
-            unterminated += ids[name][-1] != eos
-    # a response lacks its final EOS only when it was cut, and every cut response of a kept pair is counted
+            visible = [i for i in ids[name] if i in ends or tok.decode([i]).strip()]  # whitespace after an end
+            unterminated += not visible or visible[-1] not in ends
+    # a response lacks its final EOS (or end of turn) only when it was cut, and every cut response of a kept pair
+    # is counted
     assert unterminated <= stats.truncated_responses <= 2 * stats.kept
 
 
@@ -99,6 +104,7 @@ def check_refusal(err, rows_in, tok):
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(rows_in=st.lists(any_row, min_size=1, max_size=4))
+@example(rows_in=[{"prompt": "", "chosen": "0", "rejected": "<|end|>", "system": ""}])  # a response that ends a turn
 def test_hostile_rows_are_kept_dropped_or_refused_by_name(tiny_tokenizer, rows_in):
     try:
         ds, stats = prepare_dataset(rows_in, tiny_tokenizer, max_length=MAX_LENGTH)
