@@ -251,9 +251,9 @@ def markdown(result: dict, figures: dict[str, str]) -> str:
     lines += ["", "## Time", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k.replace('_', ' ')} | {v:.0f} |" for k, v in t.items()]
     lines += ["", f"Process CPU time {result['cpu_seconds']:.0f} s on {result['torch_threads']} torch thread(s), peak "
-              f"memory (RSS) {result.get('peak_rss_gib', float('nan')):.1f} GiB; 1-minute "
-              f"load average at the start {result['load_average_at_start']:.2f} (other processes sharing the cores "
-              "make the wall times longer).", "", f"Settings: `{_settings_line(s)}`."]
+              f"memory (RSS) {result.get('peak_rss_gib', float('nan')):.1f} GiB; other processes kept "
+              f"{result['busy_cores_at_start']:.1f} cores busy at the start (sharing the cores makes the wall times "
+              "longer).", "", f"Settings: `{_settings_line(s)}`."]
     return "\n".join(lines) + "\n"
 
 

@@ -106,6 +106,11 @@ def test_cpu_threads():
     import os
 
     assert 1 <= demo_real.cpu_threads("auto") <= (os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0))
+    assert demo_real.cpu_threads("auto", busy=0.0) == cores  # idle: every core
+    assert demo_real.cpu_threads("auto", busy=0.4) == cores  # less than half a core used elsewhere
+    assert demo_real.cpu_threads("auto", busy=cores + 3.0) == 1  # all busy: one thread, never none
+    assert 0.0 <= demo_real.busy_cores(interval=0.1) <= os.cpu_count()
 
 
 def test_judge_counts_per_kind():
