@@ -89,12 +89,14 @@ def gguf_path(name: str) -> Path:
     return path
 
 
-def _stamp(name: str) -> dict:
+def _stamp(name: str) -> tuple[Path, dict]:
+    """The GGUF file and what the converted folder depends on: the file (by name and size, not by where it is
+    installed, so environments sharing the cache do not convert it again in turn), transformers, this module."""
     gguf = gguf_path(name)
     import transformers
 
-    return {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "format": FORMAT_VERSION,
-            "transformers": transformers.__version__}
+    return gguf, {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "format": FORMAT_VERSION,
+                  "transformers": transformers.__version__}
 
 
 def checkpoint(name: str) -> Path:
@@ -111,11 +113,10 @@ def checkpoint(name: str) -> Path:
 
     model = _model(name)
     folder = cache_dir() / "models" / model.name
-    stamp = _stamp(name)
+    gguf, stamp = _stamp(name)
     stamp_file = folder / "orpo_plugin_source.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return folder
-    gguf = Path(stamp["gguf"])
     logger.info("converting %s to a checkpoint folder in %s (once)", gguf.name, folder)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
