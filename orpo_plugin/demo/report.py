@@ -198,7 +198,7 @@ def markdown(result: dict, figures: dict[str, str]) -> str:
         "",
         f"Model: {model_name(result)} (`{result['model_path']}`). Data: {result['train_prompts']} training prompts, "
         f"{result['held_out_prompts']} held-out prompts whose questions never appear in training "
-        f"(`orpo_plugin/instructions.py`, seed {s['seed']}): each prompt is a question plus a format instruction; "
+        f"(`orpo_plugin/demo/instructions.py`, seed {s['seed']}): each prompt is a question plus a format instruction; "
         "chosen = the right answer in the requested form, rejected = the same answer as a plain sentence.",
         "",
         f"Training: ORPO, {s['steps']} steps of about {s['pairs_per_step']} pairs, learning rate {result['learning_rate']}, "

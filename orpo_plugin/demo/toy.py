@@ -1,5 +1,5 @@
 """The toy demo (`orpo-plugin demo --model tiny`): a tiny Llama learns a content preference with ORPO on CPU in a
-minute or two. `main` runs the real-model demo (`orpo_plugin.demo_real`) for any other --model.
+minute or two (`orpo_plugin.demo.main` runs the real-model demo, `demo.real`, for any other --model).
 
 The data: "Name three fruits." -> chosen names three fruits, rejected names three words of another category.
 The model has to read the prompt to prefer the chosen response; held-out pairs use word combinations never
@@ -14,8 +14,7 @@ import os
 import random
 import time
 
-# DEFAULT_MODEL: what `orpo-plugin demo` runs with no flags, SmolLM2-135M-Instruct (orpo_plugin.pretrained)
-from .demo_real import DEFAULT_MODEL, logps_history
+from .real import logps_history
 
 CATEGORIES = {
     "fruits": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear", "plum", "melon"],
@@ -51,7 +50,7 @@ def _corpus() -> list[str]:
 
 
 def build(seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
-    from .toy import build_model, build_tokenizer
+    from ..toy import build_model, build_tokenizer
 
     tokenizer = build_tokenizer(_corpus(), vocab_size=400)
     model = build_model(len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, num_heads=4, seed=seed)
@@ -59,8 +58,8 @@ def build(seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
 
 
 def held_out_accuracy(model, tokenizer, rows) -> dict[str, float]:
-    from .data import prepare_dataset
-    from .evaluation import pair_logps, preference_metrics
+    from ..data import prepare_dataset
+    from ..evaluation import pair_logps, preference_metrics
 
     pairs, _ = prepare_dataset(rows, tokenizer, max_length=64, name="held-out")
     chosen, rejected = pair_logps(model, pairs, tokenizer.pad_token_id)
@@ -82,9 +81,9 @@ def run_demo(
     """Train the demo model (ORPO, or SFT on chosen only when mode='sft'); return before/after held-out metrics."""
     import torch
 
-    from .callbacks import LogpsPlotCallback, MetricsFileCallback
-    from .config import ORPOConfig
-    from .trainer import ORPOTrainer
+    from ..callbacks import LogpsPlotCallback, MetricsFileCallback
+    from ..config import ORPOConfig
+    from ..trainer import ORPOTrainer
 
     torch.manual_seed(seed)
     os.makedirs(output_dir, exist_ok=True)
@@ -135,7 +134,7 @@ def run_demo(
 
 def plot_compare(histories: dict[str, list[dict]], path: str) -> str:
     """Chosen (solid) and rejected (dashed) mean log-prob per step for each run, and their margins below."""
-    from .demo_report import plot_logps_runs
+    from .report import plot_logps_runs
 
     colors = {"sft": "tab:orange", "orpo": "tab:blue"}
     runs = [(mode.upper(), rows, colors.get(mode)) for mode, rows in histories.items()]
@@ -214,10 +213,7 @@ def compare_main(args) -> int:
 
 
 def main(args) -> int:
-    if getattr(args, "model", DEFAULT_MODEL) != "tiny":
-        from . import demo_real
-
-        return demo_real.main(args)
+    """`orpo-plugin demo --model tiny`: train the toy model (or, with --compare-sft, compare SFT and ORPO on it)."""
     if getattr(args, "compare_sft", False):
         return compare_main(args)
     logging.basicConfig(level=logging.WARNING)

@@ -1,0 +1,28 @@
+"""The library a TRL or Axolotl user imports never imports the demo app (orpo_plugin.demo)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+# what `from orpo_plugin import ORPOConfig, ORPOTrainer` and the Axolotl plugin load, and the eval command
+LIBRARY_IMPORTS = (
+    "import orpo_plugin; orpo_plugin.ORPOTrainer",
+    "import orpo_plugin.trainer, orpo_plugin.evaluation, orpo_plugin.eval_cli, orpo_plugin.callbacks",
+    "import orpo_plugin.axolotl.args, orpo_plugin.axolotl.dataset_types",
+)
+
+
+def test_library_does_not_import_the_demo():
+    for statement in LIBRARY_IMPORTS:
+        code = f"{statement}; import sys; print(sorted(m for m in sys.modules if m.startswith('orpo_plugin.demo')))"
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == "[]", f"{statement!r} imported {run.stdout.strip()}"
+
+
+def test_the_check_sees_a_demo_import():
+    """The check above would notice: importing the demo's command line does load orpo_plugin.demo."""
+    code = "import orpo_plugin.demo.cli, sys; print(any(m.startswith('orpo_plugin.demo') for m in sys.modules))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.stdout.strip() == "True", run.stderr
