@@ -262,7 +262,7 @@ def memory_child(opts) -> dict:
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trainer(opts.child, opts, 2, [probe.callback()], meter, out, cuda, losses)
         trainer.train()
-        from orpo_plugin.modeling import unwrap
+        from orpo_plugin.sharded_head import unwrap
 
         checkpointing = bool(getattr(unwrap(trainer.model), "is_gradient_checkpointing", False))
         head = getattr(trainer, "head", None)  # ours only; TRL's trainer has no separate output head

@@ -1,6 +1,14 @@
-"""Every difference between the supported TRL/transformers versions is handled here, and only here."""
+"""Every probe of what the installed torch/TRL/transformers versions provide lives here, and only here.
+
+Callers ask these functions instead of importing a version-dependent name themselves. (Optional kernels that are
+packages rather than versions, flash-attn, and the calling convention of torch's varlen kernel are probed where they
+are adapted, in `attention/`.)
+"""
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 try:  # trl >= 1.x keeps TRL's common TrainingArguments defaults here
     from trl.trainer.base_config import _BaseConfig as BaseConfig
@@ -12,7 +20,7 @@ try:
 except ImportError:  # pragma: no cover - older TRL
     from transformers import Trainer as BaseTrainer
 
-__all__ = ["BaseConfig", "BaseTrainer", "bf16_left_unset"]
+__all__ = ["BaseConfig", "BaseTrainer", "bf16_left_unset", "dtensor_class", "forward_accepts", "fsdp_module_class"]
 
 
 def bf16_left_unset(args) -> bool:
@@ -23,3 +31,31 @@ def bf16_left_unset(args) -> bool:
     so under it nothing is ever unset.
     """
     return args.bf16 is None
+
+
+@functools.lru_cache(maxsize=None)
+def forward_accepts(cls: type, name: str) -> bool:
+    """Whether `cls.forward` takes the keyword `name` (transformers' models gained `logits_to_keep` release by
+    release, and remote-code models may lack it)."""
+    try:
+        return name in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def fsdp_module_class() -> type | None:
+    """torch's FSDP2 module class (`torch.distributed.fsdp.FSDPModule`), or None on a torch without FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return None
+    return FSDPModule
+
+
+def dtensor_class() -> type | None:
+    """torch's `DTensor` (what FSDP2 shards parameters into), or None on a torch without it."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return None
+    return DTensor

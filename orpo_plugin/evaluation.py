@@ -7,7 +7,9 @@ import torch
 from .chunked import default_chunk_size
 from .collators import PreferenceCollator
 from .losses import log_odds, sequence_logps
-from .modeling import OutputHead, predicted_logps, unwrap, verify_head
+from .modeling import predicted_logps
+from .sharded_head import OutputHead, unwrap
+from .startup_checks import verify_head
 
 
 def _row_attention(model, layout: str) -> str | None:

@@ -11,7 +11,8 @@ import random
 
 import torch
 
-from .modeling import training_weight_layout, unwrap
+from .bnb_cpu import training_weight_layout
+from .sharded_head import unwrap
 
 logger = logging.getLogger("orpo_plugin")
 
@@ -102,7 +103,7 @@ class EvalGenerationsMixin:
         was_training = model.training
         model.eval()
         try:
-            # eval mode without grad: keep bitsandbytes' 4-bit training layout (see modeling.training_weight_layout)
+            # eval mode without grad: keep bitsandbytes' 4-bit training layout (see bnb_cpu.training_weight_layout)
             with torch.no_grad(), training_weight_layout(self._4bit_layers()), self.compute_loss_context_manager():
                 out = model.generate(
                     input_ids=input_ids.to(device),

@@ -2,27 +2,26 @@
 
 The model is called as a whole (so DDP/FSDP/DeepSpeed wrappers and PEFT hooks run) with `logits_to_keep=1`;
 the final hidden states are taken from its decoder by a forward hook, and only the positions the loss needs
-go through the output layer: in chunks (`chunked.py`) or as one logits tensor.
-
-Under FSDP2 and DeepSpeed ZeRO-3 the output layer's weight is whole only inside the forward of the module that
-shards it (FSDP2: the `fully_shard`ed module holding it, usually the root; ZeRO-3: the output layer itself). The
-chunked computation then runs inside that forward ("forward redirection": the module's `forward` is swapped for
-ours during one call), so the engine's own hooks gather the weight, and reduce-scatter its gradient in backward.
+go through the output layer: in chunks (`chunked.py`) or as one logits tensor. Under FSDP2 and DeepSpeed ZeRO-3 the
+output layer runs inside the forward of the module that shards it (`sharded_head.py`). Apart: the checks run once at
+start (`startup_checks.py`) and the bitsandbytes CPU guard (`bnb_cpu.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
 import logging
-import warnings
 from dataclasses import dataclass
 
 import torch
 
+from ._compat import forward_accepts
 from .chunked import chunked_target_logps, full_target_logps
 from .losses import ORPOOutput, orpo_loss, sequence_logps
+from .sharded_head import OutputHead, hidden_then_head, sharded_head_owner, unwrap
+
+# OutputHead and unwrap live in sharded_head.py; they are re-exported here, where the forward's callers look
+__all__ = ["ForwardResult", "OutputHead", "metrics_from_sums", "model_inputs", "orpo_forward", "predicted_logps",
+           "unwrap"]
 
 logger = logging.getLogger("orpo_plugin")
 
@@ -36,297 +35,6 @@ MODEL_INPUT_KEYS = (
     "max_length_k",
     "prefix_segments",
 )
-
-
-def unwrap(model):
-    """The innermost `PreTrainedModel` (through DDP/accelerate wrappers and PEFT)."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
-            base = model.get_base_model()
-            if base is model:
-                return model
-            model = base
-        else:
-            return model
-
-
-@dataclass
-class OutputHead:
-    """What the model's output layer computes: logits = transform(h @ W^T + b)."""
-
-    module: torch.nn.Module
-    scale: float | None = None
-    softcap: float | None = None
-    chunkable: bool = True
-    reason: str = ""
-    vocab_size: int = 0  # from the config: a sharded (ZeRO-3) weight may be an empty placeholder
-
-    @classmethod
-    def of(cls, model) -> "OutputHead":
-        base = unwrap(model)
-        module = base.get_output_embeddings()
-        if module is None:
-            raise ValueError(f"{type(base).__name__} has no output embeddings (lm_head); ORPO needs a causal LM")
-        config = base.config
-        text_config = getattr(config, "get_text_config", lambda: config)()
-        softcap = getattr(text_config, "final_logit_softcapping", None)
-        scale = getattr(text_config, "logit_scale", None)
-        if scale is not None and not isinstance(scale, (int, float)):
-            scale = None
-        weight = getattr(module, "weight", None)
-        vocab = weight.shape[0] if weight is not None and weight.numel() > 0 else getattr(text_config, "vocab_size", 1)
-        head = cls(module, scale=float(scale) if scale is not None else None, softcap=softcap, vocab_size=int(vocab))
-        if type(module) is not torch.nn.Linear:
-            head.chunkable = False
-            head.reason = f"the output layer is a {type(module).__name__} (adapter or quantized), not a plain Linear"
-        return head
-
-    def logits(self, hidden: torch.Tensor, forward=None) -> torch.Tensor:
-        """The model's logits for `hidden`; `forward`: the output layer's own forward, when its call is redirected."""
-        logits = (forward or self.module)(hidden).float()
-        if self.scale is not None:
-            logits = logits * self.scale
-        if self.softcap is not None:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
-        return logits
-
-    def logits_by(self, owner: torch.nn.Module | None):
-        """`logits` as a function of the hidden states, usable inside a redirected call of `owner`."""
-        if owner is not self.module:
-            return self.logits
-        original = self.module.forward  # taken before the redirection replaces it
-        return lambda hidden: self.logits(hidden, original)
-
-
-def cpu_4bit_layers(model) -> list:
-    """bitsandbytes 4-bit layers that may switch to an inference-only CPU weight layout (see below)."""
-    return [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
-
-
-@contextlib.contextmanager
-def training_weight_layout(layers: list):
-    """Evaluate 4-bit layers without letting bitsandbytes repack their weights for CPU inference.
-
-    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first eval-mode forward without grad;
-    a later training step then backpropagates through a kernel that has no autograd (the gradient reaching the
-    layers below is wrong, with only a warning). Inside training, evaluation keeps the training layout.
-    """
-    saved = [m.support_avx512bf16_for_cpu for m in layers]
-    for m in layers:
-        m.support_avx512bf16_for_cpu = False
-    try:
-        yield
-    finally:
-        for m, flag in zip(layers, saved):
-            m.support_avx512bf16_for_cpu = flag
-
-
-def repacked_layers(layers: list) -> int:
-    """How many of the 4-bit `layers` bitsandbytes has repacked for CPU inference."""
-    return sum(bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)) for m in layers)
-
-
-@contextlib.contextmanager
-def capture_hidden_states(model):
-    """Collect the decoder's final hidden states (after its last norm) during a forward."""
-    decoder = unwrap(model).get_decoder()
-    store = {}
-
-    def hook(_module, _inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-        store["hidden"] = hidden
-
-    handle = decoder.register_forward_hook(hook)
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-def _accepts(model, name: str) -> bool:
-    return _forward_accepts(type(unwrap(model)), name)
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_accepts(cls: type, name: str) -> bool:
-    try:
-        return name in inspect.signature(cls.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def sharded_head_owner(model, head: OutputHead) -> torch.nn.Module | None:
-    """The module inside whose forward the output layer's weight is whole, when a sharding engine manages it.
-
-    FSDP2: the nearest `fully_shard`ed module holding the output layer (itself or an ancestor; usually the root).
-    DeepSpeed ZeRO-3: the output layer itself (ZeRO-3 gathers each module's own parameters around its forward).
-    None when the weight is an ordinary tensor (one process, DDP, ZeRO-1/2).
-    """
-    module = head.module
-    if getattr(getattr(module, "weight", None), "ds_id", None) is not None:
-        return module
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return None
-    name = next((n for n, m in model.named_modules() if m is module), None)
-    if name is None:
-        return None
-    parts = name.split(".") if name else []
-    for depth in range(len(parts), -1, -1):
-        candidate = model.get_submodule(".".join(parts[:depth]))
-        if isinstance(candidate, FSDPModule):
-            return candidate
-    return None
-
-
-def call_in_forward(module: torch.nn.Module, fn, *args, **kwargs):
-    """Call `module` with its forward replaced by `fn`, so its forward hooks (FSDP2's all-gather and gradient
-    reduce-scatter registration, ZeRO-3's parameter gathering) run around `fn` ("forward redirection")."""
-    had_own = "forward" in module.__dict__
-    saved = module.__dict__.get("forward")
-    module.forward = fn
-    try:
-        return module(*args, **kwargs)
-    finally:
-        if had_own:
-            module.forward = saved
-        else:
-            del module.forward
-
-
-def _is_fsdp2_root(model) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return False
-    return isinstance(model, FSDPModule)
-
-
-def _sharded_now(weight) -> bool:
-    """Whether `weight` is a shard right now (outside the forward that gathers it)."""
-    if getattr(weight, "ds_id", None) is not None:
-        return True
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(weight, DTensor)
-
-
-def hidden_then_head(model, kwargs: dict, select, apply, owner: torch.nn.Module | None, head_module=None):
-    """Run `model(**kwargs)`, take its decoder's final hidden states through `select`, and return
-    (`apply(selected hidden)`, the model's output), with `apply` running where the weight of the output layer
-    (`head_module`) is whole.
-
-    Under FSDP2 (`model` is the `fully_shard`ed root) the whole computation runs inside one call of the root, whose
-    forward is redirected: our outputs are the root's outputs, so its backward hooks (and the final gradient
-    reduce-scatter they schedule) see the loss. Inside it, `apply` uses the output layer's weight directly when it
-    is whole there (the root's own group, or a group that stays gathered after its forward), and otherwise runs
-    inside a redirected call of `owner` (the output layer's own group; ZeRO-3's output layer).
-    """
-
-    def head_part(hidden):
-        if owner is None or owner is model or not _sharded_now(head_module.weight):  # read now, not before the forward
-            return apply(hidden)
-        return call_in_forward(owner, apply, hidden)
-
-    if owner is not None and _is_fsdp2_root(model):
-        original = model.forward
-
-        def whole(**kw):
-            with capture_hidden_states(model) as store:
-                output = original(**kw)
-            return head_part(select(store["hidden"])), output
-
-        return call_in_forward(model, whole, **kwargs)
-    with capture_hidden_states(model) as store:
-        output = model(**kwargs)
-    return head_part(select(store["hidden"])), output
-
-
-@contextlib.contextmanager
-def _no_grad_checkpoint_notice():
-    """Silence torch's "None of the inputs have requires_grad=True" for a start-up forward without grad.
-
-    These checks run in training mode (see below), so reentrant gradient checkpointing wraps each layer and warns
-    that no gradient will flow, which is true and intended there; the notice would read as a training fault.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
-        yield
-
-
-def verify_head(model, head: OutputHead, vocab_size: int | None = None, owner: torch.nn.Module | None = None) -> float:
-    """Check that hidden states + `head` reproduce the model's own logits on a short input; return the max error.
-
-    A model whose forward transforms logits in a way we do not know would otherwise train on wrong log-probs.
-    `owner`: see `sharded_head_owner` (then `model` is the sharded module that training calls).
-    """
-    base = unwrap(model) if owner is None else model
-    device = next(unwrap(model).parameters()).device
-    vocab = vocab_size or head.vocab_size or head.module.weight.shape[0]
-    ids = torch.arange(1, 9, device=device).remainder(vocab)[None]
-    # One forward in training mode: the hidden states and the logits come from the same pass (same
-    # dropout draw), and eval() is avoided (bitsandbytes repacks 4-bit weights for inference on some CPUs).
-    was_training = base.training
-    base.train()
-    try:
-        with torch.no_grad(), _no_grad_checkpoint_notice():
-            ours, output = hidden_then_head(
-                base, {"input_ids": ids, "use_cache": False}, lambda h: h, head.logits_by(owner), owner, head.module
-            )
-            logits = output.logits.float()
-    finally:
-        base.train(was_training)
-    err = (logits - ours).abs().max().item()
-    tol = 1e-3 * max(1.0, logits.abs().max().item())
-    if err > tol:
-        raise ValueError(
-            f"{type(base).__name__}: logits computed from the final hidden states and the output layer differ from "
-            f"the model's own by {err:.3g}; this model transforms its logits in a way orpo_plugin does not know"
-        )
-    return err
-
-
-def check_layout(model, layout: str, attention_override: str | None, pad_token_id: int) -> None:
-    """Run one tiny forward in `layout` at start, so a model feature its attention cannot honour stops training now.
-
-    Every attention path refuses what it cannot compute exactly (a sliding window, soft-capping, sinks, dropout, an
-    unknown keyword) when it is called; this makes that happen before the first step instead of during it.
-    """
-    from .attention import attention_implementation
-    from .collators import PreferenceCollator
-
-    base = unwrap(model)
-    device = next(base.parameters()).device
-    vocab = max(int(getattr(base.get_output_embeddings(), "out_features", 0) or 0), 16)
-    pairs = [([3, 4, 5], [6, 7], [8, 9, 10]), ([5, 4], [7, 8, 9], [10])]
-    features = [
-        {"prompt_input_ids": [t % vocab for t in p], "chosen_input_ids": [t % vocab for t in c],
-         "rejected_input_ids": [t % vocab for t in r]}
-        for p, c, r in pairs
-    ]
-    batch = PreferenceCollator(pad_token_id, layout)(features)
-    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in model_inputs(batch).items()}
-    if _accepts(base, "logits_to_keep"):
-        inputs["logits_to_keep"] = 1
-    impl = getattr(base.config, "_attn_implementation", None)
-    # training mode: dropout is what training runs with (and bitsandbytes keeps its training weight layout)
-    was_training = base.training
-    base.train()
-    try:
-        with torch.no_grad(), _no_grad_checkpoint_notice(), attention_implementation(base, attention_override):
-            base(**inputs, use_cache=False)
-    except (ValueError, NotImplementedError) as err:
-        raise ValueError(
-            f"{type(base).__name__} cannot train in the {layout} layout with attn_implementation={impl!r}"
-            f"{f' (through {attention_override})' if attention_override else ''}: {err}"
-        ) from err
-    finally:
-        base.train(was_training)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -378,7 +86,7 @@ def predicted_logps(
     kwargs = model_inputs(batch)
     if logits_in_forward:
         return _logps_from_model_logits(model, batch, kwargs)
-    if _accepts(model, "logits_to_keep"):
+    if forward_accepts(type(unwrap(model)), "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
     kwargs["use_cache"] = False
     targets = batch["pred_target"]

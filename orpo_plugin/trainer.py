@@ -1,5 +1,6 @@
 """ORPOTrainer, a drop-in for TRL's: the training loop's wiring (datasets, loader, attention choice, loss and its
-normalisation, metric logging). Apart: config.py, model_setup.py, generation.py (during eval), model_card.py.
+normalisation, metric logging). Apart: config.py, model_setup.py, generation.py (during eval), model_card.py,
+startup_checks.py (run in __init__) and bnb_cpu.py (the bitsandbytes CPU guard, a mixin).
 """
 
 from __future__ import annotations
@@ -21,19 +22,11 @@ from .data import prepare_dataset
 from .generation import EvalGenerationsMixin
 from .model_card import ModelCardMixin
 from .model_setup import apply_peft, disable_dropout_in_model, load_model
-from .modeling import (
-    OutputHead,
-    cpu_4bit_layers,
-    metrics_from_sums,
-    orpo_forward,
-    repacked_layers,
-    training_weight_layout,
-    unwrap,
-    check_layout,
-    sharded_head_owner,
-    verify_head,
-)
+from .bnb_cpu import CPU4BitGuardMixin, cpu_4bit_layers, training_weight_layout
+from .modeling import metrics_from_sums, orpo_forward
 from .packing import PackedBatchSampler
+from .sharded_head import OutputHead, sharded_head_owner, unwrap
+from .startup_checks import check_layout, verify_head
 
 logger = logging.getLogger("orpo_plugin")
 
@@ -48,7 +41,7 @@ class _EpochSetter(TrainerCallback):
         self.sampler.set_epoch(int(math.floor(state.epoch or 0)))
 
 
-class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, BaseTrainer):
+class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseTrainer):
     """ORPO without a reference model: NLL on chosen + beta * odds-ratio loss, packed and chunked when asked."""
 
     # compute_loss normalises by the totals of the whole accumulated batch (see get_batch_samples)
@@ -177,7 +170,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, BaseTrainer):
         self.logits_in_forward = self.is_encoder_decoder
         # FSDP2 shards the model when training starts (it is whole here); ZeRO-3 may have partitioned it at load
         # time (zero.Init), and then the head is checked on the first step, through the same forward redirection
-        # the loss uses (modeling.hidden_then_head).
+        # the loss uses (sharded_head.hidden_then_head).
         self._verify_head_on_first_step = self._partitioned() and not self.is_encoder_decoder
         if not (self._verify_head_on_first_step or self.logits_in_forward):
             try:
@@ -328,41 +321,15 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, BaseTrainer):
         loss = result.output.loss
         return (loss, result.sums) if return_outputs else loss
 
-    # ------------------------------------------------------------------------------------------ 4-bit on CPU
-    def _4bit_layers(self) -> list:
-        if getattr(self, "_cpu_4bit", None) is None:
-            self._cpu_4bit = cpu_4bit_layers(self.model)
-        return self._cpu_4bit
-
+    # ------------------------------------------------------------------------------------------ training step
     def training_step(self, model, inputs, *args, **kwargs):
-        layers = self._4bit_layers()
-        repacked = repacked_layers(layers) if layers else 0
-        if repacked:
-            raise RuntimeError(
-                f"{repacked} bitsandbytes 4-bit layers of the model were repacked for CPU inference (bitsandbytes does "
-                "this on the first eval-mode forward without grad on CPUs with AVX512-BF16, here before training "
-                "started). Training through them backpropagates wrong gradients, and bitsandbytes' inverse does not "
-                "restore the weights exactly: reload the model, and run any inference before training in train mode"
-            )
+        # CPU4BitGuardMixin.training_step (reached through super()) refuses 4-bit layers repacked for inference
         if self._verify_head_on_first_step:  # a plain input, so under the model's own attention, not the layout's
             self._verify_head_now(model)
         # Forward and backward under one attention override: gradient checkpointing recomputes the layers during
         # backward, and the recomputation must run the same attention as the forward did.
         with attention.attention_implementation(model, self.attention_override):
             return super().training_step(model, inputs, *args, **kwargs)
-
-    def train(self, *args, **kwargs):
-        # covers evaluation steps and any callback that runs the model in eval mode during training
-        with training_weight_layout(self._4bit_layers()):
-            return super().train(*args, **kwargs)
-
-    def evaluate(self, *args, **kwargs):
-        with training_weight_layout(self._4bit_layers()):
-            return super().evaluate(*args, **kwargs)
-
-    def predict(self, *args, **kwargs):
-        with training_weight_layout(self._4bit_layers()):
-            return super().predict(*args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """TRL's return: the batch's mean chosen and rejected logits as "predictions" and zero labels, so that

@@ -223,7 +223,7 @@ def test_attention_backend_is_validated():
 
 def test_check_layout_refuses_a_window_the_chosen_kernel_cannot_honour(kernels):
     """Start-time refusal: the tiny forward runs the chosen kernel, which refuses the model's window."""
-    from orpo_plugin.modeling import check_layout
+    from orpo_plugin.startup_checks import check_layout
 
     model = build("mistral", 50)
     attention.register()

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from orpo_plugin.collators import PreferenceCollator
-from orpo_plugin.modeling import OutputHead, predicted_logps, sharded_head_owner, verify_head
+from orpo_plugin.modeling import predicted_logps
+from orpo_plugin.sharded_head import OutputHead, sharded_head_owner
+from orpo_plugin.startup_checks import verify_head
 from orpo_plugin.toy import build_model
 
 VOCAB = 97

@@ -141,7 +141,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     from tqdm.auto import tqdm
 
     from ..generation import stop_token_ids
-    from ..modeling import unwrap
+    from ..sharded_head import unwrap
 
     base = unwrap(model)
     was_training = base.training
@@ -225,7 +225,7 @@ class Measurer:
         import torch
 
         from ..evaluation import pair_logps, preference_metrics
-        from ..modeling import unwrap
+        from ..sharded_head import unwrap
 
         impl = getattr(unwrap(model).config, "_attn_implementation", None)
         # orpo_sdpa computes each prompt once; other attention implementations score pairs padded

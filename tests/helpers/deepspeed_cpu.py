@@ -22,12 +22,12 @@ from pathlib import Path
 def record_partitioning() -> None:
     import json
 
-    import orpo_plugin.modeling as modeling
-    from orpo_plugin.modeling import sharded_head_owner, unwrap
+    import orpo_plugin.sharded_head as sharded_head
+    from orpo_plugin.sharded_head import sharded_head_owner, unwrap
     from orpo_plugin.trainer import ORPOTrainer
 
     redirected = {"calls": 0, "outside": set(), "inside": set()}
-    call_in_forward = modeling.call_in_forward
+    call_in_forward = sharded_head.call_in_forward
 
     def counting_call_in_forward(module, fn, *args, **kwargs):
         weight = getattr(module, "weight", None)
@@ -42,7 +42,7 @@ def record_partitioning() -> None:
 
         return call_in_forward(module, inside, *args, **kwargs)
 
-    modeling.call_in_forward = counting_call_in_forward
+    sharded_head.call_in_forward = counting_call_in_forward
 
     init = ORPOTrainer.__init__
 

@@ -44,7 +44,7 @@ def record_sharding() -> None:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    from orpo_plugin.modeling import sharded_head_owner, unwrap
+    from orpo_plugin.sharded_head import sharded_head_owner, unwrap
     from orpo_plugin.trainer import ORPOTrainer
 
     train = ORPOTrainer.train

@@ -24,7 +24,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from orpo_plugin.collators import PreferenceCollator
-from orpo_plugin.modeling import OutputHead, predicted_logps, sharded_head_owner
+from orpo_plugin.modeling import predicted_logps
+from orpo_plugin.sharded_head import OutputHead, sharded_head_owner
 from orpo_plugin.toy import build_model
 
 VOCAB = 97
