@@ -34,7 +34,7 @@ both steps) is reported too. On a GPU: torch.cuda.max_memory_allocated() during 
 torch.cuda.memory_allocated() before it.
 
 --fsdp2: each method runs as 2 processes (gloo, CPU) under accelerate's FSDP2 plugin (decoder layers, the
-[final norm, output layer] group and the root sharded; tests/helpers/fsdp_cpu.py turns FSDP on for CPU processes),
+[final norm, output layer] group and the root sharded; tests/distributed/fsdp_cpu.py turns FSDP on for CPU processes),
 `--pairs` pairs per rank. `ours_chunked` computes the chunked loss inside the sharded forward (forward redirection);
 `ours_model_logits` is the same sharded run with the model computing full logits inside its forward (what TRL does,
 and what ORPOTrainer did under FSDP before). The reported step peak is the larger of the two ranks'.
@@ -240,7 +240,7 @@ def _child_setup(opts):
     import torch
 
     if opts.fsdp2:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "distributed"))
         from fsdp_cpu import enable_fsdp_on_cpu
 
         enable_fsdp_on_cpu()

@@ -44,7 +44,7 @@ from orpo_plugin.toy import build_model, build_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = "apple banana dog cat red blue green saw drill hammer pear plum one two three four five six seven".split()
 TIMEOUT = 240  # seconds per launch; a rank that hangs fails here
 
@@ -112,7 +112,7 @@ def run_two_processes(cmd, env) -> subprocess.CompletedProcess:
     """Run a 2-process launch; once more if a worker was killed by SIGSEGV/SIGABRT.
 
     gloo on CPU (torch 2.13) now and then kills a worker with a signal outside any of our code (measured on
-    tests/helpers/fsdp_head.py under load: 3 of 45 launches, a SIGSEGV mid-run or an abort at exit). Such a launch
+    tests/distributed/fsdp_head.py under load: 3 of 45 launches, a SIGSEGV mid-run or an abort at exit). Such a launch
     is repeated once, said on stderr; any other failure, and a second signal death, fail the test.
     """
     for attempt in (1, 2):
@@ -179,7 +179,7 @@ def test_two_processes_equal_one_process_per_step(tiny, tmp_path, monkeypatch):
         ["-m", "orpo_plugin.cli", "train", *base_args(tiny, "packed.jsonl", two / "packing", **packed_kw)],
         tmp_path / "packing.log",
     )
-    # Padded, padding-free and a single packed pair, in one launch (tests/helpers/cli_runs.py calls cli.main).
+    # Padded, padding-free and a single packed pair, in one launch (tests/distributed/cli_runs.py calls cli.main).
     dense_kw = dict(gradient_accumulation_steps=2)
     runs = [
         base_args(tiny, "batch8.jsonl", two / "padded", **dense_kw),
@@ -189,7 +189,7 @@ def test_two_processes_equal_one_process_per_step(tiny, tmp_path, monkeypatch):
     (tmp_path / "runs.json").write_text(json.dumps(runs))
     launch(
         ["--multi_gpu"],
-        [str(ROOT / "tests/helpers/cli_runs.py"), str(tmp_path / "runs.json"), str(tmp_path / "info.json")],
+        [str(ROOT / "tests/distributed/cli_runs.py"), str(tmp_path / "runs.json"), str(tmp_path / "info.json")],
         tmp_path / "dense.log",
     )
     info = json.loads((tmp_path / "info.json").read_text())

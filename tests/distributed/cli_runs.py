@@ -1,6 +1,6 @@
 """Run `orpo_plugin.cli train` several times in one (distributed) launch, to pay the start-up cost once.
 
-    accelerate launch ... tests/helpers/cli_runs.py RUNS.json INFO.json
+    accelerate launch ... tests/distributed/cli_runs.py RUNS.json INFO.json
 
 RUNS.json holds a list of argv lists, each passed to `orpo_plugin.cli.main(["train", *argv])` in turn. The main
 process then writes INFO.json: the world size and the torch.distributed backend the runs used.

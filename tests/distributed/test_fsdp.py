@@ -4,14 +4,14 @@ Two levels, each said where it is used:
 
 - test_fsdp2_trainer_*: the real ORPOTrainer under accelerate's FSDP2 plugin (`fsdp2_prepare_model`: `fully_shard`
   per decoder layer, the [final norm, output layer] group and the root; the sharded optimizer; DTensor gradient
-  clipping; torch.distributed.checkpoint saves), launched like tests/test_distributed.py. accelerate 1.15 enables
-  FSDP only for GPU-type setups, so tests/helpers/fsdp_cpu.py changes that one decision for CPU processes, in the
+  clipping; torch.distributed.checkpoint saves), launched like tests/distributed/test_distributed.py. accelerate 1.15 enables
+  FSDP only for GPU-type setups, so tests/distributed/fsdp_cpu.py changes that one decision for CPU processes, in the
   test only; everything after it is accelerate's and transformers' code. The helper also records, per run, that the
   trained model was an FSDP2 root with its output layer sharded and the chunked loss on (not the fallback).
 - test_fsdp2_output_layer_*: `fully_shard` applied directly to a model (decoder layers + root) to try every place
   the output layer can sit (root group, own group, accelerate's kept-gathered tail group; tied or not; frozen or not).
 
-The 1-process references and the global batches per step are built as in tests/test_distributed.py (its module
+The 1-process references and the global batches per step are built as in tests/distributed/test_distributed.py (its module
 docstring explains how): padded and padding-free runs cover the whole 8-pair dataset every step; packed runs use the
 2-rank global grouping through `FixedGroups`.
 """
@@ -84,7 +84,7 @@ def fsdp_runs(tiny, tmp_path_factory):
                              resume_from_checkpoint=str(two / "resumed" / "checkpoint-2"), **PACKED),
     }
     (tmp / "runs.json").write_text(json.dumps(list(runs.values())))
-    launch(["--multi_gpu"], [str(ROOT / "tests/helpers/fsdp_cpu.py"), str(tmp / "runs.json"), str(tmp / "info.json")],
+    launch(["--multi_gpu"], [str(ROOT / "tests/distributed/fsdp_cpu.py"), str(tmp / "runs.json"), str(tmp / "info.json")],
            tmp / "fsdp.log")
     assert json.loads((tmp / "info.json").read_text()) == {"world_size": 2, "backend": "gloo"}
 
@@ -134,10 +134,10 @@ def test_fsdp2_trainer_resumes_from_a_sharded_checkpoint(fsdp_runs):
 
 
 def test_fsdp2_output_layer_everywhere_it_can_be_sharded(tmp_path):
-    """Forward redirection: log-probs and every gradient equal the unsharded model's (see tests/helpers/fsdp_head.py)."""
+    """Forward redirection: log-probs and every gradient equal the unsharded model's (see tests/distributed/fsdp_head.py)."""
     result = tmp_path / "head.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests/helpers/fsdp_head.py"), str(result)]
+           str(ROOT / "tests/distributed/fsdp_head.py"), str(result)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     run = run_two_processes(cmd, env)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]

@@ -1,6 +1,6 @@
 """A virtualenv that adds DeepSpeed to the test interpreter's packages, for the ZeRO-3 tests (built on first use).
 
-    python tests/helpers/deepspeed_env.py      build (or reuse) it and print its python
+    python tests/distributed/deepspeed_env.py      build (or reuse) it and print its python
 
 DeepSpeed is not a dependency of orpo-plugin, and installing it into the test interpreter would change what every
 other test imports. The venv holds only DeepSpeed (`DEEPSPEED_SPEC`, built with DS_BUILD_OPS=0: no op is compiled at

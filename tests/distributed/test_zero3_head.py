@@ -1,6 +1,6 @@
 """The output layer under a ZeRO-3-like engine, in one process: the forward redirection the trainer uses for ZeRO-3.
 
-tests/test_deepspeed.py runs the trainer under real DeepSpeed ZeRO-3 (2 CPU processes); this stand-in isolates the
+tests/distributed/test_deepspeed.py runs the trainer under real DeepSpeed ZeRO-3 (2 CPU processes); this stand-in isolates the
 redirection itself, for tied and untied embeddings and several chunk sizes, in a fraction of a second. `FakeZero3`
 reproduces what the chunked loss depends on: every parameter carries a `ds_id` and holds an empty placeholder except
 inside the forward of the module that owns it (a forward pre-hook gathers it, a post-hook frees it; a hook on the

@@ -1,6 +1,6 @@
 """The output layer under FSDP2, driven directly with `fully_shard` (no trainer): 2 gloo processes.
 
-    torchrun --nproc_per_node 2 tests/helpers/fsdp_head.py RESULT.json
+    torchrun --nproc_per_node 2 tests/distributed/fsdp_head.py RESULT.json
 
 For each case (tied or untied embeddings; the output layer in the root's group, in its own group resharded after
 forward, or in a [final norm, output layer] group kept gathered, as accelerate groups it; loss chunked over several

@@ -1,13 +1,13 @@
 """Run `orpo_plugin.cli train` under accelerate's FSDP2 plugin on CPU processes (gloo), for the tests.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/helpers/fsdp_cpu.py RUNS.json INFO.json
+    accelerate launch --multi_gpu --num_processes 2 tests/distributed/fsdp_cpu.py RUNS.json INFO.json
 
 accelerate 1.15 turns FSDP on only for GPU-type distributed setups: on CPU processes (MULTI_CPU) it ignores the
 `fsdp_plugin` transformers hands it and trains with plain DDP. This helper changes exactly that decision, in the
 test process only: when a plugin is given and the processes are CPU ones, the state becomes FSDP with that plugin.
 Everything after it is accelerate's and transformers' own code: `fsdp2_prepare_model` (`fully_shard` per decoder
 layer and on the root), the sharded optimizer, gradient clipping on DTensors, torch.distributed.checkpoint saves.
-Then it runs tests/helpers/cli_runs.py's list of training runs. After each run the main process writes
+Then it runs tests/distributed/cli_runs.py's list of training runs. After each run the main process writes
 <output_dir>/sharding.json: what the trained model looked like (FSDP2 root, output layer sharded, chunked loss on,
 gradient checkpointing on, PEFT), so a test can check that the run it compares was really sharded.
 """

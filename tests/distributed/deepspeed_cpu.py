@@ -1,11 +1,11 @@
 """Run `orpo_plugin.cli train` under accelerate's DeepSpeed plugin (ZeRO stage 2 or 3) on CPU processes, for the tests.
 
     DS_ACCELERATOR=cpu accelerate launch --config_file configs/accelerate/deepspeed-zero3.yaml --num_processes 2 \
-        tests/helpers/deepspeed_cpu.py RUNS.json INFO.json
+        tests/distributed/deepspeed_cpu.py RUNS.json INFO.json
 
 Nothing is changed in accelerate, transformers or DeepSpeed: DeepSpeed's CPU accelerator communicates over gloo
 (oneCCL is not installed), accelerate's DeepSpeed plugin builds the engine, and under ZeRO-3 transformers partitions
-the model at load time (zero.Init, `zero3_init_flag`). This helper runs tests/helpers/cli_runs.py's list of training
+the model at load time (zero.Init, `zero3_init_flag`). This helper runs tests/distributed/cli_runs.py's list of training
 runs and, after each, has the main process write <output_dir>/deepspeed.json: what the trained model looked like (a
 DeepSpeed engine and its ZeRO stage, whether every parameter was partitioned and whether it already was before the
 trainer wrapped it, the output layer's local and whole sizes, the chunked loss on, how many times the loss ran inside

@@ -8,13 +8,13 @@ accelerate's DeepSpeed plugin builds the DeepSpeedEngine; under ZeRO-3 transform
 loading it (zero.Init) and DeepSpeed gathers each module's parameters around its forward, reduce-scatters gradients
 and steps a partitioned optimizer; under ZeRO-2 the parameters stay whole and gradients and optimizer state are
 partitioned.
-tests/helpers/deepspeed_cpu.py records, per run, how the trained model was held (ZeRO stage, partitioned or not) and
+tests/distributed/deepspeed_cpu.py records, per run, how the trained model was held (ZeRO stage, partitioned or not) and
 that orpo_plugin's chunked loss ran (under ZeRO-3 inside the output layer's forward, by forward redirection, while the
 weight was an empty placeholder outside it). DeepSpeed comes from a venv built on first use by
-tests/helpers/deepspeed_env.py (DeepSpeed only, over this interpreter's packages); without it these tests skip, or
+tests/distributed/deepspeed_env.py (DeepSpeed only, over this interpreter's packages); without it these tests skip, or
 fail when ORPO_REQUIRE_INTEGRATION=1 (CI).
 
-The 1-process references and the global batches per step are built as in tests/test_distributed.py (its module
+The 1-process references and the global batches per step are built as in tests/distributed/test_distributed.py (its module
 docstring explains how): padded and padding-free runs cover the whole 8-pair dataset every step; packed runs use the
 2-rank global grouping through `FixedGroups`. Gradient checkpointing is on in every run (the default a user gets).
 """
@@ -33,7 +33,7 @@ from orpo_plugin import cli
 from test_distributed import FixedGroups, ROOT, base_args, free_port, run_two_processes, tiny  # noqa: F401
 from test_fsdp import CHECKPOINTING, LORA, PACKED, assert_same_steps, steps
 
-sys.path.insert(0, str(ROOT / "tests" / "helpers"))
+sys.path.insert(0, str(ROOT / "tests" / "distributed"))
 from deepspeed_env import DeepSpeedUnavailable, deepspeed_python  # noqa: E402
 
 REQUIRED = os.environ.get("ORPO_REQUIRE_INTEGRATION") == "1"
@@ -54,7 +54,7 @@ def ds_python() -> Path:
     try:
         return deepspeed_python()
     except (DeepSpeedUnavailable, OSError) as err:
-        reason = f"no DeepSpeed venv (tests/helpers/deepspeed_env.py): {err}"
+        reason = f"no DeepSpeed venv (tests/distributed/deepspeed_env.py): {err}"
         if REQUIRED:
             pytest.fail(f"{reason} (ORPO_REQUIRE_INTEGRATION=1)")
         pytest.skip(reason)
@@ -73,7 +73,7 @@ def launch(tiny, ds_python, stage, names, tmp):
     (tmp / "runs.json").write_text(json.dumps(runs))
     cmd = [str(ds_python), "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS[stage]),
            "--num_processes", "2", "--main_process_port", str(free_port()),
-           str(ROOT / "tests/helpers/deepspeed_cpu.py"), str(tmp / "runs.json"), str(tmp / "info.json")]
+           str(ROOT / "tests/distributed/deepspeed_cpu.py"), str(tmp / "runs.json"), str(tmp / "info.json")]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
     run = run_two_processes(cmd, env)
