@@ -230,7 +230,6 @@ def unique_prompts(pairs, limit: int | None = None) -> list[list[int]]:
     return prompts
 
 
-@torch.no_grad()
 def sample_responses(
     model,
     tokenizer,
@@ -244,35 +243,12 @@ def sample_responses(
     """`num_samples` responses per prompt (token ids), sampled from the full distribution at `temperature`.
 
     No top-k/top-p truncation, whatever the model's generation config says: diversity is measured on the model's
-    own distribution. Returns the decoded responses (special tokens removed), one list per prompt.
+    own distribution. A response ends at EOS, the chat template's end of turn or the model's configured EOS
+    (`generation.generate`), so it is the text the model was trained to produce. Returns the decoded responses
+    (special tokens removed), one list per prompt.
     """
-    from tqdm.auto import tqdm
+    from .generation import decode_completions, generate
 
-    base = unwrap(model)
-    was_training = base.training
-    base.eval()
-    device = next(base.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    samples = []
-    try:
-        for ids in tqdm(prompts, desc="Sampling responses", disable=not progress):
-            input_ids = torch.tensor([ids], device=device)
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                num_return_sequences=num_samples,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            samples.append(tokenizer.batch_decode(out[:, len(ids) :], skip_special_tokens=True))
-    finally:
-        base.train(was_training)
-        torch.random.set_rng_state(generator_state)
-    return samples
+    completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size=num_samples, num_samples=num_samples,
+                           seed=seed, temperature=temperature, desc="Sampling responses", progress=progress)
+    return decode_completions(tokenizer, completions)

@@ -123,25 +123,6 @@ def test_judge_counts_per_kind():
     assert verdict["pass_rate"] == 0.0 and set(verdict["pass_rate_by_kind"].values()) == {0.0}
 
 
-def test_generate_left_pads_and_matches_one_by_one(tiny_folder, tiny_tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
-    prompts = [tiny_tokenizer("What color is the sky?")["input_ids"], tiny_tokenizer("Be brief.")["input_ids"]]
-    together = demo_real.generate(model, tiny_tokenizer, prompts, max_new_tokens=6, batch_size=8, quiet=True)
-    alone = [demo_real.generate(model, tiny_tokenizer, [p], max_new_tokens=6, batch_size=8, quiet=True)[0]
-             for p in prompts]
-    assert together == alone
-    sampled = demo_real.generate(model, tiny_tokenizer, prompts, 6, 8, num_samples=3, seed=0, quiet=True)
-    assert [len(s) for s in sampled] == [3, 3]
-    assert sampled == demo_real.generate(model, tiny_tokenizer, prompts, 6, 8, num_samples=3, seed=0, quiet=True)
-    torch.manual_seed(5)
-    untouched = torch.rand(4)
-    torch.manual_seed(5)
-    demo_real.generate(model, tiny_tokenizer, prompts, 6, 8, num_samples=3, seed=0, quiet=True)
-    assert torch.equal(torch.rand(4), untouched), "sampling must leave the caller's random state as it was"
-
-
 def test_gradient_checkpointing_on_trains_the_same_steps(tiny_folder, tmp_path):
     """The demo turns checkpointing off on a CPU (a speed choice, README); the trainer's default, on, gives the same
     training: the same loss and log-probs at every step."""

@@ -307,3 +307,56 @@ def test_minilm_embedder_from_eval_extra(saved, tmp_path):
     assert _run(argv) == 0
     div = json.loads(out.read_text())["diversity"]
     assert div["embedder"] == path and -1.0 <= div["pid"] <= 1.0
+
+
+def _markov_model(tokenizer, chain: dict[int, int], seed: int = 0):
+    """A one-layer Llama whose next token depends only on the current one: `chain[token]` wins by a wide margin.
+
+    Attention and MLP write nothing (o_proj, down_proj zero), so the last hidden state is the token's own embedding;
+    the output layer's row for `chain[t]` holds t's normalised embedding, so its logit (~hidden size) beats every other
+    (~its square root) and sampling at temperature 1 follows the chain.
+    """
+    from orpo_plugin.toy import build_model
+
+    model = build_model(len(tokenizer), hidden_size=64, num_layers=1, num_heads=4, seed=seed)
+    model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        embed = model.model.embed_tokens.weight
+        model.lm_head.weight.zero_()
+        for token, following in chain.items():
+            e = embed[token]
+            model.lm_head.weight[following] += e * (e.numel() ** 0.5 / e.norm())
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def test_eval_diversity_samples_stop_at_the_end_of_turn(saved, tmp_path):
+    """ChatML with an EOS (`<|endoftext|>`) that is not the end of turn (`<|im_end|>`), as Qwen's: the samples of
+    `orpo-plugin eval --diversity` end where the model closes its turn, not at max_new_tokens."""
+    from helpers.templates import CASES, build_template_tokenizer
+
+    case = next(c for c in CASES if c.name == "chatml-no-bos")
+    tokenizer = build_template_tokenizer(case)
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn != tokenizer.eos_token_id
+    rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": "Blue."}],
+             "rejected": [{"role": "assistant", "content": "Green."}]} for q in ("What color is the sky?", "Name a fruit.")]
+    prompt = tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=False)
+    last = ids(prompt)[-1]  # "\n" after "assistant"
+    (blue,), (one,) = ids("Blue"), ids("one")
+    # answer "Blue", close the turn, then (only if generation went on) "one" for ever
+    model = _markov_model(tokenizer, {last: blue, blue: end_of_turn, end_of_turn: one, one: one})
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    out = tmp_path / "div.json"
+    assert _run(["--model", tmp_path / "model", "--dataset", data, "--output", out, "--diversity", "--num_prompts", 2,
+                 "--num_samples", 3, "--max_new_tokens", 8, "--embedder", saved["embedder"], "--device", "cpu"]) == 0
+    samples = json.loads(out.read_text())["diversity"]["samples"]
+    assert samples == [["Blue"] * 3] * 2, samples

@@ -132,48 +132,6 @@ def load_model(path: str, settings: DemoSettings):
     return model, tokenizer
 
 
-# ----------------------------------------------------------------------------------------------- generation
-def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
-             num_samples: int = 1, seed: int | None = None, desc: str = "Generating", quiet: bool = False) -> list[list[str]]:
-    """Answers to tokenized prompts, batched with left padding: greedy when `seed` is None, else `num_samples`
-    samples per prompt at temperature 1 from the full distribution (no top-k/top-p). One list per prompt."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from ..generation import stop_token_ids
-    from ..sharded_head import unwrap
-
-    base = unwrap(model)
-    was_training = base.training
-    base.eval()
-    device = next(base.parameters()).device
-    pad = tokenizer.pad_token_id
-    stops = stop_token_ids(model, tokenizer)  # an answer ends at the template's end of turn, as trained
-    sampling = seed is not None
-    per_batch = max(1, batch_size // num_samples)
-    answers: list[list[str]] = []
-    # the caller's random state (CPU and the model's GPU) is restored afterwards: sampling here leaves training as is
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if sampling:
-            torch.manual_seed(seed)
-        try:
-            for start in tqdm(range(0, len(prompt_ids), per_batch), desc=desc, disable=quiet, leave=False):
-                chunk = prompt_ids[start : start + per_batch]
-                width = max(len(p) for p in chunk)
-                ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], device=device)
-                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-                extra = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=num_samples) \
-                    if sampling else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
-                with torch.no_grad():
-                    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                         pad_token_id=pad, eos_token_id=stops or None, use_cache=True, **extra)
-                texts = [t.strip() for t in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
-                answers += [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk))]
-        finally:
-            base.train(was_training)
-    return answers
-
-
 # ----------------------------------------------------------------------------------------------- measuring
 def judge(items: list[instructions.Item], answers: list[str]) -> dict:
     """Share of answers that obey their instruction (overall and per kind) and that contain the expected answer."""
@@ -244,18 +202,23 @@ class Measurer:
         return metrics
 
     def answers(self, model, label: str) -> list[str]:
+        from ..generation import decode_completions, generate
+
         s = self.settings
-        out = generate(model, self.tokenizer, self.prompt_ids, s.max_new_tokens, s.generation_batch_size,
-                       desc=f"Greedy answers ({label})", quiet=s.quiet)
-        return [a[0] for a in out]
+        out = generate(model, self.tokenizer, self.prompt_ids, s.max_new_tokens, batch_size=s.generation_batch_size,
+                       desc=f"Greedy answers ({label})", progress=not s.quiet)
+        return [a[0] for a in decode_completions(self.tokenizer, out, strip=True)]
 
     def diversity(self, model, label: str) -> dict:
         from ..evaluation import diversity
+        from ..generation import decode_completions, generate
 
         s = self.settings
         prompts = [self.prompt_ids[i] for i in self.diversity_index]
-        samples = generate(model, self.tokenizer, prompts, s.max_new_tokens, s.generation_batch_size,
-                           num_samples=s.diversity_samples, seed=s.seed, desc=f"Sampling ({label})", quiet=s.quiet)
+        samples = generate(model, self.tokenizer, prompts, s.max_new_tokens, batch_size=s.generation_batch_size,
+                           num_samples=s.diversity_samples, seed=s.seed, desc=f"Sampling ({label})",
+                           progress=not s.quiet)
+        samples = decode_completions(self.tokenizer, samples, strip=True)
         flat = [t for group in samples for t in group]
         emb = self.embedder().encode(flat, progress=False).reshape(len(prompts), s.diversity_samples, -1)
         result = diversity(emb)
