@@ -47,26 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model(model_path: str, adapter: str | None, device: str, dtype: str):
     """The causal LM (PEFT adapter applied when given) and its tokenizer (the adapter's when saved with it)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .model_setup import load_causal_lm, load_tokenizer
 
     for name, path in (("--model", model_path), ("--adapter", adapter)):
         if path is not None and not os.path.isdir(path):
             raise FileNotFoundError(f"{name} '{path}' is not a directory (pass a local save_pretrained directory)")
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device)
+    model = load_causal_lm(model_path, dtype, device=device, adapter=adapter, what="--dtype")
     tokenizer_dir = model_path
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).to(device)
-        if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):
-            tokenizer_dir = adapter
+    if adapter is not None and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):
+        tokenizer_dir = adapter
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, load_tokenizer(tokenizer_dir)
 
 
 def evaluate(args) -> dict:

@@ -1,5 +1,6 @@
-"""The model the trainer trains, made ready before training: loaded from a name or path (`model_init_kwargs`), a
-PEFT adapter put on (after k-bit preparation for a 4-/8-bit model), dropout turned off."""
+"""Loading a model, and making it ready before training: `load_causal_lm` (the one loader, used by the trainer for
+a name or path with `model_init_kwargs`, by `orpo-plugin eval` and by the demo), a PEFT adapter put on (after k-bit
+preparation for a 4-/8-bit model), dropout turned off."""
 
 from __future__ import annotations
 
@@ -9,16 +10,45 @@ from transformers import AutoModelForCausalLM
 from .config import ORPOConfig
 
 
-def load_model(name: str, args: ORPOConfig):
-    kwargs = dict(args.model_init_kwargs or {})
-    dtype = kwargs.get("dtype", kwargs.pop("torch_dtype", "auto"))
+def load_causal_lm(name: str, dtype="auto", device=None, adapter: str | None = None, what: str = "dtype", **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)`, moved to `device` when given, with the
+    PEFT adapter saved in the folder `adapter` applied when given.
+
+    `dtype`: "auto" (as saved), a torch dtype or its name ("bfloat16"); another name is a ValueError naming `what`.
+    """
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"model_init_kwargs.dtype: unknown dtype {dtype!r}")
+            raise ValueError(f"{what}: unknown dtype {dtype!r}")
         dtype = getattr(torch, dtype)
-    kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    if device is not None:
+        model = model.to(device)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+        if device is not None:
+            model = model.to(device)
+    return model
+
+
+def load_tokenizer(name: str, **kwargs):
+    """`AutoTokenizer.from_pretrained(name, **kwargs)`, its EOS made the pad token when it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, args: ORPOConfig):
+    """The trainer's model from a name or path, with `args.model_init_kwargs` (`torch_dtype` read as `dtype`)."""
+    kwargs = dict(args.model_init_kwargs or {})
+    dtype = kwargs.get("dtype", kwargs.pop("torch_dtype", "auto"))
+    kwargs.pop("dtype", None)
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-    return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    return load_causal_lm(name, dtype, what="model_init_kwargs.dtype", **kwargs)
 
 
 def apply_peft(model, peft_config, args: ORPOConfig):

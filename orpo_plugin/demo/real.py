@@ -102,11 +102,10 @@ def resolve_model(name: str) -> str:
 def load_model(path: str, settings: DemoSettings):
     """(model, tokenizer) from a checkpoint folder: float32 on a CPU, bf16 (or fp16) on a GPU, 4-bit on request."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    from ..model_setup import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(path)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"{path}: the tokenizer has no chat template; the demo's prompts are chat messages")
     kwargs = {}
@@ -126,10 +125,8 @@ def load_model(path: str, settings: DemoSettings):
             bnb_4bit_compute_dtype=kwargs["dtype"],
         )
         kwargs["device_map"] = {"": 0}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if torch.cuda.is_available() and not settings.load_in_4bit:
-        model = model.to("cuda")
-    return model, tokenizer
+    device = "cuda" if torch.cuda.is_available() and not settings.load_in_4bit else None
+    return load_causal_lm(path, device=device, **kwargs), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------- measuring
