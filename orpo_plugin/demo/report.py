@@ -142,40 +142,6 @@ def plot_pass_rates(result: dict, path: str) -> str:
     return path
 
 
-def plot_logps_runs(runs: list[tuple[str, list[dict], str]], path: str, title: str) -> str:
-    """Chosen (solid) and rejected (dashed) mean log-prob per step of each run, their margins below; a PNG at `path`.
-
-    `runs`: (label, logged rows with `step`, `logps/chosen`, `logps/rejected`, matplotlib colour) per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7.5, 5.6), sharex=True, height_ratios=[2, 1])
-    for name, hist, color in runs:
-        steps = [h["step"] for h in hist]
-        chosen = [h["logps/chosen"] for h in hist]
-        rejected = [h["logps/rejected"] for h in hist]
-        ax.plot(steps, chosen, color=color, label=f"{name}: chosen")
-        ax.plot(steps, rejected, color=color, ls="--", label=f"{name}: rejected")
-        ax2.plot(steps, [c - r for c, r in zip(chosen, rejected)], color=color, label=name)
-    ax.set_title(title)
-    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("mean log-prob")
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
-    ax2.axhline(0, color="grey", lw=0.8)
-    ax2.set_ylabel("chosen - rejected")
-    ax2.set_xlabel("training step")
-    ax2.legend(fontsize=8)
-    ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
 def plot_training(result: dict, path: str) -> str | None:
     """The real demo's runs: ORPO, and SFT on chosen when it ran (None when nothing was logged)."""
     runs = []
@@ -185,8 +151,10 @@ def plot_training(result: dict, path: str) -> str | None:
         runs.append(("ORPO", result["orpo_history"], "tab:blue"))
     if not runs:
         return None
+    from ..callbacks import plot_logps
+
     title = f"{model_name(result)}: mean log-prob per answer token of each training batch"
-    return plot_logps_runs(runs, path, title)
+    return plot_logps(runs, path, title)
 
 
 # ----------------------------------------------------------------------------------------------- report

@@ -134,11 +134,11 @@ def run_demo(
 
 def plot_compare(histories: dict[str, list[dict]], path: str) -> str:
     """Chosen (solid) and rejected (dashed) mean log-prob per step for each run, and their margins below."""
-    from .report import plot_logps_runs
+    from ..callbacks import plot_logps
 
     colors = {"sft": "tab:orange", "orpo": "tab:blue"}
     runs = [(mode.upper(), rows, colors.get(mode)) for mode, rows in histories.items()]
-    return plot_logps_runs(runs, path, "SFT on chosen vs ORPO: same model, same data")
+    return plot_logps(runs, path, "SFT on chosen vs ORPO: same model, same data")
 
 
 def compare_sft(
