@@ -99,13 +99,13 @@ def make_pairs(
     rows = []
     for _ in range(n):
         lp = lognormal_words(rng, spec["prompt_median"], spec["prompt_sigma"], prompt_cap)
-        lc = lognormal_words(rng, spec["response_median"], spec["response_sigma"], max_length)
-        lr = lognormal_words(rng, spec["response_median"], spec["response_sigma"], max_length)
+        chosen_words = lognormal_words(rng, spec["response_median"], spec["response_sigma"], max_length)
+        rejected_words = lognormal_words(rng, spec["response_median"], spec["response_sigma"], max_length)
         rows.append(
             {
                 "prompt": maker.text(rng, lp) + " ?",
-                "chosen": " " + maker.text(rng, lc),
-                "rejected": " " + maker.text(rng, lr),
+                "chosen": " " + maker.text(rng, chosen_words),
+                "rejected": " " + maker.text(rng, rejected_words),
             }
         )
     return rows

@@ -11,7 +11,8 @@ Three layouts, one class:
 
 Whatever the layout, the loss reads the same flat "prediction" lists: for each predicted token its flat position
 in `input_ids`, the target id, the sequence it belongs to (chosen i -> i, rejected i -> P + i, -1 for prompt
-targets), whether it counts in the NLL, and whether its logits count in the chosen/rejected mean-logit metric.
+targets), whether it counts in the NLL, and whether its logits count in the chosen/rejected mean-logit metrics
+(`logits/chosen`, `logits/rejected`). `Predictions` builds those lists, one `add` per predicted token.
 """
 
 from __future__ import annotations
@@ -21,6 +22,33 @@ from typing import Any
 import torch
 
 LAYOUTS = ("padded", "padding_free", "prefix_sharing")
+
+
+class Predictions:
+    """The flat prediction lists of a batch, one `add` per predicted token; `to_batch` writes them as tensors
+    (`pred_pos`, `pred_target`, `pred_seq`, `pred_nll`, `pred_in_logits_chosen`, `pred_in_logits_rejected`)."""
+
+    def __init__(self):
+        self.pos, self.target, self.seq, self.nll = [], [], [], []
+        self.in_logits_chosen, self.in_logits_rejected = [], []
+
+    def add(self, pos: int, target: int, seq: int, nll: bool, in_logits_chosen: bool, in_logits_rejected: bool):
+        """Position `pos` of the flat input predicts `target`, for sequence `seq` (-1: a prompt target)."""
+        self.pos.append(pos)
+        self.target.append(target)
+        self.seq.append(seq)
+        self.nll.append(nll)
+        self.in_logits_chosen.append(in_logits_chosen)
+        self.in_logits_rejected.append(in_logits_rejected)
+
+    def to_batch(self, batch: dict) -> dict:
+        batch["pred_pos"] = torch.tensor(self.pos, dtype=torch.long)
+        batch["pred_target"] = torch.tensor(self.target, dtype=torch.long)
+        batch["pred_seq"] = torch.tensor(self.seq, dtype=torch.long)
+        batch["pred_nll"] = torch.tensor(self.nll, dtype=torch.bool)
+        batch["pred_in_logits_chosen"] = torch.tensor(self.in_logits_chosen, dtype=torch.bool)
+        batch["pred_in_logits_rejected"] = torch.tensor(self.in_logits_rejected, dtype=torch.bool)
+        return batch
 
 
 class PreferenceCollator:
@@ -69,34 +97,26 @@ class PreferenceCollator:
         return self._padding_free(sequences, prompt_lens, len(features))
 
     # -- shared bookkeeping ------------------------------------------------------------------------------
-    def _predictions(self, preds, positions, ids, prompt_len, seq, chosen, logit_c, logit_r, skip_prompt=False):
-        """Append the predictions of one sequence (`positions[j]` is where ids[j] sits in the flat input)."""
+    def _add_sequence(self, preds: Predictions, positions, ids, prompt_len, seq, chosen, prompt_in_logits_rejected=False,
+                      skip_prompt=False):
+        """Add the predictions of one sequence (`positions[j]` is where ids[j] sits in the flat input): a chosen
+        sequence's count in the NLL and in `logits/chosen`, a rejected one's in `logits/rejected`.
+        `prompt_in_logits_rejected`: a shared prompt's predictions count in `logits/rejected` too (prefix sharing);
+        `skip_prompt`: the prompt's predictions were added with the chosen branch (prefix sharing)."""
         first = prompt_len - 1 if skip_prompt else 0
         for j in range(max(first, 0), len(ids) - 1):
             in_response = j + 1 >= prompt_len
-            preds["pos"].append(positions[j])
-            preds["target"].append(ids[j + 1])
-            preds["seq"].append(seq if in_response else -1)
-            preds["nll"].append(chosen and (self.nll_on_prompt or in_response))
-            preds["logit_c"].append(logit_c)
-            preds["logit_r"].append(logit_r)
+            nll = chosen and (self.nll_on_prompt or in_response)
+            in_rejected = not chosen or (prompt_in_logits_rejected and not in_response)
+            preds.add(positions[j], ids[j + 1], seq if in_response else -1, nll, chosen, in_rejected)
 
     @staticmethod
-    def _finish(batch, preds, num_pairs, real_tokens):
-        batch["pred_pos"] = torch.tensor(preds["pos"], dtype=torch.long)
-        batch["pred_target"] = torch.tensor(preds["target"], dtype=torch.long)
-        batch["pred_seq"] = torch.tensor(preds["seq"], dtype=torch.long)
-        batch["pred_nll"] = torch.tensor(preds["nll"], dtype=torch.bool)
-        batch["pred_logit_c"] = torch.tensor(preds["logit_c"], dtype=torch.bool)
-        batch["pred_logit_r"] = torch.tensor(preds["logit_r"], dtype=torch.bool)
+    def _finish(batch, preds: Predictions, num_pairs, real_tokens):
+        preds.to_batch(batch)
         batch["num_pairs"] = torch.tensor(num_pairs)
         batch["real_tokens"] = torch.tensor(real_tokens)
         batch["total_tokens"] = torch.tensor(batch["input_ids"].numel())
         return batch
-
-    @staticmethod
-    def _new_preds():
-        return {k: [] for k in ("pos", "target", "seq", "nll", "logit_c", "logit_r")}
 
     def _round_up(self, n: int) -> int:
         m = self.pad_to_multiple_of
@@ -107,13 +127,12 @@ class PreferenceCollator:
         width = self._round_up(max(len(s) for s in sequences))
         input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        preds = self._new_preds()
+        preds = Predictions()
         for row, (ids, plen) in enumerate(zip(sequences, prompt_lens)):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention_mask[row, : len(ids)] = 1
-            is_chosen = row < num_pairs
             positions = range(row * width, row * width + len(ids))
-            self._predictions(preds, positions, ids, plen, row, is_chosen, is_chosen, not is_chosen)
+            self._add_sequence(preds, positions, ids, plen, row, chosen=row < num_pairs)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         return self._finish(batch, preds, num_pairs, sum(len(s) for s in sequences))
 
@@ -130,7 +149,7 @@ class PreferenceCollator:
         input_ids = torch.full((rows, enc_width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((rows, enc_width), dtype=torch.long)
         decoder_input_ids = torch.full((rows, dec_width), self.pad_token_id, dtype=torch.long)
-        preds = self._new_preds()
+        preds = Predictions()
         for row, (p, r) in enumerate(zip(encoder, responses)):
             input_ids[row, : len(p)] = torch.tensor(p)
             attention_mask[row, : len(p)] = 1
@@ -138,12 +157,7 @@ class PreferenceCollator:
             is_chosen = row < num_pairs
             # decoder position j predicts response token j; every one is a response token (no prompt in the decoder)
             for j, target in enumerate(r):
-                preds["pos"].append(row * dec_width + j)
-                preds["target"].append(target)
-                preds["seq"].append(row)
-                preds["nll"].append(is_chosen)
-                preds["logit_c"].append(is_chosen)
-                preds["logit_r"].append(not is_chosen)
+                preds.add(row * dec_width + j, target, row, is_chosen, is_chosen, not is_chosen)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": decoder_input_ids}
         real = sum(len(p) for p in encoder) + sum(len(r) for r in responses)
         batch = self._finish(batch, preds, num_pairs, real)
@@ -152,14 +166,13 @@ class PreferenceCollator:
 
     def _padding_free(self, sequences, prompt_lens, num_pairs):
         flat, position_ids, cu = [], [], [0]
-        preds = self._new_preds()
+        preds = Predictions()
         for row, (ids, plen) in enumerate(zip(sequences, prompt_lens)):
             start = len(flat)
             flat.extend(ids)
             position_ids.extend(range(len(ids)))
             cu.append(len(flat))
-            is_chosen = row < num_pairs
-            self._predictions(preds, range(start, start + len(ids)), ids, plen, row, is_chosen, is_chosen, not is_chosen)
+            self._add_sequence(preds, range(start, start + len(ids)), ids, plen, row, chosen=row < num_pairs)
         real = len(flat)
         pad = self._round_up(real) - real
         if pad:  # one trailing filler sequence of pad tokens, never predicted
@@ -181,28 +194,20 @@ class PreferenceCollator:
     def _prefix_sharing(self, prompts, chosen, rejected):
         num_pairs = len(prompts)
         flat, position_ids, segments = [], [], []
-        preds = self._new_preds()
+        preds = Predictions()
         for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
             start = len(flat)
-            lp, lc, lr = len(p), len(c), len(r)
+            prompt_len, chosen_len, rejected_len = len(p), len(c), len(r)
             flat.extend(p + c + r)
-            position_ids.extend(list(range(lp + lc)) + list(range(lp, lp + lr)))
-            segments.append((start, lp, lc, lr))
-            prompt_pos = list(range(start, start + lp))
-            chosen_pos = prompt_pos + list(range(start + lp, start + lp + lc))
-            rejected_pos = prompt_pos + list(range(start + lp + lc, start + lp + lc + lr))
-            # chosen predictions; prompt-internal ones also stand for the rejected branch's mean logit
-            for j in range(0, lp + lc - 1):
-                in_response = j + 1 >= lp
-                preds["pos"].append(chosen_pos[j])
-                preds["target"].append((p + c)[j + 1])
-                preds["seq"].append(i if in_response else -1)
-                preds["nll"].append(self.nll_on_prompt or in_response)
-                preds["logit_c"].append(True)
-                preds["logit_r"].append(j < lp - 1)
-            self._predictions(
-                preds, rejected_pos, p + r, lp, num_pairs + i, False, False, True, skip_prompt=True
-            )
+            position_ids.extend(list(range(prompt_len + chosen_len)) + list(range(prompt_len, prompt_len + rejected_len)))
+            segments.append((start, prompt_len, chosen_len, rejected_len))
+            prompt_pos = list(range(start, start + prompt_len))
+            chosen_pos = prompt_pos + list(range(start + prompt_len, start + prompt_len + chosen_len))
+            rejected_start = start + prompt_len + chosen_len
+            rejected_pos = prompt_pos + list(range(rejected_start, rejected_start + rejected_len))
+            # the prompt's predictions, computed once, also stand for the rejected branch's in `logits/rejected`
+            self._add_sequence(preds, chosen_pos, p + c, prompt_len, i, chosen=True, prompt_in_logits_rejected=True)
+            self._add_sequence(preds, rejected_pos, p + r, prompt_len, num_pairs + i, chosen=False, skip_prompt=True)
         real = len(flat)
         pad = self._round_up(real) - real
         if pad:
@@ -222,8 +227,8 @@ class PreferenceCollator:
 
 def pair_cost(feature: dict[str, Any], layout: str) -> int:
     """Tokens a pair occupies in a layout (what packing budgets)."""
-    lp = len(feature["prompt_input_ids"])
-    lc, lr = len(feature["chosen_input_ids"]), len(feature["rejected_input_ids"])
+    prompt_len = len(feature["prompt_input_ids"])
+    responses_len = len(feature["chosen_input_ids"]) + len(feature["rejected_input_ids"])
     if layout == "prefix_sharing":
-        return lp + lc + lr
-    return 2 * lp + lc + lr
+        return prompt_len + responses_len
+    return 2 * prompt_len + responses_len

@@ -137,7 +137,7 @@ def orpo_forward(
     nll_sum = -token_logps[nll_mask].sum()
     out = orpo_loss(chosen_logps, rejected_logps, nll_sum, nll_tokens, beta, total_pairs, total_nll_tokens)
     vocab = head.vocab_size
-    lc, lr = batch["pred_logit_c"], batch["pred_logit_r"]
+    in_logits_chosen, in_logits_rejected = batch["pred_in_logits_chosen"], batch["pred_in_logits_rejected"]
     with torch.no_grad():
         c, r = chosen_logps.detach().float(), rejected_logps.detach().float()
         sums = {
@@ -149,10 +149,10 @@ def orpo_forward(
             "log_odds_chosen": out.log_odds.detach().sum(),
             "nll_sum": nll_sum.detach().float(),
             "nll_tokens": torch.tensor(float(nll_tokens)),
-            "logits_chosen_sum": logit_sums[lc].sum(),
-            "logits_chosen_count": torch.tensor(float(lc.sum()) * vocab),
-            "logits_rejected_sum": logit_sums[lr].sum(),
-            "logits_rejected_count": torch.tensor(float(lr.sum()) * vocab),
+            "logits_chosen_sum": logit_sums[in_logits_chosen].sum(),
+            "logits_chosen_count": torch.tensor(float(in_logits_chosen.sum()) * vocab),
+            "logits_rejected_sum": logit_sums[in_logits_rejected].sum(),
+            "logits_rejected_count": torch.tensor(float(in_logits_rejected.sum()) * vocab),
             "real_tokens": batch["real_tokens"].float(),
             "total_tokens": batch["total_tokens"].float(),
         }

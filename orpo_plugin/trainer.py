@@ -145,7 +145,8 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
                 eval_dataset, self.data_stats["eval"] = prepare_dataset(eval_dataset, name="eval", **prep)
 
         self.beta = args.beta
-        self._norm: tuple[float, float] | None = None
+        # (pairs, NLL tokens) of the optimizer step's whole batch per rank: what each micro-batch's loss is divided by
+        self._loss_totals: tuple[float, float] | None = None
         self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._steps_since_log = 0
         self._packed_sampler: PackedBatchSampler | None = None
@@ -293,7 +294,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
             totals = self.accelerator.reduce(totals, reduction="sum")
         world = self.accelerator.num_processes
         # DDP averages gradients over ranks, so each rank normalises by (global total / world size)
-        self._norm = (totals[0].item() / world, totals[1].item() / world)
+        self._loss_totals = (totals[0].item() / world, totals[1].item() / world)
         self._steps_since_log += 1
         return batches, totals[1]
 
@@ -306,7 +307,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._check_batch(inputs)
-        total_pairs, total_tokens = self._norm if (self._norm and model.training) else (None, None)
+        total_pairs, total_tokens = self._loss_totals if (self._loss_totals and model.training) else (None, None)
         if self._verify_head_on_first_step:
             self._verify_head_now(model)
         # autocast around the whole computation, not only the model's forward (where accelerate puts it): the
