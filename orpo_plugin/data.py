@@ -12,8 +12,9 @@ identical to rejected, a prompt that alone fills `max_length`) are dropped, coun
 Pairs longer than `max_length` are fitted as TRL's DPO did: a prompt longer than `max_prompt_length` is cut first
 (`truncation_mode` "keep_end" keeps its latest tokens, BOS staying first; "keep_start" its first ones), then the
 responses. Without `max_prompt_length` the result is TRL ORPO's (responses cut) except for a prompt that alone fills
-`max_length`: it is cut to half of `max_length` instead of leaving nothing to score. Encoder-decoder pairs keep the prompt as encoder input and the responses as decoder labels (TRL's
-tokenization: the tokenizer's own special tokens, responses cut to `max_completion_length`).
+`max_length`: it is cut to half of `max_length` instead of leaving nothing to score. Encoder-decoder pairs keep the
+prompt as encoder input and the responses as decoder labels (TRL's tokenization: the tokenizer's own special tokens,
+responses cut to `max_completion_length`).
 """
 
 from __future__ import annotations
@@ -415,8 +416,10 @@ def prepare_dataset(
     """Validate, render and tokenize a preference dataset; drop and count unusable pairs. Returns (dataset, stats).
 
     Already-tokenized datasets (with the three id columns) are only checked, truncated and dropped like text rows.
-    `max_prompt_length=None` never cuts a prompt (the trainer passes its resolved default). With `encoder_decoder`
-    the prompt is the encoder input and `max_length` does not apply (as in TRL).
+    Pairs longer than `max_length` are fitted by `fit_pair`: with `max_prompt_length=None` (the config's default)
+    only responses are cut, except a prompt that alone fills `max_length`, which is cut to half of it; with a value,
+    a long prompt is cut to it first. With `encoder_decoder` the prompt is the encoder input, `max_length` does not
+    apply and `max_prompt_length` limits the encoder input (as in TRL).
     """
     from datasets import Dataset, Features, Sequence, Value
 
