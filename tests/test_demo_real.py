@@ -124,7 +124,7 @@ def test_judge_counts_per_kind():
 
 
 def test_gradient_checkpointing_on_trains_the_same_steps(tiny_folder, tmp_path):
-    """The demo turns checkpointing off on a CPU (a speed choice, README); the trainer's default, on, gives the same
+    """The demo turns checkpointing off on a CPU (a speed choice, docs/demo.md); the trainer's default, on, gives the same
     training: the same loss and log-probs at every step."""
     off = _demo(tiny_folder, tmp_path / "off")
     on = _demo(tiny_folder, tmp_path / "on", "--gradient_checkpointing", "on")

@@ -94,7 +94,7 @@ def test_matches_trl_loss_metrics_and_grads(tok):
 
 
 def test_conversational_rows_match_trl_on_our_ids_and_differ_only_by_the_second_eos(tok):
-    """TRL appends EOS after the template's end-of-turn token; we do not (item 1 of the README's differences). On our
+    """TRL appends EOS after the template's end-of-turn token; we do not (docs/differences-from-trl.md). On our
     ids, TRL's trainer computes the same loss, metrics and gradients; TRL's own ids are ours plus that EOS."""
     from orpo_plugin.data import prepare_dataset
 

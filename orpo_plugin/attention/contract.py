@@ -1,5 +1,5 @@
 """The attention-keyword contract: what each keyword transformers passes to an attention function means, which
-path honours it (`SUPPORTED_BY`, the source of the README's table), and `read_features`, which every path calls."""
+path honours it (`SUPPORTED_BY`, the source of the table in docs/layouts.md), and `read_features`, which every path calls."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ _INERT = {
     "return_dict", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "prefix_segments",
     "kernel_options",
 }
-# Where each feature can run with a padding-free row (shown in refusals and the README's table).
+# Where each feature can run with a padding-free row (shown in refusals and the table in docs/layouts.md).
 SUPPORTED_BY = {
     "sliding_window": "orpo_sdpa (sdpa/eager models), orpo_flex (flex_attention), orpo_flash (flash-attn) and "
     "orpo_varlen (torch varlen_attn with window_size)",

@@ -116,7 +116,7 @@ def load_model(path: str, settings: DemoSettings):
     if settings.load_in_4bit:
         if not torch.cuda.is_available():
             # bitsandbytes repacks 4-bit weights on a CPU's first eval-mode forward (the demo's measurement before
-            # training), and the trainer then refuses to train them (see the README's QLoRA notes)
+            # training), and the trainer then refuses to train them (see docs/training.md, QLoRA)
             raise ValueError("--load_in_4bit needs a CUDA GPU in the demo; on a CPU use --lora or full fine-tuning")
         from transformers import BitsAndBytesConfig
 

@@ -1,7 +1,7 @@
 """TRL's ORPOTrainer on token ids prepared by orpo_plugin, for parity where the two tokenize differently.
 
 TRL appends EOS after a chat turn that already ends with the template's end-of-turn token (`<|im_end|>\\n</s>`);
-orpo_plugin does not (README, differences from TRL). To compare the training computation itself, TRL is handed our
+orpo_plugin does not (docs/differences-from-trl.md). To compare the training computation itself, TRL is handed our
 ids: its `tokenize_row` is replaced by one that lays out rows carrying `prompt_input_ids`, `chosen_input_ids` and
 `rejected_input_ids` (ours: responses only) in TRL's own format (prompt + response, labels -100 on the prompt).
 """
