@@ -238,7 +238,7 @@ def make_chat_pairs(n: int, tokenizer, max_length: int, seed: int = 0) -> list[d
 
 
 # ------------------------------------------------------------------------------------------- real models
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pretrained_path(name: str):
     """The cached checkpoint folder of an `orpo_plugin.pretrained` model (converted once from its GGUF package)."""
     from orpo_plugin import pretrained

@@ -182,9 +182,8 @@ def model_and_tokenizer(opts):
 
 
 def build_trainer(method: str, opts, steps: int, callbacks, meter, out: str, cuda: bool, losses=None):
-    import datasets
-
     import common
+    import datasets
 
     kind, fields = METHODS[method]
     model, tokenizer, maker = model_and_tokenizer(opts)

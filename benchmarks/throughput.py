@@ -453,7 +453,7 @@ def main(argv=None) -> int:
     rows_out = []
     for m in methods:
         mine = [x for x in runs if x["method"] == m]
-        med = lambda key: common.median([x[key] for x in mine])  # noqa: E731
+        med = lambda key, mine=mine: common.median([x[key] for x in mine])  # noqa: E731
         rows_out.append(
             [
                 m,

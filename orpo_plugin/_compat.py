@@ -33,7 +33,7 @@ def bf16_left_unset(args) -> bool:
     return args.bf16 is None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def forward_accepts(cls: type, name: str) -> bool:
     """Whether `cls.forward` takes the keyword `name` (transformers' models gained `logits_to_keep` release by
     release, and remote-code models may lack it)."""

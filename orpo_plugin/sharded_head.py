@@ -42,7 +42,7 @@ class OutputHead:
     vocab_size: int = 0  # from the config: a sharded (ZeRO-3) weight may be an empty placeholder
 
     @classmethod
-    def of(cls, model) -> "OutputHead":
+    def of(cls, model) -> OutputHead:
         base = unwrap(model)
         module = base.get_output_embeddings()
         if module is None:

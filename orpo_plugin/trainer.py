@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, TrainerCallback, set_seed
 
 from . import attention
 from ._compat import BaseTrainer
+from .bnb_cpu import CPU4BitGuardMixin, cpu_4bit_layers, training_weight_layout
 from .chunked import default_chunk_size
 from .collators import PreferenceCollator, pair_cost
 from .config import ORPOConfig
@@ -22,7 +23,6 @@ from .data import prepare_dataset
 from .generation import EvalGenerationsMixin
 from .model_card import ModelCardMixin
 from .model_setup import apply_peft, disable_dropout_in_model, load_model
-from .bnb_cpu import CPU4BitGuardMixin, cpu_4bit_layers, training_weight_layout
 from .modeling import metrics_from_sums, orpo_forward
 from .packing import PackedBatchSampler
 from .sharded_head import OutputHead, sharded_head_owner, unwrap

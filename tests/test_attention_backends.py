@@ -11,6 +11,8 @@ import logging
 
 import pytest
 import torch
+from helpers.models import build
+from test_attention import CU, SEGMENTS, block_diagonal, dense_reference, qkv
 
 from orpo_plugin import attention
 from orpo_plugin.attention import (
@@ -21,9 +23,6 @@ from orpo_plugin.attention import (
     varlen_arguments,
     varlen_reference,
 )
-
-from helpers.models import build
-from test_attention import CU, SEGMENTS, block_diagonal, dense_reference, qkv
 
 CALLS: list = []
 

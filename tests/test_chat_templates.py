@@ -11,12 +11,11 @@ import json
 
 import pytest
 import torch
+from helpers.messages import assistant, system, user  # tests/helpers
+from helpers.templates import CASES, assert_rendering, build_template_tokenizer  # tests/helpers
 
 from orpo_plugin import data
 from orpo_plugin.data import end_of_turn_ids, load_preference_dataset, prepare_dataset
-
-from helpers.messages import assistant, system, user  # tests/helpers
-from helpers.templates import CASES, assert_rendering, build_template_tokenizer  # tests/helpers
 
 SKY, FRUIT = "What color is the sky?", "Name a fruit."
 HISTORY = [user("Is fire hot?"), assistant("Yes."), user(SKY)]

@@ -6,6 +6,7 @@ import json
 
 import datasets
 import pytest
+from helpers.messages import assistant, system, user  # tests/helpers
 
 from orpo_plugin import data
 from orpo_plugin.data import (
@@ -17,8 +18,6 @@ from orpo_plugin.data import (
     read_jsonl,
     row_to_text,
 )
-
-from helpers.messages import assistant, system, user  # tests/helpers
 
 SKY = "What color is the sky?"
 FIRE = "Q: Is fire hot?"

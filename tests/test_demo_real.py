@@ -62,8 +62,6 @@ def test_lora_trains_an_adapter(tiny_folder, tmp_path):
 
 
 def test_four_bit_needs_a_gpu(tiny_folder, tmp_path):
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU refusal")
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
@@ -95,8 +93,6 @@ def test_settings_that_could_only_fail_later_are_refused_at_once(tmp_path, optio
 
 
 def test_the_demo_leaves_the_process_thread_count_as_it_found_it(tiny_folder, tmp_path):
-    import torch
-
     before = torch.get_num_threads()
     _demo(tiny_folder, tmp_path, "--threads", "1")
     assert torch.get_num_threads() == before

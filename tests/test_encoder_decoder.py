@@ -7,11 +7,10 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
+from helpers.pairs import METRICS, ROWS  # tests/helpers
 
 from orpo_plugin import ORPOConfig, ORPOTrainer
 from orpo_plugin.toy import build_tokenizer
-
-from helpers.pairs import METRICS, ROWS  # tests/helpers
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +65,8 @@ def step(trainer, batch):
 @pytest.mark.parametrize("build", [t5, bart], ids=["t5", "bart"])
 @pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no-checkpointing"])
 def test_matches_trl_loss_metrics_and_grads(tok, build, checkpointing):
-    from trl.experimental.orpo import ORPOConfig as TRLConfig, ORPOTrainer as TRLTrainer
+    from trl.experimental.orpo import ORPOConfig as TRLConfig
+    from trl.experimental.orpo import ORPOTrainer as TRLTrainer
 
     model = build(len(tok))
     kw = dict(gradient_checkpointing=checkpointing)

@@ -7,12 +7,11 @@ import os
 import re
 
 import pytest
+from helpers.stubs import StubTokenizer  # tests/helpers
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from orpo_plugin.data import COLUMNS, end_of_turn_ids, prepare_dataset
-
-from helpers.stubs import StubTokenizer  # tests/helpers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

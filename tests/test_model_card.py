@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 
 import yaml
+from helpers.stubs import StubTokenizer  # tests/helpers
 
 from orpo_plugin import ORPOConfig, ORPOTrainer
 from orpo_plugin.toy import build_model
-
-from helpers.stubs import StubTokenizer  # tests/helpers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

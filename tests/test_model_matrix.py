@@ -11,10 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
+from helpers.models import MODEL_NAMES, WINDOW, build
 
 from orpo_plugin import ORPOConfig, ORPOTrainer
-
-from helpers.models import MODEL_NAMES, WINDOW, build
 
 ROWS = [
     {"prompt": "name a fruit that you like to eat:", "chosen": " apple banana pear", "rejected": " dog cat"},
@@ -94,7 +93,7 @@ def padded_reference(name, tok):
 CASES = [(layout, ckpt) for layout in LAYOUTS for ckpt in (True, False) if layout != "padded" or ckpt]
 
 
-@pytest.mark.parametrize("layout,checkpointing", CASES, ids=[f"{l}-{'ckpt' if c else 'no-ckpt'}" for l, c in CASES])
+@pytest.mark.parametrize("layout,checkpointing", CASES, ids=[f"{layout}-{'ckpt' if c else 'no-ckpt'}" for layout, c in CASES])
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_layout_equals_padded(name, layout, checkpointing, tok):
     ours = train_step(name, tok, gradient_checkpointing=checkpointing, **LAYOUTS[layout])
@@ -113,7 +112,8 @@ def test_reentrant_checkpointing(name, layout, tok):
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_padded_equals_trl(name, tok):
-    from trl.experimental.orpo import ORPOConfig as TRLConfig, ORPOTrainer as TRLTrainer
+    from trl.experimental.orpo import ORPOConfig as TRLConfig
+    from trl.experimental.orpo import ORPOTrainer as TRLTrainer
 
     theirs = train_step(name, tok, TRLTrainer, TRLConfig, gradient_checkpointing=False)
     assert_close(padded_reference(name, tok), theirs)

@@ -15,11 +15,10 @@ import random
 
 import pytest
 from datasets import Dataset
+from helpers.stubs import StubTokenizer  # tests/helpers
 
 from orpo_plugin import ORPOConfig, ORPOTrainer
 from orpo_plugin.toy import build_model
-
-from helpers.stubs import StubTokenizer  # tests/helpers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

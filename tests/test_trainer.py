@@ -10,13 +10,12 @@ import random
 import pytest
 import torch
 from datasets import Dataset
+from helpers.pairs import METRICS, ROWS  # tests/helpers
+from helpers.stubs import StubTokenizer  # tests/helpers
 
 from orpo_plugin import ORPOConfig, ORPOTrainer
 from orpo_plugin.collators import PreferenceCollator
 from orpo_plugin.toy import build_model, build_tokenizer
-
-from helpers.pairs import METRICS, ROWS  # tests/helpers
-from helpers.stubs import StubTokenizer  # tests/helpers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,7 +61,8 @@ def one_step(trainer_cls, config_cls, model, tok, rows, **kw):
 
 
 def trl_step(model, tok, rows, trainer_cls=None, **kw):
-    from trl.experimental.orpo import ORPOConfig as TRLConfig, ORPOTrainer as TRLTrainer
+    from trl.experimental.orpo import ORPOConfig as TRLConfig
+    from trl.experimental.orpo import ORPOTrainer as TRLTrainer
 
     TRLTrainer = trainer_cls or TRLTrainer
     t = TRLTrainer(model=model, args=TRLConfig(**config(**kw)), train_dataset=Dataset.from_list(rows), processing_class=tok)
@@ -96,9 +96,9 @@ def test_matches_trl_loss_metrics_and_grads(tok):
 def test_conversational_rows_match_trl_on_our_ids_and_differ_only_by_the_second_eos(tok):
     """TRL appends EOS after the template's end-of-turn token; we do not (docs/differences-from-trl.md). On our
     ids, TRL's trainer computes the same loss, metrics and gradients; TRL's own ids are ours plus that EOS."""
-    from orpo_plugin.data import prepare_dataset
-
     from helpers.trl_ref import pretokenized_trl_trainer, trl_rows  # tests/helpers
+
+    from orpo_plugin.data import prepare_dataset
 
     model = build_model(len(tok), hidden_size=32, num_layers=2)
     ours = one_step(ORPOTrainer, ORPOConfig, copy.deepcopy(model), tok, CONV_ROWS)
@@ -106,7 +106,8 @@ def test_conversational_rows_match_trl_on_our_ids_and_differ_only_by_the_second_
     theirs = trl_step(copy.deepcopy(model), tok, trl_rows(prepared), trainer_cls=pretokenized_trl_trainer())
     assert_same(ours, theirs)
 
-    from trl.experimental.orpo import ORPOConfig as TRLConfig, ORPOTrainer as TRLTrainer
+    from trl.experimental.orpo import ORPOConfig as TRLConfig
+    from trl.experimental.orpo import ORPOTrainer as TRLTrainer
 
     trl_ds = TRLTrainer(model=copy.deepcopy(model), args=TRLConfig(**config()), train_dataset=Dataset.from_list(CONV_ROWS),
                         processing_class=tok).train_dataset

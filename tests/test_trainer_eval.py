@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from helpers.stubs import StubTokenizer  # tests/helpers
 
 from orpo_plugin import ORPOConfig, ORPOTrainer
 from orpo_plugin.toy import build_model, build_tokenizer
-
-from helpers.stubs import StubTokenizer  # tests/helpers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -57,7 +56,8 @@ def unpadded_rows(tok):
 
 
 def test_compute_metrics_gets_what_trl_gives_it(tok, tmp_path):
-    from trl.experimental.orpo import ORPOConfig as TRLConfig, ORPOTrainer as TRLTrainer
+    from trl.experimental.orpo import ORPOConfig as TRLConfig
+    from trl.experimental.orpo import ORPOTrainer as TRLTrainer
 
     rows = unpadded_rows(tok)
     model = build_model(len(tok), hidden_size=32, num_layers=2)
@@ -71,10 +71,10 @@ def test_compute_metrics_gets_what_trl_gives_it(tok, tmp_path):
         results[name] = (t.evaluate(), recorder.calls)
     (ours, our_calls), (trl, trl_calls) = results["ours"], results["trl"]
     assert len(our_calls) == len(trl_calls) == 1
-    (p, l), (tp, tl) = our_calls[0], trl_calls[0]
-    assert p.shape == tp.shape == (4,) and l.shape == tl.shape == (4,)  # [chosen, rejected] per batch of 2 pairs
+    (p, labels), (tp, trl_labels) = our_calls[0], trl_calls[0]
+    assert p.shape == tp.shape == (4,) and labels.shape == trl_labels.shape == (4,)  # [chosen, rejected] per 2 pairs
     np.testing.assert_allclose(p, tp, atol=1e-5)
-    assert (l == 0).all() and (tl == 0).all()
+    assert (labels == 0).all() and (trl_labels == 0).all()
     for key in ("eval_n_predictions", "eval_mean_prediction", "eval_loss", "eval_logits/chosen"):
         assert ours[key] == pytest.approx(trl[key], abs=1e-5), key
 

@@ -35,9 +35,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/common.py
 
-import torch  # noqa: E402
-
 import common  # noqa: E402
+import torch  # noqa: E402
 
 # bf16 on the GPU: a loss within 1 % and gradients within 5 % (relative L2 over all parameters) of the padded run;
 # the two runs differ in kernels and summation order, each rounding at bf16's 8-bit mantissa. float32 (dry run): 1e-4.

@@ -79,7 +79,7 @@ def make_type_rows(name: str, n: int, seed: int) -> list[dict]:
         question, (good, bad) = sentence(), pair()
         system = "You are a careful and helpful assistant." if i % 2 == 0 else ""
         user = {"role": "user", "content": question}
-        turn = lambda answer: [user, {"role": "assistant", "content": answer}]  # noqa: E731
+        turn = lambda answer, user=user: [user, {"role": "assistant", "content": answer}]  # noqa: E731
         if fn == "default" and module in ("chatml", "llama3"):
             # the prompt/chosen/rejected keys this strategy also accepts: question + *_response, or instruction
             keys = ("question", "chosen_response", "rejected_response") if module == "chatml" else (

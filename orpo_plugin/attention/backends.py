@@ -55,7 +55,7 @@ def model_features(model) -> set:
         if not (hasattr(m, "scaling") and hasattr(m, "is_causal")):
             continue
         config = getattr(m, "config", None)
-        window = getattr(m, "sliding_window") if hasattr(m, "sliding_window") else getattr(config, "sliding_window", None)
+        window = m.sliding_window if hasattr(m, "sliding_window") else getattr(config, "sliding_window", None)
         if window is not None:
             found.add("sliding_window")
         if hasattr(m, "attn_logit_softcapping"):
@@ -185,7 +185,7 @@ def register(name: str = ATTENTION_NAME) -> str:
     return name
 
 
-_configs_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_configs_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _configs_of(model) -> dict:

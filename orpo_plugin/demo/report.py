@@ -6,7 +6,6 @@ import os
 
 from . import instructions
 
-
 NAMES = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma 3 270M"}
 
 
@@ -52,8 +51,8 @@ def side_by_side(result: dict, per_kind: int = 1, width: int | None = None) -> l
         shown[item["kind"]] = shown.get(item["kind"], 0) + 1
         before, after = result["before"]["answers"][i], result["after"]["answers"][i]
 
-        def mark(text: str) -> str:
-            ok = "ok" if instructions.check(item["kind"], text) else "x"
+        def mark(text: str, kind: str = item["kind"]) -> str:
+            ok = "ok" if instructions.check(kind, text) else "x"
             text = " ".join(text.split())
             if width and len(text) > width:
                 text = text[: width - 1] + "…"
@@ -254,7 +253,7 @@ def terminal(result: dict) -> str:
     out = ["", f"{'':{w}}  {'before':>12}  {'after':>12}"]
     out += [f"{m:{w}}  {b:>12}  {a:>12}" for m, b, a in rows]
     out += ["", "Held-out answers, before -> after ([ok] obeys the instruction):"]
-    for kind, prompt, before, after in side_by_side(result, per_kind=1, width=70):
+    for _kind, prompt, before, after in side_by_side(result, per_kind=1, width=70):
         out += [f"  {prompt}", f"    before: {before}", f"    after:  {after}"]
     comp = compare_lines(result)
     if comp:

@@ -27,11 +27,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_distributed import ROOT, FixedGroups, base_args, free_port, run_two_processes
+from test_fsdp import CHECKPOINTING, LORA, PACKED, assert_same_steps, steps
 
 from orpo_plugin import cli
-
-from test_distributed import FixedGroups, ROOT, base_args, free_port, run_two_processes, tiny  # noqa: F401
-from test_fsdp import CHECKPOINTING, LORA, PACKED, assert_same_steps, steps
 
 sys.path.insert(0, str(ROOT / "tests" / "distributed"))
 from deepspeed_env import DeepSpeedUnavailable, deepspeed_python  # noqa: E402

@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from test_distributed import (
+    ROOT,
+    FixedGroups,
+    base_args,
+    free_port,
+    launch,
+    logged,
+    run_two_processes,
+)
 
 from orpo_plugin import cli
-
-from test_distributed import (  # noqa: F401
-    FixedGroups, ROOT, TIMEOUT, base_args, free_port, launch, logged, run_two_processes, tiny,
-)
 
 FSDP = {
     "fsdp": "full_shard auto_wrap",

@@ -8,7 +8,6 @@ package fails these tests (ModuleNotFoundError naming the pip command); nothing 
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session")

@@ -12,14 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-
-from orpo_plugin import ORPOConfig, ORPOTrainer
-from orpo_plugin.data import prepare_dataset
-
 from helpers.messages import assistant, user  # tests/helpers
 from helpers.pairs import METRICS  # tests/helpers
 from helpers.real import args, grad_diff, load, one_step  # tests/helpers
 from helpers.trl_ref import pretokenized_trl_trainer, trl_rows  # tests/helpers
+
+from orpo_plugin import ORPOConfig, ORPOTrainer
+from orpo_plugin.data import prepare_dataset
 
 LAYOUTS = {
     "padding_free": dict(padding_free=True),
@@ -118,7 +117,8 @@ def test_layout_equals_padded(model_case, layout):
 
 
 def test_padded_equals_trl(model_case):
-    from trl.experimental.orpo import ORPOConfig as TRLConfig, ORPOTrainer as TRLTrainer
+    from trl.experimental.orpo import ORPOConfig as TRLConfig
+    from trl.experimental.orpo import ORPOTrainer as TRLTrainer
 
     name, path, tok, rows, out, padded = model_case
     if name == "smollm2":  # chat rows: TRL on our ids (TRL's own add `<|im_end|>` after `<|im_end|>\n`)

@@ -10,11 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from orpo_plugin.data import end_of_turn_ids, prepare_dataset
-
 from helpers.messages import assistant, system, user  # tests/helpers
 from helpers.templates import assert_rendering  # tests/helpers
+
+from orpo_plugin.data import end_of_turn_ids, prepare_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 

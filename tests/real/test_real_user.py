@@ -17,11 +17,10 @@ import sys
 
 import torch
 from datasets import Dataset
-
-from orpo_plugin import ORPOConfig, ORPOTrainer
-
 from helpers.messages import assistant, user  # tests/helpers
 from helpers.real import args  # tests/helpers
+
+from orpo_plugin import ORPOConfig, ORPOTrainer
 
 PAIRS = [
     ("What is the capital of France?", "The capital of France is Paris.", "I like bread."),

@@ -8,14 +8,12 @@ and 16-token chunks (logits recomputed chunk by chunk in backward).
 from __future__ import annotations
 
 import pytest
-import torch
 from datasets import Dataset
+from helpers.pairs import METRICS  # tests/helpers
+from helpers.real import args, load, one_step  # tests/helpers
 
 from orpo_plugin import ORPOConfig, ORPOTrainer
 from orpo_plugin.chunked import default_chunk_size
-
-from helpers.pairs import METRICS  # tests/helpers
-from helpers.real import args, load, one_step  # tests/helpers
 
 ROWS = [
     {"prompt": "Name a fruit that grows on trees.", "chosen": " An apple, or a pear.", "rejected": " A hammer."},
