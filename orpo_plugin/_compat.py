@@ -1,8 +1,8 @@
 """Every probe of what the installed torch/TRL/transformers versions provide lives here, and only here.
 
-Callers ask these functions instead of importing a version-dependent name themselves. (Optional kernels that are
-packages rather than versions, flash-attn, and the calling convention of torch's varlen kernel are probed where they
-are adapted, in `attention/`.)
+Callers ask these functions instead of importing a version-dependent name themselves. Two things are read where they
+are adapted, in `attention/varlen.py`: the flash-attn package (optional, not a version) and the keywords that the
+`varlen_attn` found here takes (`torch_varlen_kernel` adapts to either calling convention).
 """
 
 from __future__ import annotations
@@ -10,17 +10,33 @@ from __future__ import annotations
 import functools
 import inspect
 
-try:  # trl >= 1.x keeps TRL's common TrainingArguments defaults here
-    from trl.trainer.base_config import _BaseConfig as BaseConfig
-except ImportError:  # pragma: no cover - older TRL
-    from transformers import TrainingArguments as BaseConfig
+# and, through __getattr__ below, BaseConfig and BaseTrainer
+__all__ = [
+    "bf16_left_unset",
+    "dtensor_class",
+    "flex_attention_available",
+    "forward_accepts",
+    "fsdp_module_class",
+    "torch_varlen_attn",
+]
 
-try:
-    from trl.trainer.base_trainer import _BaseTrainer as BaseTrainer
-except ImportError:  # pragma: no cover - older TRL
-    from transformers import Trainer as BaseTrainer
 
-__all__ = ["BaseConfig", "BaseTrainer", "bf16_left_unset", "dtensor_class", "forward_accepts", "fsdp_module_class"]
+def __getattr__(name: str):
+    """`BaseConfig` and `BaseTrainer`, TRL's bases for configs and trainers, imported on first use, so that the torch
+    probes below (used by the attention and the forward) do not import TRL."""
+    if name == "BaseConfig":
+        try:  # trl >= 1.x keeps TRL's common TrainingArguments defaults here
+            from trl.trainer.base_config import _BaseConfig as BaseConfig
+        except ImportError:  # pragma: no cover - older TRL
+            from transformers import TrainingArguments as BaseConfig
+        return BaseConfig
+    if name == "BaseTrainer":
+        try:
+            from trl.trainer.base_trainer import _BaseTrainer as BaseTrainer
+        except ImportError:  # pragma: no cover - older TRL
+            from transformers import Trainer as BaseTrainer
+        return BaseTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def bf16_left_unset(args) -> bool:
@@ -59,3 +75,22 @@ def dtensor_class() -> type | None:
     except ImportError:  # pragma: no cover - torch without DTensor
         return None
     return DTensor
+
+
+def flex_attention_available() -> bool:
+    """Whether this torch has `torch.nn.attention.flex_attention` (flex_attention and create_block_mask)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401 - the probe
+    except ImportError:
+        return False
+    return True
+
+
+def torch_varlen_attn():
+    """torch's own FlashAttention varlen function (`torch.nn.attention.varlen.varlen_attn`), or None where this torch
+    has none (its keywords differ between releases: see `attention.varlen.torch_varlen_kernel`)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from .._compat import flex_attention_available
 from .contract import FLEX_NAME, read_features
 
 ORPO_FLEX_FEATURES = ("sliding_window", "softcap", "s_aux")
 
 
 def flex_available() -> bool:
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether this torch has flex_attention (`_compat.flex_attention_available`)."""
+    return flex_attention_available()
 
 
 def _prefix_tables(segments: torch.Tensor, total: int, device):

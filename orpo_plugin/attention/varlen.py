@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .._compat import torch_varlen_attn
 from .contract import FLASH_NAME, VARLEN_NAME, _lower_right_causal, read_features
 
 ORPO_FLASH_FEATURES = ("sliding_window", "softcap", "dropout")
@@ -128,9 +129,8 @@ def torch_varlen_kernel(varlen_attn=None):
     exact. Soft-capping, sinks and dropout are not in its contract.
     """
     if varlen_attn is None:
-        try:
-            from torch.nn.attention.varlen import varlen_attn
-        except ImportError:
+        varlen_attn = torch_varlen_attn()
+        if varlen_attn is None:
             return None
     import inspect
 
