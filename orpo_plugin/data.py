@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -417,11 +418,31 @@ def prepare_dataset(
     Already-tokenized datasets (with the three id columns) are only checked, truncated and dropped like text rows.
     `max_prompt_length=None` never cuts a prompt (the trainer passes its resolved default). With `encoder_decoder`
     the prompt is the encoder input and `max_length` does not apply (as in TRL).
+    A bad row raises a ValueError/TypeError that starts with the dataset's name and the row, counted from 0
+    ("train dataset, row 7 (0-based): field 'rejected' ...").
     """
-    from datasets import Dataset, Features, Sequence, Value
-
     if truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    try:
+        return _prepare(
+            dataset, tokenizer, max_length, max_completion_length, drop_long_pairs, num_proc, name, max_prompt_length,
+            truncation_mode, encoder_decoder,
+        )
+    except (ValueError, TypeError) as err:  # a row's error: say which dataset, and how its rows are counted
+        message = str(err)
+        if not message.startswith("row "):
+            raise
+        if "(0-based)" not in message.split(":", 1)[0]:
+            message = message.replace(":", " (0-based):", 1)
+        raise (TypeError if isinstance(err, TypeError) else ValueError)(f"{name} dataset, {message}") from None
+
+
+def _prepare(
+    dataset, tokenizer, max_length, max_completion_length, drop_long_pairs, num_proc, name, max_prompt_length,
+    truncation_mode, encoder_decoder,
+):
+    from datasets import Dataset, Features, Sequence, Value
+
     if isinstance(dataset, list):
         if not dataset:
             raise ValueError(f"{name} dataset: no usable pairs left ({NO_ROWS})")
@@ -528,6 +549,52 @@ def _slim(row: Any) -> Any:
     return {k: slim_value(v) for k, v in row.items() if k in _ROW_FIELDS and (k != "system" or conversational)}
 
 
+def _kind(value: Any) -> str | None:
+    """The format of one field's value, as a user would name it; None for a value that fits any format."""
+    if value is None or (isinstance(value, list) and not value):
+        return None
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "message list" if isinstance(value[0], dict) else "list"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "mapping" if isinstance(value, dict) else type(value).__name__
+
+
+def row_place(index: int, source: str | None = None, lines: list[int] | None = None) -> str:
+    """How an error names a row: 'row 7 (0-based)', with the file and its line when the rows came from one."""
+    where = f"row {index} (0-based)"
+    if lines is not None:
+        return f"{where}, line {lines[index]} of {source}"
+    return f"{where} of {source}" if source else where
+
+
+def check_row_formats(rows: list, source: str | None = None, lines: list[int] | None = None) -> None:
+    """Every field holds one format in every row (a string, a message list ...), as a table needs.
+
+    Raises a TypeError naming the first row that disagrees (0-based, with its line when `lines` is given), the
+    field, and the earlier row it disagrees with; rows that are not mappings are left to the row checks.
+    """
+    first: dict[str, tuple[str, int]] = {}
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            continue
+        for name, value in row.items():
+            kind = _kind(value)
+            if kind is None:
+                continue
+            seen_kind, seen_row = first.setdefault(name, (kind, index))
+            if kind != seen_kind:
+                raise TypeError(
+                    f"{row_place(index, source, lines)}: field '{name}' is a {kind} but "
+                    f"{row_place(seen_row, None if lines is None else source, lines)} has a {seen_kind}; "
+                    "each column must hold one format in every row"
+                )
+
+
 def _rows_to_dataset(rows: list, tokenizer):
     """A list of dicts as a Dataset; a value arrow cannot store gets our row/field error instead of arrow's."""
     from datasets import Dataset
@@ -541,28 +608,21 @@ def _rows_to_dataset(rows: list, tokenizer):
         )
         if not plain:
             row_to_text(row, index, tokenizer)
+    check_row_formats(rows)
     try:
         return dataset_from_rows(rows)
     except Exception as err:  # arrow's errors vary (ArrowInvalid, ArrowTypeError, OverflowError, ...)
         for index, row in enumerate(rows):  # now also the rows that lack a column
             if not all(k in row for k in COLUMNS):
                 row_to_text(row, index, tokenizer)
-        first: dict[str, tuple[str, int]] = {}
         for index, row in enumerate(rows):
             for name, value in row.items():
-                if value is None:
-                    continue
-                kind = {str: "string", list: "list"}.get(type(value), type(value).__name__)
-                seen_kind, seen_row = first.setdefault(name, (kind, index))
-                if kind != seen_kind:
-                    raise TypeError(
-                        f"row {index}: field '{name}' is a {kind} but row {seen_row} has a {seen_kind}; "
-                        "each column must hold one format"
-                    ) from None
                 try:
                     Dataset.from_list([{name: value}])
                 except Exception:
-                    raise TypeError(f"row {index}: field '{name}' holds a value arrow cannot store ({err})") from None
+                    raise TypeError(
+                        f"{row_place(index)}: field '{name}' holds a value arrow cannot store ({err})"
+                    ) from None
         raise
 
 
@@ -578,8 +638,11 @@ def dataset_from_rows(rows: list[dict[str, Any]]):
 
 
 # ----------------------------------------------------------------------------------------------- files
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file; a malformed line raises a ValueError naming the file and the line number."""
+def read_jsonl(path: str | Path, lines: list[int] | None = None) -> list[dict[str, Any]]:
+    """Read a JSONL file; a malformed line raises a ValueError naming the file and the line number.
+
+    When `lines` is a list, the (1-based) line number of each row is appended to it.
+    """
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -592,30 +655,50 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
+            if lines is not None:
+                lines.append(lineno)
     return rows
 
 
+def _file_rows(path: Path, split: str) -> tuple[list[dict[str, Any]], list[int] | None]:
+    """The rows of a .json/.jsonl file and, for JSON lines, the line each row is on."""
+    lines: list[int] = []
+    if path.suffix.lower() == ".jsonl":
+        return read_jsonl(path, lines), lines
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:  # JSON lines under a .json name
+        lines = []
+        return read_jsonl(path, lines), lines
+    if isinstance(data, dict) and split in data:
+        data = data[split]
+    elif isinstance(data, dict):  # a single row (one JSON line under a .json name)
+        data = [data]
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise ValueError(f"{path}: expected a JSON list of rows (or {{'{split}': [...]}})")
+    return data, None
+
+
+_LOCAL_LOOKING = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt")
+
+
 def load_preference_dataset(name_or_path: str, split: str = "train", config: str | None = None):
-    """A hub dataset name, a local directory (saved or loadable by `datasets`), or a .json/.jsonl/.parquet file."""
+    """A hub dataset name, a local directory (saved or loadable by `datasets`), or a .json/.jsonl/.parquet file.
+
+    The command line (`orpo-plugin train`, `orpo-plugin eval`) reads its data here. JSON rows are checked before
+    they become a table: a field whose format differs between rows raises a TypeError naming the row (0-based), its
+    line in the file and the field (the row checks of `prepare_dataset` follow, as for a list given to the trainer).
+    A path that does not exist raises FileNotFoundError.
+    """
     import datasets
 
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            return dataset_from_rows(read_jsonl(path))
-        if suffix == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:  # JSON lines under a .json name
-                return dataset_from_rows(read_jsonl(path))
-            if isinstance(data, dict) and split in data:
-                data = data[split]
-            elif isinstance(data, dict):  # a single row (one JSON line under a .json name)
-                data = [data]
-            if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-                raise ValueError(f"{path}: expected a JSON list of rows (or {{'{split}': [...]}})")
-            return dataset_from_rows(data)
+        if suffix in (".jsonl", ".json"):
+            rows, lines = _file_rows(path, split)
+            check_row_formats(rows, path.name, lines)
+            return dataset_from_rows(rows)
         if suffix == ".parquet":
             return datasets.Dataset.from_parquet(str(path))
         raise ValueError(f"{path}: unsupported file type '{suffix}' (use .json, .jsonl or .parquet)")
@@ -625,4 +708,13 @@ def load_preference_dataset(name_or_path: str, split: str = "train", config: str
         if (path / "dataset_dict.json").exists():
             return datasets.load_from_disk(str(path))[split]
         return datasets.load_dataset(str(path), config, split=split)
-    return datasets.load_dataset(name_or_path, config, split=split)
+    missing = f"{name_or_path}: no such file or directory (looked in {Path.cwd()})"
+    hub_like = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path) and not name_or_path.lower().endswith(_LOCAL_LOOKING)
+    if not hub_like or name_or_path.startswith("."):
+        raise FileNotFoundError(missing)
+    try:
+        return datasets.load_dataset(name_or_path, config, split=split)
+    except Exception as err:  # noqa: BLE001 - offline, unknown name, no access: say both readings of the name
+        raise FileNotFoundError(
+            f"{missing}; as a Hugging Face Hub dataset name it failed too ({type(err).__name__}: {err})"
+        ) from err

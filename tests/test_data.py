@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import datasets
 import pytest
@@ -296,7 +297,7 @@ def test_missing_field_row_level(tiny_tokenizer):
         {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
         {"prompt": SKY, "chosen": " Blue."},  # `datasets` fills the hole with None
     ]
-    with pytest.raises(ValueError, match=r"row 2: missing field 'rejected'"):
+    with pytest.raises(ValueError, match=r"row 2 \(0-based\): missing field 'rejected'"):
         prepare_dataset(rows, tiny_tokenizer)
 
 
@@ -307,19 +308,19 @@ def test_non_string_content_in_a_list_of_rows(tiny_tokenizer):
         {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
         {"prompt": SKY, "chosen": 42, "rejected": " Green."},
     ]
-    with pytest.raises(TypeError, match=r"row 1: field 'chosen' must be a string, got int"):
+    with pytest.raises(TypeError, match=r"row 1 \(0-based\): field 'chosen' must be a string, got int"):
         prepare_dataset(rows, tiny_tokenizer)
 
 
 def test_non_string_content_in_a_dataset(tiny_tokenizer):
     ints = datasets.Dataset.from_list([{"prompt": SKY, "chosen": 1, "rejected": 2}])
-    with pytest.raises(TypeError, match=r"row 0: field 'chosen' must be a string, got int"):
+    with pytest.raises(TypeError, match=r"row 0 \(0-based\): field 'chosen' must be a string, got int"):
         prepare_dataset(ints, tiny_tokenizer)
     rows = [
         {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
         {"chosen": [user(SKY), assistant(None)], "rejected": [user(SKY), assistant("Green.")]},
     ]
-    with pytest.raises(TypeError, match=r"row 1: field 'chosen\[1\]\.content' must be a string, got NoneType"):
+    with pytest.raises(TypeError, match=r"row 1 \(0-based\): field 'chosen\[1\]\.content' must be a string, got NoneType"):
         prepare_dataset(rows, tiny_tokenizer)
     # Row by row (what `datasets.map` calls), with any index.
     with pytest.raises(TypeError, match=r"row 7: field 'rejected' must be a string, got list"):
@@ -331,13 +332,13 @@ def test_empty_content(tiny_tokenizer):
         {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
         {"prompt": SKY, "chosen": "   ", "rejected": " Green."},
     ]
-    with pytest.raises(ValueError, match=r"row 1: field 'chosen' is empty"):
+    with pytest.raises(ValueError, match=r"row 1 \(0-based\): field 'chosen' is empty"):
         prepare_dataset(rows, tiny_tokenizer)
     rows = [
         {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
         {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("")]},
     ]
-    with pytest.raises(ValueError, match=r"row 1: field 'rejected\[1\]\.content' is empty"):
+    with pytest.raises(ValueError, match=r"row 1 \(0-based\): field 'rejected\[1\]\.content' is empty"):
         prepare_dataset(rows, tiny_tokenizer)
 
 
@@ -347,10 +348,10 @@ def test_message_without_role_or_content(tiny_tokenizer):
         {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
         {"chosen": [{"content": SKY}, assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
     ]
-    with pytest.raises(TypeError, match=r"row 1: field 'chosen\[0\]\.role' must be a string"):
+    with pytest.raises(TypeError, match=r"row 1 \(0-based\): field 'chosen\[0\]\.role' must be a string"):
         prepare_dataset(rows, tiny_tokenizer)
     rows[1] = {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), {"role": "assistant"}]}
-    with pytest.raises(TypeError, match=r"row 1: field 'rejected\[1\]\.content' must be a string"):
+    with pytest.raises(TypeError, match=r"row 1 \(0-based\): field 'rejected\[1\]\.content' must be a string"):
         prepare_dataset(rows, tiny_tokenizer)
     # A plain dict row (no `datasets` in between) names the missing keys.
     row = {"chosen": [user(SKY), {"role": "assistant"}], "rejected": [user(SKY), assistant("Green.")]}
@@ -365,7 +366,7 @@ def test_conversational_rows_need_a_chat_template(tiny_tokenizer_no_template):
     ]
     prepare_dataset(rows, tiny_tokenizer_no_template)  # plain text is fine without one
     rows = [{"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]}] * 2
-    with pytest.raises(ValueError, match=r"row 0: conversational data .* needs a tokenizer with a chat template"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\): conversational data .* needs a tokenizer with a chat template"):
         prepare_dataset(rows, tiny_tokenizer_no_template)
 
 
@@ -553,3 +554,46 @@ def test_unknown_truncation_mode_is_refused(tiny_tokenizer):
 def test_empty_dataset_is_the_no_usable_pairs_error(tiny_tokenizer, empty):
     with pytest.raises(ValueError, match=r"eval dataset: no usable pairs left \(the dataset has no rows\)"):
         prepare_dataset(empty, tiny_tokenizer, name="eval")
+
+
+# One check for every way rows arrive: a file read by the command line (`train`, `eval`) or a list given to the
+# trainer. A field whose format differs between rows is named with its row (0-based) and, from a file, its line.
+def _mixed_rows():
+    conv = {"chosen": [{"role": "user", "content": SKY}, {"role": "assistant", "content": "Blue."}],
+            "rejected": [{"role": "user", "content": SKY}, {"role": "assistant", "content": "Green."}]}
+    rows = [conv] * 8
+    rows[7] = {**conv, "rejected": "Green."}
+    return rows
+
+
+def test_a_jsonl_row_of_another_format_is_named_with_its_line_before_arrow(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    rows = _mixed_rows()
+    path.write_text(_jsonl(rows[:3]) + "\n" + _jsonl(rows[3:]))  # a blank line: row 7 is on line 9
+    with pytest.raises(TypeError) as err:
+        load_preference_dataset(str(path))
+    assert str(err.value) == (
+        "row 7 (0-based), line 9 of prefs.jsonl: field 'rejected' is a string but row 0 (0-based), line 1 of "
+        "prefs.jsonl has a message list; each column must hold one format in every row"
+    )
+
+
+def test_a_json_list_row_of_another_format_is_named(tmp_path):
+    path = tmp_path / "prefs.json"
+    path.write_text(json.dumps(_mixed_rows()))
+    with pytest.raises(TypeError, match=r"^row 7 \(0-based\) of prefs\.json: field 'rejected' is a string but row 0 "
+                                        r"\(0-based\) has a message list"):
+        load_preference_dataset(str(path))
+
+
+def test_a_list_row_of_another_format_gets_the_same_check(tiny_tokenizer):
+    with pytest.raises(TypeError, match=r"^train dataset, row 7 \(0-based\): field 'rejected' is a string but row 0 "
+                                        r"\(0-based\) has a message list"):
+        prepare_dataset(_mixed_rows(), tiny_tokenizer)
+
+
+@pytest.mark.parametrize("name", ["my_prefs", "prefs.jsonl", "data/prefs.jsonl", "./my_prefs", "~/nowhere/prefs"])
+def test_a_missing_local_path_says_it_does_not_exist(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(name)}: no such file or directory \(looked in "):
+        load_preference_dataset(name)
