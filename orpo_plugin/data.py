@@ -48,13 +48,33 @@ class PrepareStats:
     dropped: Counter = field(default_factory=Counter)
     truncated_responses: int = 0
     truncated_prompts: int = 0
+    mostly_cut: int = 0  # kept pairs with a response that lost more than half of its tokens
+    full_lengths: list = field(default_factory=list, repr=False)  # kept pairs' prompt + longer response, uncut
+
+    def mostly_cut_warning(self, name: str, limits: str, share: float = 0.1) -> str | None:
+        """A warning when more than `share` of the kept pairs lost more than half of a response, else None."""
+        if not self.kept or self.mostly_cut <= share * self.kept:
+            return None
+        lengths = sorted(self.full_lengths)
+        length_note = (
+            f"; before cutting, prompt + longer response was {lengths[len(lengths) // 2]} tokens (median), "
+            f"{lengths[-1]} at most"
+            if lengths
+            else ""
+        )
+        return (
+            f"{name} dataset: {self.mostly_cut} of {self.kept} pairs ({self.mostly_cut / self.kept:.0%}) lost more "
+            f"than half of a response to {limits}{length_note}. The model is trained on those fragments; raise "
+            "max_length (or set drop_long_pairs=True to leave such pairs out)"
+        )
 
     def summary(self) -> str:
         drops = ", ".join(f"{n} ({reason})" for reason, n in sorted(self.dropped.items())) or "none"
         return (
             f"{self.kept}/{self.rows} pairs kept; dropped: {drops}; "
-            f"prompts truncated to max_prompt_length: {self.truncated_prompts}; "
+            f"prompts truncated: {self.truncated_prompts}; "
             f"responses truncated to max_length/max_completion_length: {self.truncated_responses}"
+            + (f" ({self.mostly_cut} pairs lost more than half of a response)" if self.mostly_cut else "")
         )
 
 
@@ -232,7 +252,8 @@ def fit_pair(
     `max_prompt_length`, only a prompt that alone fills `max_length` is cut (to half of it).
     Returns the three id lists, `truncated` (responses cut), `prompt_truncated` and `drop` (a reason, or "").
     """
-    out = {"truncated": 0, "prompt_truncated": 0, "drop": ""}
+    out = {"truncated": 0, "prompt_truncated": 0, "drop": "", "mostly_cut": 0}
+    out["full_length"] = len(prompt_ids) + max(len(r) for r in responses)
     keep = None
     if max_length is not None:
         if max_prompt_length is None:
@@ -256,6 +277,7 @@ def fit_pair(
         limit = max_completion_length if limit is None else min(limit, max_completion_length)
     for name, resp in zip(("chosen_input_ids", "rejected_input_ids"), responses):
         if limit is not None and len(resp) > limit:
+            out["mostly_cut"] |= 2 * max(limit, 0) < len(resp)
             resp = resp[: max(limit, 0)]
             out["truncated"] += 1
         out[name] = resp
@@ -485,7 +507,7 @@ def _prepare(
         else:
             prompt, chosen, rejected = row_to_text(dict(row), index, tokenizer)
             if chosen == rejected:
-                return {k: [] for k in COLUMNS} | {"truncated": 0, "prompt_truncated": 0, "drop": DROP_IDENTICAL}
+                return {k: [] for k in COLUMNS} | {"truncated": 0, "prompt_truncated": 0, "drop": DROP_IDENTICAL, "mostly_cut": 0, "full_length": 0}
             if encoder_decoder:
                 out = tokenize_seq2seq_pair(
                     prompt, chosen, rejected, tokenizer, max_completion_length, max_prompt_length, truncation_mode
@@ -497,6 +519,8 @@ def _prepare(
                 )
         if drop_long_pairs and (out["truncated"] or out["prompt_truncated"]) and not out["drop"]:
             out["drop"] = DROP_TOO_LONG
+        out.setdefault("mostly_cut", 0)
+        out.setdefault("full_length", 0)
         return _final_checks(out, encoder_decoder)
 
     keep = set(COLUMNS)
@@ -506,6 +530,8 @@ def _prepare(
             **{k: Sequence(Value("int64")) for k in COLUMNS},
             "truncated": Value("int64"),
             "prompt_truncated": Value("int64"),
+            "mostly_cut": Value("int64"),
+            "full_length": Value("int64"),
             "drop": Value("string"),
         }
     )
@@ -522,11 +548,19 @@ def _prepare(
     stats.dropped = Counter(d for d in drops if d)
     stats.truncated_responses = sum(t for t, d in zip(tokenized["truncated"], drops) if not d)
     stats.truncated_prompts = sum(t for t, d in zip(tokenized["prompt_truncated"], drops) if not d)
+    stats.mostly_cut = sum(t for t, d in zip(tokenized["mostly_cut"], drops) if not d)
+    stats.full_lengths = [n for n, d in zip(tokenized["full_length"], drops) if not d and n]
     tokenized = tokenized.filter(lambda d: not d, input_columns="drop", num_proc=num_proc)
-    tokenized = tokenized.remove_columns(["drop", "truncated", "prompt_truncated"])
+    tokenized = tokenized.remove_columns(["drop", "truncated", "prompt_truncated", "mostly_cut", "full_length"])
     stats.kept = len(tokenized)
     if stats.dropped or stats.truncated_responses or stats.truncated_prompts:
         logger.warning("%s dataset: %s", name, stats.summary())
+    limits = " and ".join(
+        f"{k}={v}" for k, v in (("max_length", fit_length), ("max_completion_length", max_completion_length)) if v
+    )
+    warning = stats.mostly_cut_warning(name, limits or "max_completion_length")
+    if warning:
+        logger.warning(warning)
     if stats.kept == 0:
         raise ValueError(f"{name} dataset: no usable pairs left ({stats.summary()})")
     return tokenized, stats

@@ -48,6 +48,21 @@ class _EpochSetter(TrainerCallback):
         self.sampler.set_epoch(int(math.floor(state.epoch or 0)))
 
 
+def packing_summary(stats: dict, args) -> str:
+    """What packing makes of the batch size: pairs per micro-batch and per optimizer step, steps per epoch."""
+    accumulation = args.gradient_accumulation_steps
+    per_step = min(stats["mean_pairs_per_group"] * accumulation * stats["num_replicas"], stats["num_pairs"])
+    steps = max(math.ceil(stats["groups_per_rank"] / accumulation), 1)
+    text = (
+        f"packing: {stats['num_pairs']} pairs in micro-batches of up to {stats['budget']} tokens (packing_max_tokens; "
+        f"per_device_train_batch_size does not count pairs here), {stats['mean_pairs_per_group']:.1f} pairs per "
+        f"micro-batch on average: about {per_step:.0f} pairs per optimizer step, {steps} optimizer steps per epoch"
+    )
+    if args.max_steps and args.max_steps > 0:
+        text += f"; max_steps={args.max_steps} is {args.max_steps / steps:.1f} epochs"
+    return text
+
+
 class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, BaseTrainer):
     """ORPO without a reference model: NLL on chosen + beta * odds-ratio loss, packed and chunked when asked."""
 
@@ -254,6 +269,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, BaseTrainer):
         )
         if self._packed_sampler is None:
             self.add_callback(_EpochSetter(sampler))
+            logger.warning(packing_summary(sampler.stats(), self.args))
         else:
             for cb in self.callback_handler.callbacks:
                 if isinstance(cb, _EpochSetter):

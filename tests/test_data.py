@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import datasets
@@ -504,7 +505,7 @@ def test_long_prompt_keep_end_keeps_the_latest_turns_and_bos(tiny_tokenizer):
     text = tiny_tokenizer.decode(prompt[1:])
     assert text.endswith("five six<|end|><|assistant|>") and SKY not in text  # the last turn kept, the first cut
     assert stats.kept == 1 and not stats.dropped and stats.truncated_prompts == 1
-    assert "prompts truncated to max_prompt_length: 1" in stats.summary()
+    assert "prompts truncated: 1" in stats.summary()
     for name in ("chosen_input_ids", "rejected_input_ids"):  # the responses fit after the prompt was cut
         assert len(prompt) + len(ds[0][name]) <= max_length
         assert tiny_tokenizer.decode(ds[0][name][-1:]) == "<|end|>"  # the template's end of turn, no EOS after
@@ -597,3 +598,26 @@ def test_a_missing_local_path_says_it_does_not_exist(tmp_path, monkeypatch, name
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=rf"^{re.escape(name)}: no such file or directory \(looked in "):
         load_preference_dataset(name)
+
+
+def test_pairs_that_lose_most_of_their_response_are_warned_about(tiny_tokenizer, caplog):
+    long = " one two three four five six seven eight nine ten"
+    rows = [{"prompt": SKY, "chosen": long, "rejected": " ten nine eight seven six five four three two one"}] * 4
+    with caplog.at_level(logging.WARNING, logger="orpo_plugin"):
+        _, stats = prepare_dataset(rows, tiny_tokenizer, max_length=12)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert stats.mostly_cut == 4 and stats.truncated_responses == 8
+    assert said[0].startswith("train dataset: 4/4 pairs kept; dropped: none; prompts truncated: 0; responses truncated")
+    assert said[0].endswith("(4 pairs lost more than half of a response)")
+    assert said[1].startswith("train dataset: 4 of 4 pairs (100%) lost more than half of a response to max_length=12; "
+                              "before cutting, prompt + longer response was ")
+    assert "raise max_length" in said[1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="orpo_plugin"):  # cut a little: the summary only
+        _, stats = prepare_dataset(rows, tiny_tokenizer, max_length=stats.full_lengths[0] - 1)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert stats.mostly_cut == 0 and stats.truncated_responses >= 1 and len(said) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="orpo_plugin"):  # nothing cut: nothing said
+        prepare_dataset(rows, tiny_tokenizer, max_length=256)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
