@@ -1,5 +1,9 @@
 """orpo-plugin: ORPO preference optimisation for TRL scripts and Axolotl — exact, packed, memory-lean."""
 
+from . import _quiet
+
+_quiet.install()  # before transformers, peft or bitsandbytes are imported through us
+
 from .chunked import chunked_target_logps
 from .collators import PreferenceCollator
 from .losses import log1mexp, log_odds, odds_ratio_terms, orpo_loss, sequence_logps
