@@ -5,8 +5,9 @@ switch once, when `axolotl.cli.config` is imported, before any plugin is loaded,
 flushes PostHog's queue. Offline, every upload fails: PostHog's sender thread retries each batch (4 tries with
 exponential backoff; where the network drops packets instead of refusing them, each try is a request with a 15 s
 timeout and 2 more connection attempts), and the flush at exit waits for all of it. `axolotl train` offline was seen
-to train and save in 20 s and not exit after 590 s, logging failed telemetry connections. (Where a name lookup fails
-at once, as on the machine these tests run on, PostHog alone gives up within about 10 s.)
+to train and save in 20 s and not exit after 590 s, logging failed telemetry connections. Where the name lookup of
+PostHog's host fails at once (measured on a 2-core CPU machine without internet, Axolotl 0.19.0, PostHog 6.7.11),
+each batch gives up after 4 tries in about 2 s and `axolotl train` exits about 5 s after saving.
 
 A run declared offline (`HF_HUB_OFFLINE=1`, the switch every offline Hugging Face run already needs) cannot send the
 events, so when the plugin is registered it turns Axolotl's telemetry off for the rest of the run, drops the events
