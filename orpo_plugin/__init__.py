@@ -1,9 +1,13 @@
 """orpo-plugin: ORPO preference optimisation for TRL scripts and Axolotl — exact, packed, memory-lean."""
 
-from .chunked import chunked_target_logps
-from .collators import PreferenceCollator
-from .losses import log1mexp, log_odds, odds_ratio_terms, orpo_loss, sequence_logps
-from .packing import PackedBatchSampler, pack_groups
+from . import _quiet
+
+_quiet.install()  # before transformers, peft or bitsandbytes are imported through us
+
+from .chunked import chunked_target_logps  # noqa: E402 (after _quiet.install)
+from .collators import PreferenceCollator  # noqa: E402 (after _quiet.install)
+from .losses import log1mexp, log_odds, odds_ratio_terms, orpo_loss, sequence_logps  # noqa: E402 (after _quiet.install)
+from .packing import PackedBatchSampler, pack_groups  # noqa: E402 (after _quiet.install)
 
 __version__ = "0.1.0"
 

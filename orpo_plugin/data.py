@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,13 +49,33 @@ class PrepareStats:
     dropped: Counter = field(default_factory=Counter)
     truncated_responses: int = 0
     truncated_prompts: int = 0
+    mostly_cut: int = 0  # kept pairs with a response that lost more than half of its tokens
+    full_lengths: list = field(default_factory=list, repr=False)  # kept pairs' prompt + longer response, uncut
+
+    def mostly_cut_warning(self, name: str, limits: str, share: float = 0.1) -> str | None:
+        """A warning when more than `share` of the kept pairs lost more than half of a response, else None."""
+        if not self.kept or self.mostly_cut <= share * self.kept:
+            return None
+        lengths = sorted(self.full_lengths)
+        length_note = (
+            f"; before cutting, prompt + longer response was {lengths[len(lengths) // 2]} tokens (median), "
+            f"{lengths[-1]} at most"
+            if lengths
+            else ""
+        )
+        return (
+            f"{name} dataset: {self.mostly_cut} of {self.kept} pairs ({self.mostly_cut / self.kept:.0%}) lost more "
+            f"than half of a response to {limits}{length_note}. The model is trained on those fragments; raise "
+            "max_length (or set drop_long_pairs=True to leave such pairs out)"
+        )
 
     def summary(self) -> str:
         drops = ", ".join(f"{n} ({reason})" for reason, n in sorted(self.dropped.items())) or "none"
         return (
             f"{self.kept}/{self.rows} pairs kept; dropped: {drops}; "
-            f"prompts truncated to max_prompt_length: {self.truncated_prompts}; "
+            f"prompts truncated: {self.truncated_prompts}; "
             f"responses truncated to max_length/max_completion_length: {self.truncated_responses}"
+            + (f" ({self.mostly_cut} pairs lost more than half of a response)" if self.mostly_cut else "")
         )
 
 
@@ -232,7 +253,8 @@ def fit_pair(
     `max_prompt_length`, only a prompt that alone fills `max_length` is cut (to half of it).
     Returns the three id lists, `truncated` (responses cut), `prompt_truncated` and `drop` (a reason, or "").
     """
-    out = {"truncated": 0, "prompt_truncated": 0, "drop": ""}
+    out = {"truncated": 0, "prompt_truncated": 0, "drop": "", "mostly_cut": 0}
+    out["full_length"] = len(prompt_ids) + max(len(r) for r in responses)
     keep = None
     if max_length is not None:
         if max_prompt_length is None:
@@ -256,6 +278,7 @@ def fit_pair(
         limit = max_completion_length if limit is None else min(limit, max_completion_length)
     for name, resp in zip(("chosen_input_ids", "rejected_input_ids"), responses):
         if limit is not None and len(resp) > limit:
+            out["mostly_cut"] |= 2 * max(limit, 0) < len(resp)
             resp = resp[: max(limit, 0)]
             out["truncated"] += 1
         out[name] = resp
@@ -420,11 +443,31 @@ def prepare_dataset(
     only responses are cut, except a prompt that alone fills `max_length`, which is cut to half of it; with a value,
     a long prompt is cut to it first. With `encoder_decoder` the prompt is the encoder input, `max_length` does not
     apply and `max_prompt_length` limits the encoder input (as in TRL).
+    A bad row raises a ValueError/TypeError that starts with the dataset's name and the row, counted from 0
+    ("train dataset, row 7 (0-based): field 'rejected' ...").
     """
-    from datasets import Dataset, Features, Sequence, Value
-
     if truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    try:
+        return _prepare(
+            dataset, tokenizer, max_length, max_completion_length, drop_long_pairs, num_proc, name, max_prompt_length,
+            truncation_mode, encoder_decoder,
+        )
+    except (ValueError, TypeError) as err:  # a row's error: say which dataset, and how its rows are counted
+        message = str(err)
+        if not message.startswith("row "):
+            raise
+        if "(0-based)" not in message.split(":", 1)[0]:
+            message = message.replace(":", " (0-based):", 1)
+        raise (TypeError if isinstance(err, TypeError) else ValueError)(f"{name} dataset, {message}") from None
+
+
+def _prepare(
+    dataset, tokenizer, max_length, max_completion_length, drop_long_pairs, num_proc, name, max_prompt_length,
+    truncation_mode, encoder_decoder,
+):
+    from datasets import Dataset, Features, Sequence, Value
+
     if isinstance(dataset, list):
         if not dataset:
             raise ValueError(f"{name} dataset: no usable pairs left ({NO_ROWS})")
@@ -467,7 +510,7 @@ def prepare_dataset(
         else:
             prompt, chosen, rejected = row_to_text(dict(row), index, tokenizer)
             if chosen == rejected:
-                return {k: [] for k in COLUMNS} | {"truncated": 0, "prompt_truncated": 0, "drop": DROP_IDENTICAL}
+                return {k: [] for k in COLUMNS} | {"truncated": 0, "prompt_truncated": 0, "drop": DROP_IDENTICAL, "mostly_cut": 0, "full_length": 0}
             if encoder_decoder:
                 out = tokenize_seq2seq_pair(
                     prompt, chosen, rejected, tokenizer, max_completion_length, max_prompt_length, truncation_mode
@@ -479,6 +522,8 @@ def prepare_dataset(
                 )
         if drop_long_pairs and (out["truncated"] or out["prompt_truncated"]) and not out["drop"]:
             out["drop"] = DROP_TOO_LONG
+        out.setdefault("mostly_cut", 0)
+        out.setdefault("full_length", 0)
         return _final_checks(out, encoder_decoder)
 
     keep = set(COLUMNS)
@@ -488,6 +533,8 @@ def prepare_dataset(
             **{k: Sequence(Value("int64")) for k in COLUMNS},
             "truncated": Value("int64"),
             "prompt_truncated": Value("int64"),
+            "mostly_cut": Value("int64"),
+            "full_length": Value("int64"),
             "drop": Value("string"),
         }
     )
@@ -504,11 +551,19 @@ def prepare_dataset(
     stats.dropped = Counter(d for d in drops if d)
     stats.truncated_responses = sum(t for t, d in zip(tokenized["truncated"], drops) if not d)
     stats.truncated_prompts = sum(t for t, d in zip(tokenized["prompt_truncated"], drops) if not d)
+    stats.mostly_cut = sum(t for t, d in zip(tokenized["mostly_cut"], drops) if not d)
+    stats.full_lengths = [n for n, d in zip(tokenized["full_length"], drops) if not d and n]
     tokenized = tokenized.filter(lambda d: not d, input_columns="drop", num_proc=num_proc)
-    tokenized = tokenized.remove_columns(["drop", "truncated", "prompt_truncated"])
+    tokenized = tokenized.remove_columns(["drop", "truncated", "prompt_truncated", "mostly_cut", "full_length"])
     stats.kept = len(tokenized)
     if stats.dropped or stats.truncated_responses or stats.truncated_prompts:
         logger.warning("%s dataset: %s", name, stats.summary())
+    limits = " and ".join(
+        f"{k}={v}" for k, v in (("max_length", fit_length), ("max_completion_length", max_completion_length)) if v
+    )
+    warning = stats.mostly_cut_warning(name, limits or "max_completion_length")
+    if warning:
+        logger.warning(warning)
     if stats.kept == 0:
         raise ValueError(f"{name} dataset: no usable pairs left ({stats.summary()})")
     return tokenized, stats
@@ -531,6 +586,52 @@ def _slim(row: Any) -> Any:
     return {k: slim_value(v) for k, v in row.items() if k in _ROW_FIELDS and (k != "system" or conversational)}
 
 
+def _kind(value: Any) -> str | None:
+    """The format of one field's value, as a user would name it; None for a value that fits any format."""
+    if value is None or (isinstance(value, list) and not value):
+        return None
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "message list" if isinstance(value[0], dict) else "list"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "mapping" if isinstance(value, dict) else type(value).__name__
+
+
+def row_place(index: int, source: str | None = None, lines: list[int] | None = None) -> str:
+    """How an error names a row: 'row 7 (0-based)', with the file and its line when the rows came from one."""
+    where = f"row {index} (0-based)"
+    if lines is not None:
+        return f"{where}, line {lines[index]} of {source}"
+    return f"{where} of {source}" if source else where
+
+
+def check_row_formats(rows: list, source: str | None = None, lines: list[int] | None = None) -> None:
+    """Every field holds one format in every row (a string, a message list ...), as a table needs.
+
+    Raises a TypeError naming the first row that disagrees (0-based, with its line when `lines` is given), the
+    field, and the earlier row it disagrees with; rows that are not mappings are left to the row checks.
+    """
+    first: dict[str, tuple[str, int]] = {}
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            continue
+        for name, value in row.items():
+            kind = _kind(value)
+            if kind is None:
+                continue
+            seen_kind, seen_row = first.setdefault(name, (kind, index))
+            if kind != seen_kind:
+                raise TypeError(
+                    f"{row_place(index, source, lines)}: field '{name}' is a {kind} but "
+                    f"{row_place(seen_row, None if lines is None else source, lines)} has a {seen_kind}; "
+                    "each column must hold one format in every row"
+                )
+
+
 def _rows_to_dataset(rows: list, tokenizer):
     """A list of dicts as a Dataset; a value arrow cannot store gets our row/field error instead of arrow's."""
     from datasets import Dataset
@@ -544,28 +645,21 @@ def _rows_to_dataset(rows: list, tokenizer):
         )
         if not plain:
             row_to_text(row, index, tokenizer)
+    check_row_formats(rows)
     try:
         return dataset_from_rows(rows)
     except Exception as err:  # arrow's errors vary (ArrowInvalid, ArrowTypeError, OverflowError, ...)
         for index, row in enumerate(rows):  # now also the rows that lack a column
             if not all(k in row for k in COLUMNS):
                 row_to_text(row, index, tokenizer)
-        first: dict[str, tuple[str, int]] = {}
         for index, row in enumerate(rows):
             for name, value in row.items():
-                if value is None:
-                    continue
-                kind = {str: "string", list: "list"}.get(type(value), type(value).__name__)
-                seen_kind, seen_row = first.setdefault(name, (kind, index))
-                if kind != seen_kind:
-                    raise TypeError(
-                        f"row {index}: field '{name}' is a {kind} but row {seen_row} has a {seen_kind}; "
-                        "each column must hold one format"
-                    ) from None
                 try:
                     Dataset.from_list([{name: value}])
                 except Exception:
-                    raise TypeError(f"row {index}: field '{name}' holds a value arrow cannot store ({err})") from None
+                    raise TypeError(
+                        f"{row_place(index)}: field '{name}' holds a value arrow cannot store ({err})"
+                    ) from None
         raise
 
 
@@ -581,8 +675,11 @@ def dataset_from_rows(rows: list[dict[str, Any]]):
 
 
 # ----------------------------------------------------------------------------------------------- files
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file; a malformed line raises a ValueError naming the file and the line number."""
+def read_jsonl(path: str | Path, lines: list[int] | None = None) -> list[dict[str, Any]]:
+    """Read a JSONL file; a malformed line raises a ValueError naming the file and the line number.
+
+    When `lines` is a list, the (1-based) line number of each row is appended to it.
+    """
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -595,30 +692,50 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
+            if lines is not None:
+                lines.append(lineno)
     return rows
 
 
+def _file_rows(path: Path, split: str) -> tuple[list[dict[str, Any]], list[int] | None]:
+    """The rows of a .json/.jsonl file and, for JSON lines, the line each row is on."""
+    lines: list[int] = []
+    if path.suffix.lower() == ".jsonl":
+        return read_jsonl(path, lines), lines
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:  # JSON lines under a .json name
+        lines = []
+        return read_jsonl(path, lines), lines
+    if isinstance(data, dict) and split in data:
+        data = data[split]
+    elif isinstance(data, dict):  # a single row (one JSON line under a .json name)
+        data = [data]
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise ValueError(f"{path}: expected a JSON list of rows (or {{'{split}': [...]}})")
+    return data, None
+
+
+_LOCAL_LOOKING = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt")
+
+
 def load_preference_dataset(name_or_path: str, split: str = "train", config: str | None = None):
-    """A hub dataset name, a local directory (saved or loadable by `datasets`), or a .json/.jsonl/.parquet file."""
+    """A hub dataset name, a local directory (saved or loadable by `datasets`), or a .json/.jsonl/.parquet file.
+
+    The command line (`orpo-plugin train`, `orpo-plugin eval`) reads its data here. JSON rows are checked before
+    they become a table: a field whose format differs between rows raises a TypeError naming the row (0-based), its
+    line in the file and the field (the row checks of `prepare_dataset` follow, as for a list given to the trainer).
+    A path that does not exist raises FileNotFoundError.
+    """
     import datasets
 
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            return dataset_from_rows(read_jsonl(path))
-        if suffix == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:  # JSON lines under a .json name
-                return dataset_from_rows(read_jsonl(path))
-            if isinstance(data, dict) and split in data:
-                data = data[split]
-            elif isinstance(data, dict):  # a single row (one JSON line under a .json name)
-                data = [data]
-            if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-                raise ValueError(f"{path}: expected a JSON list of rows (or {{'{split}': [...]}})")
-            return dataset_from_rows(data)
+        if suffix in (".jsonl", ".json"):
+            rows, lines = _file_rows(path, split)
+            check_row_formats(rows, path.name, lines)
+            return dataset_from_rows(rows)
         if suffix == ".parquet":
             return datasets.Dataset.from_parquet(str(path))
         raise ValueError(f"{path}: unsupported file type '{suffix}' (use .json, .jsonl or .parquet)")
@@ -628,4 +745,13 @@ def load_preference_dataset(name_or_path: str, split: str = "train", config: str
         if (path / "dataset_dict.json").exists():
             return datasets.load_from_disk(str(path))[split]
         return datasets.load_dataset(str(path), config, split=split)
-    return datasets.load_dataset(name_or_path, config, split=split)
+    missing = f"{name_or_path}: no such file or directory (looked in {Path.cwd()})"
+    hub_like = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path) and not name_or_path.lower().endswith(_LOCAL_LOOKING)
+    if not hub_like or name_or_path.startswith("."):
+        raise FileNotFoundError(missing)
+    try:
+        return datasets.load_dataset(name_or_path, config, split=split)
+    except Exception as err:  # noqa: BLE001 - offline, unknown name, no access: say both readings of the name
+        raise FileNotFoundError(
+            f"{missing}; as a Hugging Face Hub dataset name it failed too ({type(err).__name__}: {err})"
+        ) from err

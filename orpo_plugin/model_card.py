@@ -42,12 +42,26 @@ class ModelCardMixin:
             return
         with open(path, encoding="utf-8") as f:
             text = f.read()
+        text = self._name_local_models(text)
         marker = "### Framework versions"
         section = self._model_card_options()
         text = text.replace(marker, section + marker, 1) if marker in text else text + "\n" + section
         text = text.replace(f"{marker}\n\n", f"{marker}\n\n- orpo-plugin: {_package_version()}\n", 1)
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
+
+    def _name_local_models(self, text: str) -> str:
+        """TRL's card links a base model on the Hub and loads the result by hub id; for a base model from a local
+        folder (or an object with no name) and a model not pushed, it would print `[None](https://huggingface.co/None)`
+        and `model="None"`. Name the folder instead, and load from the output directory."""
+        config = getattr(self.model, "config", None)  # as TRL reads it (a PEFT model forwards it)
+        source = str(getattr(config, "_name_or_path", "") or "")
+        if source:
+            local = f"a model from the local folder `{Path(source).name}`"
+        else:
+            local = "a model given as an object (no name or path recorded)"
+        text = text.replace("[None](https://huggingface.co/None)", local)
+        return text.replace('model="None"', f'model="{self.args.output_dir}"')
 
     def _model_card_options(self) -> str:
         args = self.args

@@ -260,6 +260,7 @@ class PackedBatchSampler(Sampler[list[int]]):
             "num_pairs": len(self.lengths),
             "num_repeated": num_items - len(self.lengths),
             "groups_per_rank": num_groups // self.num_replicas,
+            "num_replicas": self.num_replicas,
             "mean_pairs_per_group": num_items / num_groups if num_groups else 0.0,
             "budget": self.max_tokens,
             "mean_group_tokens": sum(tokens) / num_groups if num_groups else 0.0,

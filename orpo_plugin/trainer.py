@@ -41,6 +41,27 @@ class _EpochSetter(TrainerCallback):
         self.sampler.set_epoch(int(math.floor(state.epoch or 0)))
 
 
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def packing_summary(stats: dict, args) -> str:
+    """What packing makes of the batch size: pairs per micro-batch and per optimizer step, steps per epoch."""
+    accumulation = args.gradient_accumulation_steps
+    per_step = min(stats["mean_pairs_per_group"] * accumulation * stats["num_replicas"], stats["num_pairs"])
+    steps = max(math.ceil(stats["groups_per_rank"] / accumulation), 1)
+    text = (
+        f"packing: {stats['num_pairs']} pairs in micro-batches of up to {stats['budget']} tokens (packing_max_tokens; "
+        f"per_device_train_batch_size does not count pairs here), {stats['mean_pairs_per_group']:.1f} pairs per "
+        f"micro-batch on average: about {per_step:.0f} pairs per optimizer step, {steps} optimizer "
+        f"step{'s' if steps != 1 else ''} per epoch"
+    )
+    if args.max_steps and args.max_steps > 0:
+        text += f"; max_steps={args.max_steps} is {args.max_steps / steps:.1f} epochs"
+    return text
+
+
 class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseTrainer):
     """ORPO without a reference model: NLL on chosen + beta * odds-ratio loss, packed and chunked when asked."""
 
@@ -125,6 +146,8 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
                 pad_id, args.layout, args.nll_on_prompt, args.pad_to_multiple_of, decoder_start_token_id=decoder_start
             )
         args.remove_unused_columns = False
+        if args.dataloader_pin_memory and not _has_accelerator():  # torch warns on every epoch and pins nothing
+            args.dataloader_pin_memory = False
 
         prep = dict(
             tokenizer=tokenizer,
@@ -248,6 +271,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
         )
         if self._packed_sampler is None:
             self.add_callback(_EpochSetter(sampler))
+            logger.warning(packing_summary(sampler.stats(), self.args))
         else:
             for cb in self.callback_handler.callbacks:
                 if isinstance(cb, _EpochSetter):

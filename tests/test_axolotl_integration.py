@@ -794,3 +794,47 @@ def test_bad_dataset_type_or_row_is_named(case, preference_data, fixtures_dir, t
     for text in expected:
         assert text in result["error"], (text, result["error"])
     assert "AssertionError" not in result["error"]
+
+
+# ----------------------------------------------------------------------------------------- the commands as written
+def _tiny_config_commands() -> list[str]:
+    """The commands the tiny config's header gives, verbatim (comments after them cut)."""
+    lines = [line[1:].strip() for line in TINY_CONFIG.read_text().splitlines() if line.startswith("#   ")]
+    return [line.split("  #")[0].strip() for line in lines]
+
+
+@pytest.mark.parametrize("switches", ["as written", "HF_HUB_OFFLINE=1 only"])
+def test_tiny_config_commands_run_as_written_and_exit(axolotl_python, tmp_path, switches):
+    """`python integration/axolotl/fixtures.py ...` then `... axolotl train configs/axolotl/tiny-cpu-orpo.yml` from a
+    checkout's root, in a shell, with nothing from this test's environment switching Axolotl's telemetry off: the
+    run trains, saves and exits. With HF_HUB_OFFLINE=1 alone the plugin turns the telemetry off itself (its uploads
+    could only fail, and Axolotl waits for them at exit: orpo_plugin/axolotl/telemetry.py)."""
+    import shutil
+
+    commands = _tiny_config_commands()
+    assert commands == [
+        "python integration/axolotl/fixtures.py outputs/axolotl-tiny",
+        "AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 axolotl train configs/axolotl/tiny-cpu-orpo.yml",
+    ]
+    if switches != "as written":
+        commands[1] = commands[1].replace("AXOLOTL_DO_NOT_TRACK=1 ", "")
+    checkout = tmp_path / "checkout"  # the files the commands read, where they expect them
+    shutil.copytree(HERE, checkout / "integration" / "axolotl")
+    shutil.copytree(TINY_CONFIG.parent, checkout / "configs" / "axolotl")
+    env = _env(axolotl_python)
+    for name in ("AXOLOTL_DO_NOT_TRACK", "DO_NOT_TRACK", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                 "TRANSFORMERS_OFFLINE"):
+        env.pop(name, None)
+    for command in commands:
+        try:
+            proc = subprocess.run(["bash", "-c", command], cwd=checkout, env=env, capture_output=True, text=True,
+                                  timeout=900)
+        except subprocess.TimeoutExpired as err:
+            pytest.fail(f"{command!r} did not exit within {err.timeout} s:\n{_tail(str(err.stderr or ''))}")
+        assert proc.returncode == 0, f"{command!r} failed:\n{_tail(proc.stdout + proc.stderr)}"
+    out = checkout / "outputs" / "axolotl-tiny" / "run"
+    assert (out / "adapter_model.safetensors").exists() or (out / "model.safetensors").exists(), sorted(
+        p.name for p in out.iterdir()
+    )
+    turned_off = "Axolotl telemetry turned off for this run" in proc.stdout + proc.stderr
+    assert turned_off == (switches != "as written")

@@ -110,7 +110,7 @@ def test_mixed_string_prompt_that_disagrees_is_an_error_naming_the_row(case):
         {"prompt": "Name a tool.", "chosen": [user(FRUIT), assistant("apple.")],
          "rejected": [user(FRUIT), assistant("dog.")]},
     ]
-    with pytest.raises(ValueError, match=r"row 1: field 'prompt' is the string 'Name a tool.'"):
+    with pytest.raises(ValueError, match=r"row 1 \(0-based\): field 'prompt' is the string 'Name a tool.'"):
         prepare_dataset(rows, tok)
 
 
@@ -133,7 +133,7 @@ def test_a_user_turn_is_never_trained_as_the_answer(case, row):
     an error naming the row and field, not a pair whose response holds the user's turn."""
     _, tok = case
     good = {"chosen": [user(FRUIT), assistant("apple.")], "rejected": [user(FRUIT), assistant("dog.")]}
-    with pytest.raises(ValueError, match=r"row 1: field 'chosen' goes on with a 'user' message"):
+    with pytest.raises(ValueError, match=r"row 1 \(0-based\): field 'chosen' goes on with a 'user' message"):
         prepare_dataset([good, row], tok)
 
 
@@ -146,7 +146,7 @@ def test_a_template_that_refuses_a_row_names_the_row(case):
     )
     good = {"prompt": [user(FRUIT)], "chosen": [assistant("apple.")], "rejected": [assistant("dog.")]}
     bad = {"prompt": [user(FRUIT), user(SKY)], "chosen": [assistant("apple.")], "rejected": [assistant("dog.")]}
-    with pytest.raises(ValueError, match=r"row 1: the tokenizer's chat template refused .*roles must alternate"):
+    with pytest.raises(ValueError, match=r"row 1 \(0-based\): the tokenizer's chat template refused .*roles must alternate"):
         prepare_dataset([good, bad], refusing)
 
 

@@ -274,3 +274,20 @@ def test_bf16_qlora_keeps_the_frozen_embeddings_in_their_loaded_dtype(tiny, tmp_
     assert adapters and sorted(grads) == sorted(adapters)
     assert all(g.abs().sum() > 0 for g in grads.values())
     assert ours.model.get_output_embeddings().weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_a_jsonl_row_of_another_format_stops_train_and_eval_with_its_row_line_and_field(tiny, tmp_path, command):
+    good = {"chosen": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "apple"}],
+            "rejected": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "dog"}]}
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in [good] * 7 + [{**good, "rejected": "dog"}]))
+    if command == "train":
+        argv = ["train", *common(tiny, tmp_path / "o")]
+        argv[argv.index("--dataset_name") + 1] = str(bad)
+    else:
+        argv = ["eval", "--model", str(tiny / "model"), "--dataset", str(bad), "--split", "train",
+                "--output", str(tmp_path / "eval.json")]
+    with pytest.raises(TypeError, match=r"^row 7 \(0-based\), line 8 of prefs\.jsonl: field 'rejected' is a string "
+                                        r"but row 0 \(0-based\), line 1 of prefs\.jsonl has a message list"):
+        cli.main(argv)

