@@ -19,6 +19,7 @@ from .collators import PreferenceCollator, pair_cost
 from .config import ORPOConfig
 from .data import prepare_dataset
 from .generation import EvalGenerationsMixin
+from .kernels import activation_offloading_context, check_activation_offloading, liger_kernel_config
 from .model_card import ModelCardMixin
 from .model_setup import apply_peft, disable_dropout_in_model, load_model
 from .modeling import (
@@ -115,6 +116,10 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, BaseTrainer):
             tokenizer.pad_token = tokenizer.eos_token
             logger.warning("the tokenizer has no pad token; using its eos token %r for padding", tokenizer.eos_token)
 
+        check_activation_offloading(args)  # refused here, at start, where it cannot run
+        liger = liger_kernel_config(args)
+        if liger is not None:
+            args.liger_kernel_config = liger  # the base Trainer applies it when training starts
         self.attention_override = self._choose_attention(model, args)
         pad_id = args.padding_value if args.padding_value is not None else tokenizer.pad_token_id
         decoder_start = None
@@ -172,6 +177,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, BaseTrainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self.head = OutputHead.of(self.model)
+        self.activation_offload_context = activation_offloading_context(self.model, args)
         self.chunk_size = None
         # Encoder-decoder models compute their own logits (encoder_decoder_logps).
         self.logits_in_forward = self.is_encoder_decoder
@@ -348,7 +354,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, BaseTrainer):
             self._verify_head_now(model)
         # Forward and backward under one attention override: gradient checkpointing recomputes the layers during
         # backward, and the recomputation must run the same attention as the forward did.
-        with attention.attention_implementation(model, self.attention_override):
+        with attention.attention_implementation(model, self.attention_override), self.activation_offload_context:
             return super().training_step(model, inputs, *args, **kwargs)
 
     def train(self, *args, **kwargs):
