@@ -295,20 +295,19 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, BaseTrainer):
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
-        totals = torch.tensor(
-            [
-                float(sum(int(b["num_pairs"]) for b in batches)),
-                float(sum(int(b["pred_nll"].sum()) for b in batches)),
-            ],
-            device=self.accelerator.device,
-        )
-        if self.accelerator.num_processes > 1:
-            totals = self.accelerator.reduce(totals, reduction="sum")
+        # host counts from the collator: no device read on one process (see modeling._host_count)
+        totals = [
+            float(sum(int(b["num_pairs"]) for b in batches)),
+            float(sum(int(b["nll_tokens"]) if "nll_tokens" in b else int(b["pred_nll"].sum()) for b in batches)),
+        ]
         world = self.accelerator.num_processes
+        if world > 1:  # one reduction and one read per optimizer step
+            reduced = self.accelerator.reduce(torch.tensor(totals, device=self.accelerator.device), reduction="sum")
+            totals = reduced.tolist()
         # DDP averages gradients over ranks, so each rank normalises by (global total / world size)
-        self._norm = (totals[0].item() / world, totals[1].item() / world)
+        self._norm = (totals[0] / world, totals[1] / world)
         self._steps_since_log += 1
-        return batches, totals[1]
+        return batches, torch.tensor(totals[1])
 
     def _check_batch(self, inputs):
         if "pred_pos" not in inputs:
@@ -322,6 +321,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, BaseTrainer):
         total_pairs, total_tokens = self._norm if (self._norm and model.training) else (None, None)
         if self._verify_head_on_first_step:
             self._verify_head_now(model)
+        attention.register_host_layout(inputs)  # attention plans read the collator's host lists, not the device
         # autocast around the whole computation, not only the model's forward (where accelerate puts it): the
         # output layer applied to the hidden states runs in the precision the model's own head would
         with attention.attention_implementation(model, self.attention_override), self.accelerator.autocast():
@@ -393,11 +393,16 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, BaseTrainer):
             sums = dict(self._metric_sums[mode])
             if self.accelerator.num_processes > 1:
                 keys = sorted(sums)
-                stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]).to(
-                    self.accelerator.device
+                stacked = torch.stack(
+                    [torch.as_tensor(sums[k], dtype=torch.float32, device=self.accelerator.device) for k in keys]
                 )
                 stacked = self.accelerator.reduce(stacked, reduction="sum").cpu()
                 sums = dict(zip(keys, stacked))
+            else:  # the sums kept on the device are read in one copy: one synchronisation per log
+                on_device = [k for k, v in sums.items() if isinstance(v, torch.Tensor)]
+                if on_device:
+                    values = torch.stack([sums[k].float() for k in on_device]).cpu()
+                    sums.update(zip(on_device, values))
             metrics = metrics_from_sums(sums, self.beta, prefix="eval_" if mode == "eval" else "")
             if mode == "train":
                 steps = max(self._steps_since_log, 1)

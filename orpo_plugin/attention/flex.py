@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .contract import FLEX_NAME, read_features
+from .contract import FLEX_NAME, host_list, read_features
 
 ORPO_FLEX_FEATURES = ("sliding_window", "softcap", "s_aux")
 
@@ -27,7 +27,7 @@ def _prefix_tables(segments: torch.Tensor, total: int, device):
     pair = torch.empty(total, dtype=torch.long)
     branch = torch.empty(total, dtype=torch.long)
     position = torch.empty(total, dtype=torch.long)
-    for i, (start, lp, lc, lr) in enumerate(segments.tolist()):
+    for i, (start, lp, lc, lr) in enumerate(host_list(segments)):
         a, b, e = start, start + lp + lc, start + lp + lc + lr
         pair[a:e] = i
         branch[a : a + lp], branch[a + lp : b], branch[b:e] = 0, 1, 2
@@ -40,7 +40,7 @@ def _packed_tables(cu: torch.Tensor, total: int, device):
     """`_prefix_tables` of a padding-free row: one "pair" per sequence, all of one branch, positions restart."""
     pair = torch.empty(total, dtype=torch.long)
     position = torch.arange(total)
-    bounds = cu.tolist()
+    bounds = host_list(cu)
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         pair[a:b] = i
         position[a:b] = torch.arange(b - a)
