@@ -17,8 +17,8 @@ The run, as a user with a 24 GB card would set it up (configs/trl/llama-3-8b-qlo
   packing_max_tokens, the config's 8,192); packing + prefix sharing; packing + Liger kernels where liger_kernel
   imports (with a one-step parity check against packing).
 - Each method: a fresh adapter, WARMUP untimed steps, then timed optimizer steps; every method measured REPEATS
-  times, alternating (A B C D A B C D), spread printed. A per-measurement time guard stops a measurement early so
-  the whole call fits (the table says how many steps each timed).
+  times, alternating (A B C D A B C D), spread printed. A per-measurement time guard stops a measurement early (after
+  at least 2 timed steps) so the whole call fits (the table says how many steps each timed).
 - Columns: real tokens/s (2 x prompt + chosen + rejected per pair, the tokens a padded batch trains, whatever the
   layout) and the ratio to TRL; peak memory (torch.cuda.max_memory_allocated); pad fraction (computed positions
   that are padding); MFU = model FLOPs per real token x real tokens/s / the bf16 matmul rate measured in this run.
@@ -250,9 +250,14 @@ def measure(method, model, rows, tok, sizes, cuda, out, deadline, accumulation, 
                                max_steps=sizes.warmup + sizes.steps, accumulation=accumulation,
                                callbacks=[guard.callback()], extra=extra)
         trainer.__class__ = _metered_class(type(trainer), meter)
+        meter.pending = []
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
+        for step, inputs in meter.pending:  # after the timed steps (see _metered_class)
+            meter.step, saved = step, meter.step
+            meter.count(inputs)
+            meter.step = saved
         trainer_entry.update(meter.result())
         spread = meter.step_wall
         trainer_entry["step_s_min_max"] = (min(spread), max(spread)) if spread else None
@@ -274,8 +279,16 @@ def measure(method, model, rows, tok, sizes, cuda, out, deadline, accumulation, 
     return trainer_entry, model
 
 
+COUNTED_KEYS = ("pred_pos", "input_ids", "real_tokens", "unshared_tokens", "num_pairs", "chosen_attention_mask",
+                "rejected_attention_mask")
+
+
 def _metered_class(cls, meter):
-    """`cls` with get_batch_samples/training_step reporting to `meter` (common.metered without its step callback)."""
+    """`cls` with get_batch_samples/training_step reporting to `meter` (common.metered without its step callback).
+
+    Micro-batches are counted after training (`count_pending`): counting TRL's batches sums device masks, a device
+    read that would otherwise add one synchronisation per micro-batch to TRL's timed steps.
+    """
 
     class Metered(cls):
         def get_batch_samples(self, *args, **kwargs):
@@ -283,7 +296,7 @@ def _metered_class(cls, meter):
             return super().get_batch_samples(*args, **kwargs)
 
         def training_step(self, model, inputs, *args, **kwargs):
-            meter.count(inputs)
+            meter.pending.append((meter.step, {k: inputs[k] for k in COUNTED_KEYS if k in inputs}))
             return super().training_step(model, inputs, *args, **kwargs)
 
     Metered.__name__ = cls.__name__

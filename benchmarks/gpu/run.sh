@@ -2,7 +2,7 @@
 # One command on one GPU (at most 8 minutes on an H200), one script per call:
 #   bench    (default) the user-shaped QLoRA run: TRL vs ours at 8B under a 24 GiB cap, tokens/s, memory, pad, MFU,
 #            and the long-pair ladder (benchmarks/gpu/bench.py)
-#   profile  where a step's time goes, per method (benchmarks/gpu/profile.py)
+#   profile  where a step's time goes, per method (benchmarks/gpu/profile_steps.py)
 #   proof    bf16 parity of every attention backend and a small QLoRA run (benchmarks/gpu/proof.py)
 #
 #   benchmarks/gpu/run.sh [bench|profile|proof] [OUT_DIR]             # on the GPU image; OUT_DIR defaults to $OUT,
@@ -18,7 +18,8 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRL_EXPERIMENTAL_SILENCE=1
 
 SCRIPT=bench
 case "${1:-}" in
-  bench|profile|proof) SCRIPT="$1"; shift ;;
+  bench|proof) SCRIPT="$1"; shift ;;
+  profile) SCRIPT=profile_steps; shift ;;
 esac
 if [[ "${1:-}" == "--dry-run" ]]; then
   OUT_DIR="${2:-${TMPDIR:-/tmp}/orpo-gpu-dry-run}"
