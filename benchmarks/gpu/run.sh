@@ -5,8 +5,9 @@
 #   profile  where a step's time goes, per method (benchmarks/gpu/profile_steps.py)
 #   proof    bf16 parity of every attention backend and a small QLoRA run (benchmarks/gpu/proof.py)
 #
-#   benchmarks/gpu/run.sh [bench|profile|proof] [OUT_DIR]             # on the GPU image; OUT_DIR defaults to $OUT,
-#                                                                      # else benchmarks/gpu/out
+#   benchmarks/gpu/run.sh [bench|profile|proof] [OUT_DIR [OPTIONS]]   # on the GPU image; OUT_DIR defaults to $OUT,
+#                                                                      # else benchmarks/gpu/out; OPTIONS go to the
+#                                                                      # script (bench: --part ladder, a second call)
 #   benchmarks/gpu/run.sh [bench|profile|proof] --dry-run [OUT_DIR]   # the same code on CPU at tiny sizes
 #
 # The GPU image lacks trl, datasets, bitsandbytes and a network: their wheels are fetched beforehand into .whl/
@@ -23,10 +24,11 @@ case "${1:-}" in
 esac
 if [[ "${1:-}" == "--dry-run" ]]; then
   OUT_DIR="${2:-${TMPDIR:-/tmp}/orpo-gpu-dry-run}"
-  exec python "benchmarks/gpu/$SCRIPT.py" "$OUT_DIR" --dry-run
+  exec python "benchmarks/gpu/$SCRIPT.py" "$OUT_DIR" --dry-run "${@:3}"
 fi
 
 OUT_DIR="${1:-${OUT:-benchmarks/gpu/out}}"
+EXTRA=("${@:2}")  # options after OUT_DIR go to the script (bench.py --part ladder, ...)
 shopt -s nullglob
 WHEELS=(.whl/*.whl)
 if [[ ${#WHEELS[@]} -eq 0 ]]; then
@@ -53,4 +55,4 @@ print(f"torch {torch.__version__} cuda {torch.version.cuda}, transformers {trans
 PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # 460 s for the script: install and imports fit in the rest of 8 minutes (bench.py budgets its phases within it)
-timeout 460 python "benchmarks/gpu/$SCRIPT.py" "$OUT_DIR"
+timeout 460 python "benchmarks/gpu/$SCRIPT.py" "$OUT_DIR" "${EXTRA[@]}"
