@@ -63,8 +63,15 @@ def liger_kernel_config(args) -> dict | None:
 
 def check_activation_offloading(args) -> None:
     """A ValueError naming `activation_offloading` where TRL's manager cannot run: without an accelerator (its
-    constructor reads `torch.accelerator.current_accelerator().type`, None on a CPU-only machine)."""
-    if getattr(args, "activation_offloading", False) and _accelerator(args) is None:
+    constructor reads `torch.accelerator.current_accelerator().type`, None on a CPU-only machine), and modes other
+    than on/off (Axolotl's `activation_offloading: legacy | disk | hidden_states` reach the same field)."""
+    value = getattr(args, "activation_offloading", False)
+    if value not in (None, True, False):
+        raise ValueError(
+            f"activation_offloading={value!r}: orpo_plugin runs TRL's activation offloading (True) or none (False); "
+            "other offloading modes are not supported by its trainer. Set activation_offloading to true or false"
+        )
+    if value and _accelerator(args) is None:
         raise ValueError(
             "activation_offloading=True moves activations from an accelerator to host memory; this run has "
             f"{'use_cpu=True' if getattr(args, 'use_cpu', False) else 'no accelerator'}. Set activation_offloading=False"

@@ -65,6 +65,14 @@ def test_activation_offloading_is_refused_without_an_accelerator():
         trainer(activation_offloading=True, use_cpu=True)
 
 
+def test_activation_offloading_modes_other_than_on_off_are_refused():
+    """Axolotl's modes (legacy, disk, hidden_states) reach the same field under the plugin: refused, not run as True."""
+    args_ = args()
+    args_.activation_offloading = "disk"
+    with pytest.raises(ValueError, match="activation_offloading='disk'"):
+        kernels.check_activation_offloading(args_)
+
+
 class _CopyingOffload(torch.autograd.graph.saved_tensors_hooks):
     """A stand-in for TRL's manager on a CPU: every saved activation is stored as a copy in other memory and a new
     tensor comes back in backward, as an offload to host and a reload do."""
