@@ -15,7 +15,8 @@ The run, as a user with a 24 GB card would set it up (configs/trl/llama-3-8b-qlo
 - Every method runs under torch.cuda.set_per_process_memory_fraction equal to 24 GiB (a consumer card emulated).
 - Methods: TRL's ORPOTrainer at the config's micro-batch; ours padded at the same micro-batch; packing (rows of
   packing_max_tokens, the config's 8,192); packing + prefix sharing; packing + Liger kernels where liger_kernel
-  imports (with a one-step parity check against packing).
+  imports (with a one-step parity check against packing), last and twice in a row: Liger patches the model in
+  place, so every other method runs before it.
 - Each method: a fresh adapter, WARMUP untimed steps, then timed optimizer steps; every method measured REPEATS
   times, alternating (A B C D A B C D), spread printed. A per-measurement time guard stops a measurement early (after
   at least 2 timed steps) so the whole call fits (the table says how many steps each timed).
@@ -70,6 +71,7 @@ LADDER = (2048, 4096, 8192, 16384, 32768)
 METHODS = ("trl", "padded", "packing", "prefix_sharing")
 # The phases of the GPU call, in seconds from the script's start (run.sh gives the script 460 s in all).
 BUDGET_S = 440
+LIGER_RESERVE_S = 70  # parity (2 one-step runs) and 2 short measurements, at the end (see main)
 LADDER_MIN_S = 60  # with --part all, the ladder runs in what the main table left, when at least this much
 
 
@@ -463,6 +465,18 @@ def render(summary, meta: dict, cuda: bool) -> str:
 # ---- main ---------------------------------------------------------------------------------------------------------
 
 
+def _measure_plan(plan, results, model, rows, tok, sizes, cuda, work, end, accumulation):
+    """Measure each method of `plan` in turn, each given an equal share of the time left before `end`."""
+    for i, method in enumerate(plan):
+        share = (end - time.perf_counter()) / (len(plan) - i)
+        extra = {"use_liger_kernel": True} if method == "packing+liger" else None
+        entry, model = measure(method, model, rows, tok, sizes, cuda, work, time.perf_counter() + share,
+                               accumulation, extra=extra)
+        log(f"{method}: {({k: v for k, v in entry.items() if k != 'step_wall'})}")
+        results[method].append(entry)
+    return model
+
+
 def main(argv=None) -> int:
     start = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -521,34 +535,34 @@ def main(argv=None) -> int:
         proof.write_random_checkpoint(config, path, cuda)
         model = proof.load_qlora_base(path, cuda)
         log(f"checkpoint written and loaded in nf4 in {time.perf_counter() - t0:.0f}s")
-        if "packing+liger" in methods and opts.part != "ladder":
+        liger = "packing+liger" in methods and opts.part != "ladder"
+        # Liger patches the model's modules (and transformers' RoPE function) in place and cannot be undone in this
+        # process: it runs last, after every other method and the ladder, in the time reserved for it
+        liger_start = deadline - (LIGER_RESERVE_S if liger else 0)
+        # the main table: methods alternating, each measured `repeats` times, each measurement with a time guard
+        base_methods = [m for m in methods if m != "packing+liger"]
+        plan = [m for _ in range(sizes.repeats) for m in base_methods] if opts.part != "ladder" else []
+        model = _measure_plan(plan, results, model, rows, tok, sizes, cuda, work, liger_start, opts.accumulation)
+        if opts.part == "ladder" or (opts.part == "all" and liger_start - time.perf_counter() >= LADDER_MIN_S):
+            meta["ladder"], model = run_ladder(model, tok, sizes, cuda, work, liger_start)
+        elif opts.part == "all":
+            meta["ladder_note"] = "the ladder had no time left in this call: bash benchmarks/gpu/run.sh bench OUT --part ladder"
+        if liger:
             try:
-                ref, model = first_step_loss("packing", model, rows, tok, sizes, cuda, work)
+                ref, model = first_step_loss("packing", model, rows, tok, sizes, cuda, work)  # before any patch
                 lig, model = first_step_loss("packing", model, rows, tok, sizes, cuda, work,
-                                             extra=dict(use_liger_kernel=True))
+                                             extra={"use_liger_kernel": True})
                 loss_rel, grad_rel = proof.compare(lig, ref)
                 tol = proof.TOLERANCE["bf16"]
                 ok = loss_rel <= tol["loss"] and grad_rel <= tol["grad"]
                 meta["liger_parity"] = (f"{'pass' if ok else 'FAIL'}: loss rel. diff {loss_rel:.2e} (<= {tol['loss']:g}), "
-                                        f"grad rel. diff {grad_rel:.2e} (<= {tol['grad']:g})")
+                                        f"grad rel. diff {grad_rel:.2e} (<= {tol['grad']:g}); measured after the other "
+                                        "methods, twice in a row (its patches cannot be undone in-process)")
             except Exception as err:  # noqa: BLE001
                 meta["liger_parity"] = f"error: {type(err).__name__}: {err}"
                 traceback.print_exc()
-        # the main table: methods alternating, each measured `repeats` times, each measurement with a time guard
-        main_end = deadline
-        plan = [m for _ in range(sizes.repeats) for m in methods] if opts.part != "ladder" else []
-        for i, method in enumerate(plan):
-            left = main_end - time.perf_counter()
-            share = left / (len(plan) - i)
-            extra = dict(use_liger_kernel=True) if method == "packing+liger" else None
-            entry, model = measure(method, model, rows, tok, sizes, cuda, work, time.perf_counter() + share,
-                                   opts.accumulation, extra=extra)
-            log(f"{method}: {({k: v for k, v in entry.items() if k != 'step_wall'})}")
-            results[method].append(entry)
-        if opts.part == "ladder" or (opts.part == "all" and deadline - time.perf_counter() >= LADDER_MIN_S):
-            meta["ladder"], model = run_ladder(model, tok, sizes, cuda, work, deadline)
-        elif opts.part == "all":
-            meta["ladder_note"] = "the ladder had no time left in this call: bash benchmarks/gpu/run.sh bench OUT --part ladder"
+            model = _measure_plan(["packing+liger"] * sizes.repeats, results, model, rows, tok, sizes, cuda, work,
+                                  deadline, opts.accumulation)
     summary = summarise(results, flops_per_token, rate)
     meta["setup"] = (
         f"Llama-3-8B shapes {sizes.model}" + (" (dry run: tiny shapes)" if not cuda else "") +
