@@ -113,9 +113,14 @@ class PreferenceCollator:
     @staticmethod
     def _finish(batch, preds: Predictions, num_pairs, real_tokens):
         preds.to_batch(batch)
-        batch["num_pairs"] = torch.tensor(num_pairs)
-        batch["real_tokens"] = torch.tensor(real_tokens)
-        batch["total_tokens"] = torch.tensor(batch["input_ids"].numel())
+        # Counts the loss and its metrics need, as Python ints: they stay on the host when the batch moves to the
+        # device, so reading them never waits for the device (no synchronisation per micro-batch).
+        batch["num_pairs"] = num_pairs
+        batch["real_tokens"] = real_tokens
+        batch["total_tokens"] = batch["input_ids"].numel()
+        batch["nll_tokens"] = sum(preds.nll)
+        batch["in_logits_chosen_count"] = sum(preds.in_logits_chosen)
+        batch["in_logits_rejected_count"] = sum(preds.in_logits_rejected)
         return batch
 
     def _round_up(self, n: int) -> int:
@@ -161,7 +166,7 @@ class PreferenceCollator:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": decoder_input_ids}
         real = sum(len(p) for p in encoder) + sum(len(r) for r in responses)
         batch = self._finish(batch, preds, num_pairs, real)
-        batch["total_tokens"] = torch.tensor(input_ids.numel() + decoder_input_ids.numel())
+        batch["total_tokens"] = input_ids.numel() + decoder_input_ids.numel()
         return batch
 
     def _padding_free(self, sequences, prompt_lens, num_pairs):
@@ -188,6 +193,7 @@ class PreferenceCollator:
             "cu_seq_lens_k": cu_t.clone(),
             "max_length_q": max(lengths),
             "max_length_k": max(lengths),
+            "cu_seq_lens_host": cu,  # the same boundaries as a host list, for attention plans (no device read)
         }
         return self._finish(batch, preds, num_pairs, real)
 
@@ -218,10 +224,11 @@ class PreferenceCollator:
             "input_ids": torch.tensor([flat], dtype=torch.long),
             "position_ids": torch.tensor([position_ids], dtype=torch.long),
             "prefix_segments": torch.tensor(segments, dtype=torch.long),
+            "prefix_segments_host": [list(seg) for seg in segments],  # the same, as a host list (attention plans)
         }
         # tokens the model would have computed without sharing: the prompt twice
         batch = self._finish(batch, preds, num_pairs, real)
-        batch["unshared_tokens"] = torch.tensor(real + sum(len(p) for p in prompts))
+        batch["unshared_tokens"] = real + sum(len(p) for p in prompts)
         return batch
 
 

@@ -146,6 +146,15 @@ class ORPOConfig(BaseConfig):
             "in one chunk keeps that chunk's gradient for backward instead of recomputing its logits."
         },
     )
+    activation_offloading: bool = field(
+        default=False,
+        metadata={
+            "help": "Whether to offload the activations to the CPU (as in TRL's SFT and DPO configs, through TRL's "
+            "own context manager, `trl.models.get_act_offloading_ctx_manager`). Saved activations move to pinned "
+            "CPU memory during forward and back during backward: less accelerator memory for longer pairs, at the "
+            "cost of host transfers. Needs an accelerator (refused at start on a CPU)."
+        },
+    )
 
     # ---- model
     disable_dropout: bool = field(default=True, metadata={"help": "Whether to disable dropout in the model."})

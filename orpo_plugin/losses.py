@@ -50,7 +50,8 @@ def odds_ratio_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -
 def sequence_logps(token_logps: torch.Tensor, seq_index: torch.Tensor, num_sequences: int) -> torch.Tensor:
     """Mean log-prob per sequence from a flat list of response-token log-probs and their sequence index."""
     sums = token_logps.new_zeros(num_sequences).index_add(0, seq_index, token_logps)
-    counts = torch.bincount(seq_index, minlength=num_sequences).to(sums.dtype)
+    # index_add, not bincount: bincount sizes its output from the data, which reads the device (a synchronisation)
+    counts = sums.new_zeros(num_sequences).index_add(0, seq_index, sums.new_ones(seq_index.shape))
     return sums / counts.clamp(min=1)
 
 

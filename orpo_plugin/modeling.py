@@ -109,10 +109,21 @@ def predicted_logps(
     return result
 
 
+def _host_count(batch: dict, key: str, mask: torch.Tensor | None) -> int:
+    """A count the collator computed on the host (`PreferenceCollator` gives Python ints); a collator that gives a
+    tensor, or only the `mask` to count, costs a device read (a synchronisation) here."""
+    value = batch.get(key)
+    if value is None:
+        if mask is None:
+            raise ValueError(f"the batch lacks '{key}' (orpo_plugin.PreferenceCollator gives it)")
+        return int(mask.sum())
+    return int(value)
+
+
 @dataclass
 class ForwardResult:
     output: ORPOOutput
-    sums: dict  # metric numerators/denominators of this micro-batch, all detached float tensors
+    sums: dict  # metric numerators/denominators of this micro-batch: detached device tensors or host floats
 
 
 def orpo_forward(
@@ -127,38 +138,41 @@ def orpo_forward(
 ) -> ForwardResult:
     """Loss of one micro-batch (normalised by the given totals) and the sums its metrics are made of."""
     token_logps, logit_sums = predicted_logps(model, batch, head, chunk_size, logits_in_forward)
-    pairs = int(batch["num_pairs"])
+    # No value is read back from the device here (see `_host_count`): masks select by `where`, not by indexing.
+    pairs = _host_count(batch, "num_pairs", None)
     seq = batch["pred_seq"]
-    response = seq >= 0
-    logps = sequence_logps(token_logps[response], seq[response], 2 * pairs)
+    # prompt predictions (sequence -1) go to an extra last slot, dropped
+    slots = torch.where(seq >= 0, seq, torch.full_like(seq, 2 * pairs))
+    logps = sequence_logps(token_logps, slots, 2 * pairs + 1)[: 2 * pairs]
     chosen_logps, rejected_logps = logps[:pairs], logps[pairs:]
     nll_mask = batch["pred_nll"]
-    nll_tokens = int(nll_mask.sum())
-    nll_sum = -token_logps[nll_mask].sum()
+    nll_tokens = _host_count(batch, "nll_tokens", nll_mask)
+    nll_sum = -torch.where(nll_mask, token_logps, torch.zeros_like(token_logps)).sum()
     out = orpo_loss(chosen_logps, rejected_logps, nll_sum, nll_tokens, beta, total_pairs, total_nll_tokens)
     vocab = head.vocab_size
     in_logits_chosen, in_logits_rejected = batch["pred_in_logits_chosen"], batch["pred_in_logits_rejected"]
     with torch.no_grad():
         c, r = chosen_logps.detach().float(), rejected_logps.detach().float()
+        zero = torch.zeros_like(logit_sums)
+        # device tensors stay on the device (summed there over the steps, read once per log); counts are host floats
         sums = {
-            "pairs": torch.tensor(float(pairs)),
+            "pairs": float(pairs),
             "chosen_logps": c.sum(),
             "rejected_logps": r.sum(),
             "accuracies": (c > r).float().sum(),
-            "log_odds_ratio": out.log_sigmoid.detach().sum(),
-            "log_odds_chosen": out.log_odds.detach().sum(),
+            "log_odds_ratio": out.log_sigmoid.detach().float().sum(),
+            "log_odds_chosen": out.log_odds.detach().float().sum(),
             "nll_sum": nll_sum.detach().float(),
-            "nll_tokens": torch.tensor(float(nll_tokens)),
-            "logits_chosen_sum": logit_sums[in_logits_chosen].sum(),
-            "logits_chosen_count": torch.tensor(float(in_logits_chosen.sum()) * vocab),
-            "logits_rejected_sum": logit_sums[in_logits_rejected].sum(),
-            "logits_rejected_count": torch.tensor(float(in_logits_rejected.sum()) * vocab),
-            "real_tokens": batch["real_tokens"].float(),
-            "total_tokens": batch["total_tokens"].float(),
+            "nll_tokens": float(nll_tokens),
+            "logits_chosen_sum": torch.where(in_logits_chosen, logit_sums, zero).sum(),
+            "logits_chosen_count": float(_host_count(batch, "in_logits_chosen_count", in_logits_chosen)) * vocab,
+            "logits_rejected_sum": torch.where(in_logits_rejected, logit_sums, zero).sum(),
+            "logits_rejected_count": float(_host_count(batch, "in_logits_rejected_count", in_logits_rejected)) * vocab,
+            "real_tokens": float(batch["real_tokens"]),
+            "total_tokens": float(batch["total_tokens"]),
         }
         if "unshared_tokens" in batch:
-            sums["unshared_tokens"] = batch["unshared_tokens"].float()
-        sums = {k: v.detach().float().cpu() for k, v in sums.items()}
+            sums["unshared_tokens"] = float(batch["unshared_tokens"])
     return ForwardResult(out, sums)
 
 

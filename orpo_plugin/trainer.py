@@ -21,6 +21,7 @@ from .collators import PreferenceCollator, pair_cost
 from .config import ORPOConfig
 from .data import prepare_dataset
 from .generation import EvalGenerationsMixin
+from .kernels import activation_offloading_context, check_activation_offloading, liger_kernel_config
 from .model_card import ModelCardMixin
 from .model_setup import apply_peft, disable_dropout_in_model, load_model
 from .modeling import metrics_from_sums, orpo_forward
@@ -129,6 +130,10 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
             tokenizer.pad_token = tokenizer.eos_token
             logger.warning("the tokenizer has no pad token; using its eos token %r for padding", tokenizer.eos_token)
 
+        check_activation_offloading(args)  # refused here, at start, where it cannot run
+        liger = liger_kernel_config(args)
+        if liger is not None:
+            args.liger_kernel_config = liger  # the base Trainer applies it when training starts
         self.attention_override = self._choose_attention(model, args)
         pad_id = args.padding_value if args.padding_value is not None else tokenizer.pad_token_id
         decoder_start = None
@@ -189,6 +194,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self.head = OutputHead.of(self.model)
+        self.activation_offload_context = activation_offloading_context(self.model, args)
         self.chunk_size = None
         # Encoder-decoder models compute their own logits (encoder_decoder_logps).
         self.logits_in_forward = self.is_encoder_decoder
@@ -307,20 +313,19 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
-        totals = torch.tensor(
-            [
-                float(sum(int(b["num_pairs"]) for b in batches)),
-                float(sum(int(b["pred_nll"].sum()) for b in batches)),
-            ],
-            device=self.accelerator.device,
-        )
-        if self.accelerator.num_processes > 1:
-            totals = self.accelerator.reduce(totals, reduction="sum")
+        # host counts from the collator: no device read on one process (see modeling._host_count)
+        totals = [
+            float(sum(int(b["num_pairs"]) for b in batches)),
+            float(sum(int(b["nll_tokens"]) if "nll_tokens" in b else int(b["pred_nll"].sum()) for b in batches)),
+        ]
         world = self.accelerator.num_processes
+        if world > 1:  # one reduction and one read per optimizer step
+            reduced = self.accelerator.reduce(torch.tensor(totals, device=self.accelerator.device), reduction="sum")
+            totals = reduced.tolist()
         # DDP averages gradients over ranks, so each rank normalises by (global total / world size)
-        self._loss_totals = (totals[0].item() / world, totals[1].item() / world)
+        self._loss_totals = (totals[0] / world, totals[1] / world)
         self._steps_since_log += 1
-        return batches, totals[1]
+        return batches, torch.tensor(totals[1])
 
     def _check_batch(self, inputs):
         if "pred_pos" not in inputs:
@@ -334,6 +339,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
         total_pairs, total_tokens = self._loss_totals if (self._loss_totals and model.training) else (None, None)
         if self._verify_head_on_first_step:
             self._verify_head_now(model)
+        attention.register_host_layout(inputs)  # attention plans read the collator's host lists, not the device
         # autocast around the whole computation, not only the model's forward (where accelerate puts it): the
         # output layer applied to the hidden states runs in the precision the model's own head would
         with attention.attention_implementation(model, self.attention_override), self.accelerator.autocast():
@@ -353,7 +359,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
             self._verify_head_now(model)
         # Forward and backward under one attention override: gradient checkpointing recomputes the layers during
         # backward, and the recomputation must run the same attention as the forward did.
-        with attention.attention_implementation(model, self.attention_override):
+        with attention.attention_implementation(model, self.attention_override), self.activation_offload_context:
             return super().training_step(model, inputs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -379,11 +385,16 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
             sums = dict(self._metric_sums[mode])
             if self.accelerator.num_processes > 1:
                 keys = sorted(sums)
-                stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]).to(
-                    self.accelerator.device
+                stacked = torch.stack(
+                    [torch.as_tensor(sums[k], dtype=torch.float32, device=self.accelerator.device) for k in keys]
                 )
                 stacked = self.accelerator.reduce(stacked, reduction="sum").cpu()
                 sums = dict(zip(keys, stacked))
+            else:  # the sums kept on the device are read in one copy: one synchronisation per log
+                on_device = [k for k, v in sums.items() if isinstance(v, torch.Tensor)]
+                if on_device:
+                    values = torch.stack([sums[k].float() for k in on_device]).cpu()
+                    sums.update(zip(on_device, values))
             metrics = metrics_from_sums(sums, self.beta, prefix="eval_" if mode == "eval" else "")
             if mode == "train":
                 steps = max(self._steps_since_log, 1)

@@ -40,6 +40,10 @@ END_TO_END_PREDICTIONS = {
     "pred_nll": [T, T, T, T, F, F, F, F],
     "pred_in_logits_chosen": [T, T, T, T, F, F, F, F],
     "pred_in_logits_rejected": [F, F, F, F, T, T, T, T],
+    # the masks' counts as Python ints: the loss reads them without waiting for the device
+    "nll_tokens": 4,
+    "in_logits_chosen_count": 4,
+    "in_logits_rejected_count": 4,
 }
 
 
@@ -57,6 +61,9 @@ def test_padded():
         "pred_nll": [T, T, T, T, F, F, F, F],
         "pred_in_logits_chosen": [T, T, T, T, F, F, F, F],
         "pred_in_logits_rejected": [F, F, F, F, T, T, T, T],
+        "nll_tokens": 4,
+        "in_logits_chosen_count": 4,
+        "in_logits_rejected_count": 4,
         "num_pairs": 2,
         "real_tokens": 12,
         "total_tokens": 16,  # 4 of them padding
@@ -70,6 +77,7 @@ def test_padding_free():
         "position_ids": [[0, 1, 2, 3, 0, 1, 0, 1, 2, 0, 1, 2]],
         "cu_seq_lens_q": [0, 4, 6, 9, 12],
         "cu_seq_lens_k": [0, 4, 6, 9, 12],
+        "cu_seq_lens_host": [0, 4, 6, 9, 12],  # the same boundaries as a host list, for the attention plans
         "max_length_q": 4,
         "max_length_k": 4,
         **END_TO_END_PREDICTIONS,
@@ -94,6 +102,7 @@ def test_packing():
         "position_ids": [[0, 1, 2, 3, 0, 1, 0, 1, 2, 0, 1, 2, 0, 1, 2, 3]],
         "cu_seq_lens_q": [0, 4, 6, 9, 12, 16],  # the filler is a sequence of its own
         "cu_seq_lens_k": [0, 4, 6, 9, 12, 16],
+        "cu_seq_lens_host": [0, 4, 6, 9, 12, 16],
         "max_length_q": 4,
         "max_length_k": 4,
         **END_TO_END_PREDICTIONS,
@@ -106,6 +115,7 @@ def test_packing():
         "position_ids": [[0, 1, 2, 3, 0, 1, 2, 3]],
         "cu_seq_lens_q": [0, 4, 8],
         "cu_seq_lens_k": [0, 4, 8],
+        "cu_seq_lens_host": [0, 4, 8],
         "max_length_q": 4,
         "max_length_k": 4,
         "pred_pos": [0, 1, 2, 4, 5, 6],
@@ -114,6 +124,9 @@ def test_packing():
         "pred_nll": [T, T, T, F, F, F],
         "pred_in_logits_chosen": [T, T, T, F, F, F],
         "pred_in_logits_rejected": [F, F, F, T, T, T],
+        "nll_tokens": 3,
+        "in_logits_chosen_count": 3,
+        "in_logits_rejected_count": 3,
         "num_pairs": 1,
         "real_tokens": 8,
         "total_tokens": 8,
@@ -128,6 +141,7 @@ def test_prefix_sharing():
         "input_ids": [[11, 12, 21, 22, 31, 13, 23, 32, 33]],
         "position_ids": [[0, 1, 2, 3, 2, 0, 1, 1, 2]],
         "prefix_segments": [[0, 2, 2, 1], [5, 1, 1, 2]],
+        "prefix_segments_host": [[0, 2, 2, 1], [5, 1, 1, 2]],  # the same as a host list
         # rejected 0's first target (31) is predicted from the prompt's last token (position 1), as chosen 0's
         # first target (21) is; likewise position 5 predicts 23 (chosen 1) and 32 (rejected 1)
         "pred_pos": [0, 1, 2, 1, 5, 5, 7],
@@ -136,6 +150,9 @@ def test_prefix_sharing():
         "pred_nll": [T, T, T, F, T, F, F],
         "pred_in_logits_chosen": [T, T, T, F, T, F, F],
         "pred_in_logits_rejected": [T, F, F, T, F, T, T],
+        "nll_tokens": 4,
+        "in_logits_chosen_count": 4,
+        "in_logits_rejected_count": 4,
         "num_pairs": 2,
         "real_tokens": 9,
         "total_tokens": 9,

@@ -1,4 +1,4 @@
-"""benchmarks/gpu/run.sh --dry-run: the GPU proof's code end to end on CPU at tiny sizes (about a minute)."""
+"""benchmarks/gpu/run.sh proof --dry-run: the GPU proof's code end to end on CPU at tiny sizes (about a minute)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_proof_dry_run(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    run = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), "--dry-run", str(tmp_path)], cwd=tmp_path,
+    run = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), "proof", "--dry-run", str(tmp_path)], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# One command on one GPU (at most 8 minutes on an H200): bf16 parity of every attention backend, QLoRA on an
-# 8B-shaped model, and a markdown table of the results.
+# One command on one GPU (at most 8 minutes on an H200), one script per call:
+#   bench    (default) the user-shaped QLoRA run: TRL vs ours at 8B under a 24 GiB cap, tokens/s, memory, pad, MFU,
+#            and the long-pair ladder (benchmarks/gpu/bench.py)
+#   profile  where a step's time goes, per method (benchmarks/gpu/profile_steps.py)
+#   proof    bf16 parity of every attention backend and a small QLoRA run (benchmarks/gpu/proof.py)
 #
-#   benchmarks/gpu/run.sh [OUT_DIR]             # on the GPU image; OUT_DIR defaults to $OUT, else benchmarks/gpu/out
-#   benchmarks/gpu/run.sh --dry-run [OUT_DIR]   # the same code on CPU at tiny sizes, with the installed packages
+#   benchmarks/gpu/run.sh [bench|profile|proof] [OUT_DIR [OPTIONS]]   # on the GPU image; OUT_DIR defaults to $OUT,
+#                                                                      # else benchmarks/gpu/out; OPTIONS go to the
+#                                                                      # script (bench: --part ladder, a second call)
+#   benchmarks/gpu/run.sh [bench|profile|proof] --dry-run [OUT_DIR]   # the same code on CPU at tiny sizes
 #
 # The GPU image lacks trl, datasets, bitsandbytes and a network: their wheels are fetched beforehand into .whl/
 # (benchmarks/gpu/wheels.sh, on a machine with package access) and installed here with --no-index into a temporary
@@ -12,12 +17,18 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRL_EXPERIMENTAL_SILENCE=1
 
+SCRIPT=bench
+case "${1:-}" in
+  bench|proof) SCRIPT="$1"; shift ;;
+  profile) SCRIPT=profile_steps; shift ;;
+esac
 if [[ "${1:-}" == "--dry-run" ]]; then
   OUT_DIR="${2:-${TMPDIR:-/tmp}/orpo-gpu-dry-run}"
-  exec python benchmarks/gpu/proof.py "$OUT_DIR" --dry-run
+  exec python "benchmarks/gpu/$SCRIPT.py" "$OUT_DIR" --dry-run "${@:3}"
 fi
 
 OUT_DIR="${1:-${OUT:-benchmarks/gpu/out}}"
+EXTRA=("${@:2}")  # options after OUT_DIR go to the script (bench.py --part ladder, ...)
 shopt -s nullglob
 WHEELS=(.whl/*.whl)
 if [[ ${#WHEELS[@]} -eq 0 ]]; then
@@ -43,5 +54,5 @@ print(f"torch {torch.__version__} cuda {torch.version.cuda}, transformers {trans
       f"datasets {datasets.__version__}, bitsandbytes {bitsandbytes.__version__}", flush=True)
 PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-# 460 s for the driver: install and imports fit in the rest of 8 minutes
-timeout 460 python benchmarks/gpu/proof.py "$OUT_DIR"
+# 460 s for the script: install and imports fit in the rest of 8 minutes (bench.py budgets its phases within it)
+timeout 460 python "benchmarks/gpu/$SCRIPT.py" "$OUT_DIR" "${EXTRA[@]}"

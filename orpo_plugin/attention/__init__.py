@@ -30,8 +30,10 @@ from .contract import (
     SUPPORTED_BY,
     VARLEN_NAME,
     Features,
+    host_list,
     prefix_sharing_mask,
     read_features,
+    register_host_layout,
 )
 from .flex import ORPO_FLEX_FEATURES, flex_available, orpo_flex_attention, packed_block_mask, prefix_sharing_block_mask
 from .sdpa import ORPO_SDPA_FEATURES, orpo_sdpa_attention
@@ -54,6 +56,8 @@ __all__ = [
     "FLASH_NAME",
     "FLEX_NAME",
     "Features",
+    "host_list",
+    "register_host_layout",
     "NATIVE_PACKED",
     "ORPO_FLASH_FEATURES",
     "ORPO_FLEX_FEATURES",

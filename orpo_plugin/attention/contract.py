@@ -105,6 +105,29 @@ def _short(value) -> str:
 # - otherwise `cu_seq_lens_q` (sequence boundaries): causal attention inside each sequence.
 
 
+# The collator's host copies of the layout tensors (`prefix_segments_host`, `cu_seq_lens_host`) of the batch being
+# trained, so that attention plans read Python lists instead of the device tensors (a device-to-host copy, which
+# waits for the device, once per micro-batch).
+HOST_LAYOUT_KEYS = {"prefix_segments": "prefix_segments_host", "cu_seq_lens_q": "cu_seq_lens_host"}
+_host_layouts: dict = {}
+
+
+def register_host_layout(batch: dict) -> None:
+    """Remember the host copies of `batch`'s layout tensors (see `host_list`); the previous batch's are dropped."""
+    _host_layouts.clear()
+    for key, host_key in HOST_LAYOUT_KEYS.items():
+        if isinstance(batch.get(key), torch.Tensor) and batch.get(host_key) is not None:
+            _host_layouts[key] = (batch[key], batch[host_key])
+
+
+def host_list(layout: torch.Tensor) -> list:
+    """`layout.tolist()`, from the collator's host copy when `layout` is the registered tensor (no device read)."""
+    for tensor, host in _host_layouts.values():
+        if tensor is layout:
+            return host
+    return layout.tolist()
+
+
 def _lower_right_causal(lq: int, lk: int, device, window: int | None = None) -> torch.Tensor:
     """[lq, lk] boolean mask: query i (at key position p = lk - lq + i) sees keys j <= p, and p - j < window."""
     mask = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
@@ -119,11 +142,11 @@ def prefix_sharing_mask(segments: torch.Tensor, total: int, device=None, window:
     With a window, distances are positions in the unshared sequence ([prompt][rejected] for a rejected token).
     """
     mask = torch.zeros(total, total, dtype=torch.bool, device=device)
-    for start, lp, lc, lr in segments.tolist():
-        a, b, e = start, start + lp + lc, start + lp + lc + lr
+    for start, prompt_len, chosen_len, rejected_len in host_list(segments):
+        a, b, e = start, start + prompt_len + chosen_len, start + prompt_len + chosen_len + rejected_len
         mask[a:b, a:b] = _lower_right_causal(b - a, b - a, device, window)
-        if lr:
-            allowed = _lower_right_causal(lr, lp + lr, device, window)
-            mask[b:e, a : a + lp] = allowed[:, :lp]
-            mask[b:e, b:e] = allowed[:, lp:]
+        if rejected_len:
+            allowed = _lower_right_causal(rejected_len, prompt_len + rejected_len, device, window)
+            mask[b:e, a : a + prompt_len] = allowed[:, :prompt_len]
+            mask[b:e, b:e] = allowed[:, prompt_len:]
     return mask

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._compat import flex_attention_available
-from .contract import FLEX_NAME, read_features
+from .contract import FLEX_NAME, host_list, read_features
 
 ORPO_FLEX_FEATURES = ("sliding_window", "softcap", "s_aux")
 
@@ -25,12 +25,12 @@ def _prefix_tables(segments: torch.Tensor, total: int, device):
     pair = torch.empty(total, dtype=torch.long)
     branch = torch.empty(total, dtype=torch.long)
     position = torch.empty(total, dtype=torch.long)
-    for i, (start, lp, lc, lr) in enumerate(segments.tolist()):
-        a, b, e = start, start + lp + lc, start + lp + lc + lr
+    for i, (start, prompt_len, chosen_len, rejected_len) in enumerate(host_list(segments)):
+        a, b, e = start, start + prompt_len + chosen_len, start + prompt_len + chosen_len + rejected_len
         pair[a:e] = i
-        branch[a : a + lp], branch[a + lp : b], branch[b:e] = 0, 1, 2
-        position[a:b] = torch.arange(lp + lc)
-        position[b:e] = torch.arange(lp, lp + lr)
+        branch[a : a + prompt_len], branch[a + prompt_len : b], branch[b:e] = 0, 1, 2
+        position[a:b] = torch.arange(prompt_len + chosen_len)
+        position[b:e] = torch.arange(prompt_len, prompt_len + rejected_len)
     return pair.to(device), branch.to(device), position.to(device)
 
 
@@ -38,7 +38,7 @@ def _packed_tables(cu: torch.Tensor, total: int, device):
     """`_prefix_tables` of a padding-free row: one "pair" per sequence, all of one branch, positions restart."""
     pair = torch.empty(total, dtype=torch.long)
     position = torch.arange(total)
-    bounds = cu.tolist()
+    bounds = host_list(cu)
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         pair[a:b] = i
         position[a:b] = torch.arange(b - a)

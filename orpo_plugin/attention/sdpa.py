@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .contract import ATTENTION_NAME, Features, _lower_right_causal, read_features
+from .contract import ATTENTION_NAME, Features, _lower_right_causal, host_list, read_features
 
 ORPO_SDPA_FEATURES = ("sliding_window", "softcap", "s_aux", "dropout")
 
@@ -26,16 +26,17 @@ def _segments(kwargs) -> list[tuple[list[int], list[int]]]:
     segments = kwargs.get("prefix_segments")
     if segments is not None:
         out = []
-        for start, lp, lc, lr in segments.tolist():
-            a, b, e = start, start + lp + lc, start + lp + lc + lr
+        for start, prompt_len, chosen_len, rejected_len in host_list(segments):
+            a, b, e = start, start + prompt_len + chosen_len, start + prompt_len + chosen_len + rejected_len
             out.append((list(range(a, b)), list(range(a, b))))
-            if lr:
-                out.append((list(range(b, e)), list(range(a, a + lp)) + list(range(b, e))))
+            if rejected_len:
+                out.append((list(range(b, e)), list(range(a, a + prompt_len)) + list(range(b, e))))
         return out
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
         raise ValueError(f"{ATTENTION_NAME} needs `cu_seq_lens_q` or `prefix_segments` from the collator")
-    return [(list(range(a, b)), list(range(a, b))) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()) if b > a]
+    bounds = host_list(cu)
+    return [(list(range(a, b)), list(range(a, b))) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 @dataclass
@@ -94,24 +95,25 @@ def _plan(kwargs, device, bucket_ratio: float = 0.9, max_bucket: int = 256) -> _
             current.append(seg)
         if current:
             groups.append(current)
-    buckets, q_parts, k_parts, valid_parts = [], [], [], []
+    # built as host lists, then copied to the device once each (nothing is read back from the device)
+    buckets, q_index, k_index, out_pairs = [], [], [], []
     for group in groups:
         mq, mk = max(len(q) for q, _ in group), len(group[0][1])
-        q_idx = torch.zeros(len(group), mq, dtype=torch.long)
-        k_idx = torch.zeros(len(group), mk, dtype=torch.long)
-        q_valid = torch.zeros(len(group), mq, dtype=torch.bool)
-        for n, (q, k) in enumerate(group):
-            q_idx[n, : len(q)], k_idx[n, : len(k)], q_valid[n, : len(q)] = torch.tensor(q), torch.tensor(k), True
+        for q, k in group:
+            # padded-output row len(q_index) holds query q[j]; padding rows point at position 0 and are dropped
+            out_pairs.extend((t, len(q_index) + j) for j, t in enumerate(q))
+            q_index.extend(q + [0] * (mq - len(q)))
+            k_index.extend(k + [0] * (mk - len(k)))
         lengths = [(len(q), len(k)) for q, k in group]
         buckets.append(_Bucket(len(group), mq, mk, lengths, all(a == b for a, b in lengths), device))
-        q_parts.append(q_idx.flatten())
-        k_parts.append(k_idx.flatten())
-        valid_parts.append(q_valid.flatten())
-    q_index = torch.cat(q_parts)
-    slots = torch.cat(valid_parts).nonzero().squeeze(1)  # padded-output rows that hold a real query
-    out_index = torch.empty_like(slots)
-    out_index[q_index[slots]] = slots
-    return _Plan(buckets, q_index.to(device), torch.cat(k_parts).to(device), out_index.to(device))
+    out_index = [0] * len(out_pairs)
+    for token, slot in out_pairs:
+        out_index[token] = slot
+
+    def to_device(values):
+        return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+    return _Plan(buckets, to_device(q_index), to_device(k_index), to_device(out_index))
 
 
 _plan_cache: dict = {}

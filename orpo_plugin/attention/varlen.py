@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._compat import torch_varlen_attn
-from .contract import FLASH_NAME, VARLEN_NAME, _lower_right_causal, read_features
+from .contract import FLASH_NAME, VARLEN_NAME, _lower_right_causal, host_list, read_features
 
 ORPO_FLASH_FEATURES = ("sliding_window", "softcap", "dropout")
 
@@ -27,20 +27,21 @@ def varlen_layout(segments: torch.Tensor, device=None):
     Returns (kv_index, cu_seqlens_q, cu_seqlens_k, max_q, max_k).
     """
     kv_index, q_lens, k_lens = [], [], []
-    for start, lp, lc, lr in segments.tolist():
-        a, b, e = start, start + lp + lc, start + lp + lc + lr
+    for start, prompt_len, chosen_len, rejected_len in host_list(segments):
+        a, b, e = start, start + prompt_len + chosen_len, start + prompt_len + chosen_len + rejected_len
         kv_index.extend(range(a, b))
         q_lens.append(b - a)
         k_lens.append(b - a)
-        if lr:
-            kv_index.extend(range(a, a + lp))
+        if rejected_len:
+            kv_index.extend(range(a, a + prompt_len))
             kv_index.extend(range(b, e))
-            q_lens.append(lr)
-            k_lens.append(lp + lr)
+            q_lens.append(rejected_len)
+            k_lens.append(prompt_len + rejected_len)
     cu_q = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     cu_k = torch.tensor([0] + k_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     index = torch.tensor(kv_index, dtype=torch.long)
-    return index.to(device), cu_q.to(device), cu_k.to(device), max(q_lens), max(k_lens)
+    return (index.to(device, non_blocking=True), cu_q.to(device, non_blocking=True), cu_k.to(device, non_blocking=True),
+            max(q_lens), max(k_lens))
 
 
 def varlen_reference(
@@ -95,7 +96,8 @@ def varlen_arguments(kwargs, device):
     if segments is not None:
         args = varlen_layout(segments, device)
     else:
-        lengths = (layout[1:] - layout[:-1]).tolist()
+        bounds = host_list(layout)
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
         cu = layout.to(device=device, dtype=torch.int32)
         args = (None, cu, cu, max(lengths), max(lengths))
     _varlen_cache["args"] = (key, layout, args)
