@@ -124,6 +124,7 @@ def orpo_forward(
     total_pairs: float | None = None,
     total_nll_tokens: float | None = None,
     logits_in_forward: bool = False,
+    loss_type: str = "odds_ratio",
 ) -> ForwardResult:
     """Loss of one micro-batch (normalised by the given totals) and the sums its metrics are made of."""
     token_logps, logit_sums = predicted_logps(model, batch, head, chunk_size, logits_in_forward)
@@ -135,7 +136,7 @@ def orpo_forward(
     nll_mask = batch["pred_nll"]
     nll_tokens = int(nll_mask.sum())
     nll_sum = -token_logps[nll_mask].sum()
-    out = orpo_loss(chosen_logps, rejected_logps, nll_sum, nll_tokens, beta, total_pairs, total_nll_tokens)
+    out = orpo_loss(chosen_logps, rejected_logps, nll_sum, nll_tokens, beta, total_pairs, total_nll_tokens, loss_type)
     vocab = head.vocab_size
     in_logits_chosen, in_logits_rejected = batch["pred_in_logits_chosen"], batch["pred_in_logits_rejected"]
     with torch.no_grad():
