@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training steps (default: 20 for a real model; 120 for tiny, 60 per run with --compare-sft)")
     p.add_argument("--compare-sft", "--compare_sft", dest="compare_sft", action="store_true",
                    help="also train SFT on the chosen answers only on the same data; plot both runs' log-probs")
+    p.add_argument("--compare-prob-ratio", "--compare_prob_ratio", dest="compare_prob_ratio", action="store_true",
+                   help="real models: also train with the probability ratio in place of the odds ratio (the ORPO "
+                   "paper's ablation, same beta); report the three runs' rejected log-probs and pass rates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_packing", action="store_true", help="train with padded batches instead of packing")
     r = p.add_argument_group("real models (ignored by --model tiny)")
