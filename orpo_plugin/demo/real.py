@@ -8,8 +8,13 @@ measures the model on held-out prompts, trains it with ORPO and measures it agai
 - the share of greedy answers to held-out prompts that obey their instruction (the checker), with answers shown
   side by side before and after;
 - PID/AID diversity of sampled answers (the ORPO paper's §7.2), with the packaged sentence embedder;
+- the share of greedy answers that end their turn with the template's end-of-turn token (a base model does not);
 - with `--compare-sft`, the same data trained by SFT on the chosen answers only, and both runs' chosen and rejected
-  mean log-probs per step in one figure.
+  mean log-probs per step in one figure; with `--compare-prob-ratio`, the probability ratio in place of the odds
+  ratio (the ORPO paper's ablation), every run side by side.
+
+`--model gemma3` runs it on the Gemma 3 270M base model, whose tokenizer gets the turn format the project writes
+for it (`orpo_plugin.pretrained.GEMMA3_CHAT_TEMPLATE`): one ORPO stage teaches the format and the preference.
 
 Everything goes to the terminal and to `output_dir`: `report.md`, `metrics.jsonl`, `demo_result.json` and PNG figures.
 """
@@ -106,9 +111,8 @@ def load_model(path: str, settings: DemoSettings):
     """(model, tokenizer) from a checkpoint folder: float32 on a CPU, bf16 (or fp16) on a GPU, 4-bit on request."""
     import torch
 
-    from ..model_setup import load_causal_lm, load_tokenizer
-
     from .. import pretrained
+    from ..model_setup import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(path)
     if settings.model in pretrained.MODELS:  # a base model gets the project's template for it (Gemma 3's turns)
