@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .rendered import PieceCheck, check_rendered_pieces
+
 logger = logging.getLogger("orpo_plugin")
 
 COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -440,6 +442,7 @@ def prepare_dataset(
     bos = getattr(tokenizer, "bos_token_id", None)
     fit_length = None if encoder_decoder else max_length
     ends = None if pretokenized or encoder_decoder else end_of_turn_ids(tokenizer)
+    pieces = None if encoder_decoder else PieceCheck(tokenizer)  # see rendered.py
 
     def convert(row, index):
         if pretokenized:
@@ -461,10 +464,13 @@ def prepare_dataset(
                 if len(out["prompt_input_ids"]) > max_prompt_length:
                     out["prompt_input_ids"] = truncate_prompt(out["prompt_input_ids"], max_prompt_length, truncation_mode, bos)
                     out["prompt_truncated"] = 1
+            texts = None
         else:
             prompt, chosen, rejected = row_to_text(dict(row), index, tokenizer)
             if chosen == rejected:
-                return {k: [] for k in COLUMNS} | {"truncated": 0, "prompt_truncated": 0, "drop": DROP_IDENTICAL}
+                return {k: [] for k in COLUMNS} | {"truncated": 0, "prompt_truncated": 0, "drop": DROP_IDENTICAL,
+                                                   "piece": ""}
+            texts = (chosen, rejected)
             if encoder_decoder:
                 out = tokenize_seq2seq_pair(
                     prompt, chosen, rejected, tokenizer, max_completion_length, max_prompt_length, truncation_mode
@@ -476,6 +482,7 @@ def prepare_dataset(
                 )
         if drop_long_pairs and (out["truncated"] or out["prompt_truncated"]) and not out["drop"]:
             out["drop"] = DROP_TOO_LONG
+        out["piece"] = pieces(texts, (out["chosen_input_ids"], out["rejected_input_ids"])) if pieces else ""
         return _final_checks(out, encoder_decoder)
 
     keep = set(COLUMNS)
@@ -486,6 +493,7 @@ def prepare_dataset(
             "truncated": Value("int64"),
             "prompt_truncated": Value("int64"),
             "drop": Value("string"),
+            "piece": Value("string"),
         }
     )
     tokenized = dataset.map(
@@ -496,13 +504,14 @@ def prepare_dataset(
         remove_columns=[c for c in dataset.column_names if c not in keep],
         desc=f"Tokenizing {name} pairs",
     )
+    check_rendered_pieces(tokenized["piece"], name, getattr(tokenizer, "bos_token", None))
     stats = PrepareStats(rows=len(tokenized))
     drops = tokenized["drop"]
     stats.dropped = Counter(d for d in drops if d)
     stats.truncated_responses = sum(t for t, d in zip(tokenized["truncated"], drops) if not d)
     stats.truncated_prompts = sum(t for t, d in zip(tokenized["prompt_truncated"], drops) if not d)
     tokenized = tokenized.filter(lambda d: not d, input_columns="drop", num_proc=num_proc)
-    tokenized = tokenized.remove_columns(["drop", "truncated", "prompt_truncated"])
+    tokenized = tokenized.remove_columns(["drop", "truncated", "prompt_truncated", "piece"])
     stats.kept = len(tokenized)
     if stats.dropped or stats.truncated_responses or stats.truncated_prompts:
         logger.warning("%s dataset: %s", name, stats.summary())
