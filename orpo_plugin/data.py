@@ -49,9 +49,13 @@ class PrepareStats:
     dropped: Counter = field(default_factory=Counter)
     truncated_responses: int = 0
     truncated_prompts: int = 0
+    first_dropped: dict = field(default_factory=dict)  # reason -> the index of the first row dropped for it
 
     def summary(self) -> str:
-        drops = ", ".join(f"{n} ({reason})" for reason, n in sorted(self.dropped.items())) or "none"
+        def first(reason):
+            return f", first row {self.first_dropped[reason]}" if reason in self.first_dropped else ""
+
+        drops = ", ".join(f"{n} ({reason}{first(reason)})" for reason, n in sorted(self.dropped.items())) or "none"
         return (
             f"{self.kept}/{self.rows} pairs kept; dropped: {drops}; "
             f"prompts truncated to max_prompt_length: {self.truncated_prompts}; "
@@ -508,6 +512,9 @@ def prepare_dataset(
     stats = PrepareStats(rows=len(tokenized))
     drops = tokenized["drop"]
     stats.dropped = Counter(d for d in drops if d)
+    for index, reason in enumerate(drops):
+        if reason:
+            stats.first_dropped.setdefault(reason, index)
     stats.truncated_responses = sum(t for t, d in zip(tokenized["truncated"], drops) if not d)
     stats.truncated_prompts = sum(t for t, d in zip(tokenized["prompt_truncated"], drops) if not d)
     tokenized = tokenized.filter(lambda d: not d, input_columns="drop", num_proc=num_proc)

@@ -19,6 +19,7 @@ A type that resolves nowhere stops before any data is loaded, with the list of t
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -30,6 +31,10 @@ LOG = logging.getLogger("orpo_plugin.axolotl")
 ORPO_PACKAGE = "axolotl.prompt_strategies.orpo"
 DPO_PACKAGE = "axolotl.prompt_strategies.dpo"
 OUTPUT_FIELDS = ("prompt", "chosen", "rejected")
+# Axolotl DPO types that read `chosen[1]`/`rejected[1]` only (one user/assistant exchange), and the types that read
+# a whole conversation
+ONE_EXCHANGE = frozenset({"chatml.argilla_chat", "llama3.argilla_chat", "chatml.ultra", "llama3.ultra"})
+MULTI_TURN_TYPES = "chat_template.argilla_chat, chat_template.default (rl: dpo types) or chat_template.argilla"
 
 
 # ------------------------------------------------------------------------------------------------ type table
@@ -220,7 +225,11 @@ def resolve(type_, cfg, dataset_idx: int = 0, **kwargs):
     ds_type = entries[dataset_idx].get("type") if dataset_idx < len(entries) else None
     if name == "user_defined.default" and hasattr(ds_type, "get"):
         optional.add(ds_type.get("field_system") or "system")  # its transform reads it with `or ""`
-    check = check_argilla_row if (kind, name) == ("orpo", "chat_template.argilla") else None
+    check = None
+    if (kind, name) == ("orpo", "chat_template.argilla"):
+        check = check_argilla_row
+    elif kind == "dpo" and name in ONE_EXCHANGE:
+        check = functools.partial(check_one_exchange, type_=name)
     wrapped = RowTransform(transform, name, where, frozenset(optional), check)
     LOG.info("%s: Axolotl's %s strategy %s", where, kind.upper() if kind != "custom" else "custom", name)
     return wrapped, {**map_kwargs, "with_indices": True}
@@ -289,7 +298,7 @@ class RowTransform:
 
     def __call__(self, sample, index, tokenizer=None):
         if self.check is not None:
-            self.check(sample, index, self.error)
+            sample = self.check(sample, index, self.error) or sample
         row = _ReadFields(sample)
         try:
             out = self.transform(row, tokenizer=tokenizer) if self.takes_tokenizer else self.transform(row)
@@ -316,13 +325,14 @@ class RowTransform:
         return dict(out)
 
 
-def check_argilla_row(sample, index: int, error) -> None:
+def check_argilla_row(sample, index: int, error) -> dict | None:
     """What Axolotl's `chat_template.argilla` transform assumes of a row, checked before it runs.
 
     `chosen`: the conversation ending with the chosen answer, user and assistant turns alternating from a user turn
     (Axolotl reads the turns by position and asserts on an odd count); `rejected`: the same conversation ending with
     the rejected answer, or that answer alone (Axolotl uses its last turn with chosen's earlier turns);
-    `system`, `prompt`: a string when present.
+    `system`, `prompt`: a string when present; a `prompt` must say what the conversation's user turns say (then the
+    row is returned without it, so the turns are read as they are).
     """
     chosen = _messages(sample.get("chosen"), index, "chosen", error)
     roles = [m["role"] for m in chosen]
@@ -352,6 +362,39 @@ def check_argilla_row(sample, index: int, error) -> None:
             "is null in this row while the dataset has a prompt column (Axolotl's argilla transform would use it as "
             "the user's turn); give every row a prompt or none",
         )
+    if isinstance(sample.get("prompt"), str):
+        # Axolotl's transform writes the `prompt` text in place of EVERY user turn of the conversation: a prompt
+        # that says what the conversation's user turns say is dropped (the turns are used as they are); any other is
+        # refused, as orpo_plugin refuses a prompt string beside message lists that disagrees with them
+        users = [m["content"] for m in chosen if m["role"] == "user"]
+        said = sample["prompt"].strip()
+        if all(u.strip() == said for u in users):
+            return None
+        if said in {users[-1].strip(), "\n".join(users).strip(), " ".join(users).strip()}:
+            return {k: v for k, v in sample.items() if k != "prompt"}
+        raise error(
+            index, "prompt",
+            f"is {sample['prompt'][:60]!r} but the conversation's user turns say {[u[:40] for u in users]}; Axolotl's "
+            "chat_template.argilla transform would put the prompt text in place of every user turn. Give the prompt "
+            "as the last user turn (or all of them), or drop the prompt column",
+        )
+    return None
+
+
+def check_one_exchange(sample, index: int, error, type_: str) -> None:
+    """A type that reads only `chosen[1]` and `rejected[1]` (messages 0 and 1: one user turn and its answer) refuses a
+    longer conversation instead of comparing its first answers (the later turns would be lost; two conversations
+    that share their first exchange would give chosen identical to rejected)."""
+    for field in ("chosen", "rejected"):
+        value = sample.get(field)
+        if isinstance(value, list) and len(value) > 2:
+            roles = [m.get("role") if hasattr(m, "get") else type(m).__name__ for m in value]
+            raise error(
+                index, field,
+                f"is a conversation of {len(value)} messages ({roles}); Axolotl's {type_} reads only its first "
+                f"exchange (messages 0 and 1), so the later turns would be lost. Use a type that takes multi-turn "
+                f"rows: {MULTI_TURN_TYPES}",
+            )
 
 
 def _messages(value, index: int, field: str, error) -> list[dict]:
