@@ -633,6 +633,17 @@ def _error_cases(fixtures: Path, folder: Path) -> dict[str, tuple[dict, tuple[st
     argilla[1]["rejected"][0]["content"] = "Another question altogether."
     swapped = fixture_rows("chat_template.argilla")
     swapped[2]["chosen"] = swapped[2]["chosen"][::-1]
+    # a longer conversation in row 1, for a type that reads one exchange
+    chats = fixture_rows("chatml.argilla_chat")
+    earlier = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    chats[1] = {k: earlier + v for k, v in chats[1].items()}
+    # chat_template.argilla with a prompt column: every row's prompt is its last user turn except row 2's
+    prompted = fixture_rows("chat_template.argilla")
+    prompted[0] = {**prompted[0], **{k: earlier + prompted[0][k] for k in ("chosen", "rejected")}}  # multi-turn
+    for row in prompted:
+        row["prompt"] = row["chosen"][-2]["content"]
+    disagreeing = [dict(r) for r in prompted]
+    disagreeing[2]["prompt"] = "Something else entirely."
     entry = lambda name, rows=None: _dataset_entry(fixtures, name, rows)  # noqa: E731
     # a transform of one's own, as Axolotl's dotted path names it (`module.function`, a top-level module)
     (folder / "my_orpo_rows.py").write_text(
@@ -665,6 +676,15 @@ def _error_cases(fixtures: Path, folder: Path) -> dict[str, tuple[dict, tuple[st
                                  ("row 1: field 'rejected'", "differ from chosen's")),
         "argilla-turn-order": (config(entry("chat_template.argilla", rows_file("swapped", swapped))),
                                ("row 2: field 'chosen'", "['assistant', 'user']")),
+        "one-exchange-multiturn": (config(entry("chatml.argilla_chat", rows_file("chats", chats))),
+                                   ("row 1: field 'chosen' is a conversation of 4 messages",
+                                    "chatml.argilla_chat reads only its first exchange", "chat_template.argilla_chat")),
+        "argilla-prompt-disagrees": (config(entry("chat_template.argilla", rows_file("disagreeing", disagreeing))),
+                                     ("row 2: field 'prompt' is 'Something else entirely.'",
+                                      "in place of every user turn")),
+        "argilla-prompt-agrees": (config(entry("chat_template.argilla", rows_file("prompted", prompted))), ()),
+        "default-system-refused": (config(entry("chatml.argilla_chat"), default_system_message="Be brief."),
+                                   ("default_system_message is set", "type: chatml.argilla_chat) has no system")),
         # not errors: rows already prompt/chosen/rejected under no `type:` load as given (all 4), and a transform
         # of one's own loads its 3 rows
         "no-type": (config({k: v for k, v in entry("passthrough.default").items() if k != "type"}), ()),
@@ -776,6 +796,14 @@ def test_entry_without_a_type_loads_its_rows_as_given(preference_data):
 
 
 @pytest.mark.integration
+def test_argilla_prompt_that_says_the_last_user_turn_loads(preference_data):
+    """A chat_template.argilla `prompt` column equal to each row's last user turn loads every row (the conversation's
+    turns are used as they are: tests/test_axolotl_rows.py); one that disagrees names the row (error cases)."""
+    result = preference_data["errors"]["argilla-prompt-agrees"]
+    assert result["ok"] and result["rows"] >= 3, result
+
+
+@pytest.mark.integration
 def test_custom_transform_by_dotted_path(preference_data):
     """`type: my_module.my_function` (Axolotl's own dotted path) loads through the plugin too."""
     result = preference_data["errors"]["custom-transform"]
@@ -785,7 +813,8 @@ def test_custom_transform_by_dotted_path(preference_data):
 @pytest.mark.integration
 @pytest.mark.parametrize("case", ["unknown-type", "unknown-function", "null-field", "missing-column", "one-answer",
                                   "empty-response", "mappings-ignored", "dataset-chat-template",
-                                  "argilla-other-prompt", "argilla-turn-order"])
+                                  "argilla-other-prompt", "argilla-turn-order", "one-exchange-multiturn",
+                                  "argilla-prompt-disagrees", "default-system-refused"])
 def test_bad_dataset_type_or_row_is_named(case, preference_data, fixtures_dir, tmp_path):
     """A type that resolves nowhere lists the types that work; a bad row names the dataset, the row and the field."""
     result = preference_data["errors"][case]

@@ -80,3 +80,51 @@ def test_no_usable_pairs_names_each_reason_with_its_count_and_first_row(tiny_tok
     assert message.startswith("train dataset: no usable pairs left (0/3 pairs kept")
     assert f"2 ({DROP_IDENTICAL}, first row 0)" in message
     assert f"1 ({DROP_TOO_LONG}, first row 1)" in message
+
+
+def _chatml_intel(sample):  # reads like Axolotl's chatml.intel: `system` when the row has one
+    system = f"<|im_start|>system\n{sample['system']}<|im_end|>\n" if sample.get("system") else ""
+    return {"prompt": f"{system}<|im_start|>user\n{sample['question']}<|im_end|>\n<|im_start|>assistant\n",
+            "chosen": sample["chosen"], "rejected": sample["rejected"]}
+
+
+def test_default_system_message_fills_rows_without_a_system_message():
+    wrapped = RowTransform(_chatml_intel, "chatml.intel", "datasets[0]", frozenset({"system"}), None, "Be brief.")
+    row = {"question": "Q", "chosen": "A", "rejected": "B"}
+    assert wrapped(dict(row), 0)["prompt"].startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user")
+    assert wrapped({**row, "system": ""}, 1)["prompt"].startswith("<|im_start|>system\nBe brief.")
+    assert wrapped({**row, "system": "Mine."}, 2)["prompt"].startswith("<|im_start|>system\nMine.<|im_end|>")
+
+
+def test_default_system_message_needs_a_template_with_a_system_turn(tiny_tokenizer):
+    import copy
+
+    def argilla_with_template(sample, tokenizer=None):
+        messages = ([{"role": "system", "content": sample["system"]}] if sample.get("system") else [])
+        text = tokenizer.apply_chat_template([*messages, *sample["chosen"][:-1]], tokenize=False,
+                                             add_generation_prompt=True)
+        return {"prompt": text, "chosen": sample["chosen"][-1]["content"], "rejected": sample["rejected"][-1]["content"]}
+
+    row = {"chosen": [user("Q"), assistant("A")], "rejected": [assistant("B")]}
+    wrapped = RowTransform(argilla_with_template, "chat_template.argilla", "datasets[0]", frozenset({"system"}),
+                           check_argilla_row, "Be brief.")
+    assert wrapped(dict(row), 0, tokenizer=tiny_tokenizer)["prompt"].startswith("<|system|>Be brief.<|end|><|user|>Q")
+    no_system = copy.deepcopy(tiny_tokenizer)
+    no_system.chat_template = ("{% for m in messages %}{% if m['role'] != 'system' %}{{ m['content'] }}{% endif %}"
+                               "{% endfor %}")
+    wrapped = RowTransform(argilla_with_template, "chat_template.argilla", "datasets[0]", frozenset({"system"}),
+                           check_argilla_row, "Be brief.")
+    with pytest.raises(ValueError, match=r"datasets\[0\]: default_system_message is set but the chat template renders "
+                                         r"no system turn"):
+        wrapped(dict(row), 0, tokenizer=no_system)
+
+
+def test_default_system_message_is_refused_for_a_type_without_a_system_field():
+    from orpo_plugin.axolotl.dataset_types import check_default_system
+
+    cfg = {"default_system_message": "Be brief.",
+           "datasets": [{"path": "a.jsonl", "type": "chatml.intel"}, {"path": "b.jsonl", "type": "chatml.argilla_chat"}]}
+    with pytest.raises(ValueError, match=re.escape("datasets[1] (b.jsonl, type: chatml.argilla_chat) has no system")):
+        check_default_system(cfg)
+    check_default_system({**cfg, "datasets": cfg["datasets"][:1]})
+    check_default_system({"datasets": cfg["datasets"]})  # not set: nothing to honour

@@ -34,6 +34,11 @@ OUTPUT_FIELDS = ("prompt", "chosen", "rejected")
 # Axolotl DPO types that read `chosen[1]`/`rejected[1]` only (one user/assistant exchange), and the types that read
 # a whole conversation
 ONE_EXCHANGE = frozenset({"chatml.argilla_chat", "llama3.argilla_chat", "chatml.ultra", "llama3.ultra"})
+# types whose transform reads a `system` field, filled with `default_system_message` where a row has none
+SYSTEM_FIELD_TYPES = frozenset(
+    {"chat_template.argilla"} | {f"{m}.{f}" for m in ("chatml", "llama3") for f in ("default", "icr", "intel",
+                                                                                   "prompt_pairs", "ultra")}
+)
 MULTI_TURN_TYPES = "chat_template.argilla_chat, chat_template.default (rl: dpo types) or chat_template.argilla"
 
 
@@ -106,6 +111,24 @@ def check_types(cfg) -> None:
                 raise ValueError(
                     f"{key}[{i}].type {raw!r}: not a preference dataset type orpo_plugin can train with rl: orpo "
                     f"(Axolotl {_axolotl_version()}). Types that work: {types_that_work()}"
+                )
+
+
+def check_default_system(cfg) -> None:
+    """`default_system_message` is honoured for the types that read a `system` field (rows without one get it, see
+    `RowTransform`); for any other type it stops here, before any data is loaded, instead of being ignored."""
+    default = cfg.get("default_system_message")
+    if not default:
+        return
+    for key in ("datasets", "test_datasets"):
+        for i, ds in enumerate(cfg.get(key) or []):
+            name = type_name(ds.get("type"))
+            if name not in SYSTEM_FIELD_TYPES:
+                raise ValueError(
+                    f"default_system_message is set, but {key}[{i}] ({ds.get('path')}, type: {name}) has no system "
+                    f"field orpo_plugin can fill, and Axolotl {_axolotl_version()} ignores the key under rl: orpo. "
+                    f"Types that honour it: {', '.join(sorted(SYSTEM_FIELD_TYPES))}; otherwise give each row its "
+                    "system message, or remove default_system_message"
                 )
 
 
@@ -230,7 +253,8 @@ def resolve(type_, cfg, dataset_idx: int = 0, **kwargs):
         check = check_argilla_row
     elif kind == "dpo" and name in ONE_EXCHANGE:
         check = functools.partial(check_one_exchange, type_=name)
-    wrapped = RowTransform(transform, name, where, frozenset(optional), check)
+    default_system = cfg.get("default_system_message") if name in SYSTEM_FIELD_TYPES else None
+    wrapped = RowTransform(transform, name, where, frozenset(optional), check, default_system or None)
     LOG.info("%s: Axolotl's %s strategy %s", where, kind.upper() if kind != "custom" else "custom", name)
     return wrapped, {**map_kwargs, "with_indices": True}
 
@@ -248,6 +272,7 @@ def load_preference_datasets(cfg, written: list | None = None):
     check_dropped_keys(written, entries, cfg)
     cfg = DictDefault({**cfg, "datasets": entries})
     check_types(cfg)
+    check_default_system(cfg)
     # Axolotl 0.19's rl data module calls the ORPO loader it imported as `load_orpo`; this is the one place that
     # depends on that name
     if not callable(getattr(rl_data, "load_orpo", None)):
@@ -287,18 +312,38 @@ class _ReadFields(dict):
 class RowTransform:
     """An Axolotl row transform that stops on a bad row with the dataset, the row index and the field."""
 
-    def __init__(self, transform, name: str, where: str, optional: frozenset[str], check=None):
+    def __init__(self, transform, name: str, where: str, optional: frozenset[str], check=None, default_system=None):
         self.transform = transform
         self.name, self.where, self.optional, self.check = name, where, optional, check
+        self.default_system = default_system  # `default_system_message`, for rows without a `system`
+        self._template_checked = False
         self.takes_tokenizer = "tokenizer" in inspect.signature(transform).parameters
 
     def error(self, index: int, field: str | None, problem: str) -> ValueError:
         place = f"field '{field}'" if field is not None else "the row"
         return ValueError(f"{self.where}: row {index}: {place} {problem}")
 
+    def _check_system_turn(self, tokenizer) -> None:
+        """The chat template must render a system message, or `default_system_message` would vanish."""
+        self._template_checked = True
+        messages = [{"role": "system", "content": self.default_system}, {"role": "user", "content": "Hi"}]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as err:  # noqa: BLE001 - a template without a system role
+            text = f"({type(err).__name__}: {err})"
+        if self.default_system not in text:
+            raise ValueError(
+                f"{self.where}: default_system_message is set but the chat template renders no system turn "
+                f"(it gave {text[:120]!r}); use a chat template with a system role, or remove default_system_message"
+            )
+
     def __call__(self, sample, index, tokenizer=None):
         if self.check is not None:
             sample = self.check(sample, index, self.error) or sample
+        if self.default_system is not None and not sample.get("system"):
+            if tokenizer is not None and not self._template_checked:
+                self._check_system_turn(tokenizer)
+            sample = {**sample, "system": self.default_system}
         row = _ReadFields(sample)
         try:
             out = self.transform(row, tokenizer=tokenizer) if self.takes_tokenizer else self.transform(row)
