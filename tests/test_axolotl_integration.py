@@ -277,7 +277,7 @@ def _train(python: Path, cfg: dict, workdir: Path, threads: int | None = None) -
     path = workdir / "cfg.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = _env(python)
-    if RECORD_PLUGIN in cfg.get("plugins", []):
+    if any(p.startswith("record_plugin.") for p in cfg.get("plugins", [])):
         env["PYTHONPATH"] = str(HERE)  # the recording plugin's module, and nothing else from the host
     env["HF_DATASETS_CACHE"] = str(workdir / "hf-datasets")
     if threads:
@@ -383,6 +383,9 @@ RUN_SPECS = {
     # every preference dataset type (see TYPE_RUNS), and the argilla row without its user turn
     **{name: dict(types=name) for name in TYPE_RUNS},
     "bad-argilla-row": dict(bad_rows=True),
+    # num_epochs with packing and no max_steps: a set of short pairs (many per micro-batch) and one of long pairs
+    "epochs-short": dict(epochs=True, long_pairs=False),
+    "epochs-long": dict(epochs=True, long_pairs=True),
 }
 PACKED_RUN = f"shipped-{TINY_CONFIG.stem}"
 USED_BY = {
@@ -394,7 +397,29 @@ USED_BY = {
     "test_shipped_config_trains": tuple(f"shipped-{path.stem}" for path in SHIPPED_CONFIGS),
     "test_dataset_type_trains_as_rl_dpo_loads_it": tuple(TYPE_RUNS),
     "test_bad_argilla_row_names_the_row_and_field": ("bad-argilla-row",),
+    "test_packed_epochs_train_every_pair_num_epochs_times": ("epochs-short", "epochs-long"),
 }
+EPOCHS, MICRO_BATCH, WARMUP_RATIO = 2, 4, 0.25
+
+
+def _epochs_config(fixtures: Path, workdir: Path, long_pairs: bool) -> dict:
+    """`orpo_packing: true`, num_epochs and no max_steps, a cosine schedule with warmup_ratio; the long set repeats
+    every message of the fixture rows 8 times (about one pair per micro-batch), the short set is them as they are."""
+    rows = [json.loads(line) for line in (fixtures / "prefs.jsonl").read_text().splitlines()][:16]
+    if long_pairs:
+        for row in rows:
+            for key in ("chosen", "rejected"):
+                row[key] = [dict(m, content=" ".join([m["content"]] * 8)) for m in row[key]]
+    data = workdir / "data" / "rows.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _config(fixtures, workdir, orpo_packing=True, orpo_packing_max_tokens=1024, sequence_len=1024,
+                  micro_batch_size=MICRO_BATCH, gradient_accumulation_steps=1, num_epochs=EPOCHS,
+                  lr_scheduler="cosine", warmup_ratio=WARMUP_RATIO, learning_rate=1e-3, save_steps=10_000)
+    cfg.pop("max_steps")
+    cfg["datasets"] = [dict(cfg["datasets"][0], path=str(data))]
+    cfg["plugins"] = [*cfg["plugins"], "record_plugin.RecordSeen"]
+    return cfg
 
 
 @pytest.fixture(scope="session")
@@ -415,6 +440,8 @@ def axolotl_runs(request, axolotl_python, fixtures_dir, tmp_path_factory):
                 cfg = _shipped_config(shipped, fixtures_dir, workdir)
             elif types:
                 cfg = _types_config(fixtures_dir, workdir, types)
+            elif spec.pop("epochs", False):
+                cfg = _epochs_config(fixtures_dir, workdir, long_pairs=spec.pop("long_pairs"))
             elif bad_rows:
                 cfg = _config(fixtures_dir, workdir)
                 cfg["datasets"][0]["path"] = str(_bad_argilla_rows(workdir / "data"))
@@ -786,6 +813,35 @@ def test_bad_argilla_row_names_the_row_and_field(axolotl_runs):
     )
     assert "AssertionError" not in run.output and "invalid number of turns" not in run.output
     assert not (run.out_dir / f"checkpoint-{STEPS}").exists()
+
+
+@pytest.mark.integration
+def test_packed_epochs_train_every_pair_num_epochs_times(axolotl_runs):
+    """`orpo_packing: true` + num_epochs (no max_steps): every pair is trained exactly num_epochs times, for short
+    pairs (many per packed micro-batch) and long ones (about one), although Axolotl counts rows / micro_batch_size
+    steps per epoch; the cosine schedule's warm-up (warmup_ratio) and its end lie on the true total of steps."""
+    from collections import Counter
+
+    for name in ("epochs-short", "epochs-long"):
+        run = _trained(axolotl_runs[name].result())
+        out = run.out_dir
+        rows = [json.dumps(r) for r in (json.loads(x) for x in (out / "received.jsonl").read_text().splitlines())] \
+            if (out / "received.jsonl").exists() else None
+        batches = [json.loads(line) for line in (out / "seen.jsonl").read_text().splitlines()]
+        seen = Counter(json.dumps(pair) for batch in batches for pair in batch)
+        assert len(seen) == 16 and set(seen.values()) == {EPOCHS}, (name, sorted(seen.values()))
+        assert rows is None or set(rows) == set(seen)
+        logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+        steps = [entry for entry in logs if "loss" in entry]
+        total = len(batches)  # one micro-batch per optimizer step (gradient_accumulation_steps 1)
+        assert [entry["step"] for entry in steps] == list(range(1, total + 1)), (name, steps)
+        assert total != EPOCHS * 16 // MICRO_BATCH, f"{name}: the data must pack unlike rows / micro_batch_size"
+        assert steps[-1]["epoch"] == pytest.approx(EPOCHS), steps[-1]
+        rates = [entry["learning_rate"] for entry in steps]
+        peak = rates.index(max(rates))
+        warmup = max(int(WARMUP_RATIO * total), 0)
+        assert abs((peak + 1) - warmup) <= 1, (name, warmup, rates)  # the warm-up ends at warmup_ratio x the total
+        assert rates[-1] < 0.05 * max(rates), (name, rates)  # the cosine reaches its end at the last step
 
 
 @pytest.mark.integration
