@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .rendered import PieceCheck, check_rendered_pieces
+
 logger = logging.getLogger("orpo_plugin")
 
 COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -68,9 +70,13 @@ class PrepareStats:
             f"than half of a response to {limits}{length_note}. The model is trained on those fragments; raise "
             "max_length (or set drop_long_pairs=True to leave such pairs out)"
         )
+    first_dropped: dict = field(default_factory=dict)  # reason -> the index of the first row dropped for it
 
     def summary(self) -> str:
-        drops = ", ".join(f"{n} ({reason})" for reason, n in sorted(self.dropped.items())) or "none"
+        def first(reason):
+            return f", first row {self.first_dropped[reason]}" if reason in self.first_dropped else ""
+
+        drops = ", ".join(f"{n} ({reason}{first(reason)})" for reason, n in sorted(self.dropped.items())) or "none"
         return (
             f"{self.kept}/{self.rows} pairs kept; dropped: {drops}; "
             f"prompts truncated: {self.truncated_prompts}; "
@@ -486,6 +492,7 @@ def _prepare(
     bos = getattr(tokenizer, "bos_token_id", None)
     fit_length = None if encoder_decoder else max_length
     ends = None if pretokenized or encoder_decoder else end_of_turn_ids(tokenizer)
+    pieces = None if encoder_decoder else PieceCheck(tokenizer)  # see rendered.py
 
     def convert(row, index):
         if pretokenized:
@@ -507,10 +514,13 @@ def _prepare(
                 if len(out["prompt_input_ids"]) > max_prompt_length:
                     out["prompt_input_ids"] = truncate_prompt(out["prompt_input_ids"], max_prompt_length, truncation_mode, bos)
                     out["prompt_truncated"] = 1
+            texts = None
         else:
             prompt, chosen, rejected = row_to_text(dict(row), index, tokenizer)
             if chosen == rejected:
-                return {k: [] for k in COLUMNS} | {"truncated": 0, "prompt_truncated": 0, "drop": DROP_IDENTICAL, "mostly_cut": 0, "full_length": 0}
+                return {k: [] for k in COLUMNS} | {"truncated": 0, "prompt_truncated": 0, "drop": DROP_IDENTICAL,
+                                                   "mostly_cut": 0, "full_length": 0, "piece": ""}
+            texts = (chosen, rejected)
             if encoder_decoder:
                 out = tokenize_seq2seq_pair(
                     prompt, chosen, rejected, tokenizer, max_completion_length, max_prompt_length, truncation_mode
@@ -524,6 +534,7 @@ def _prepare(
             out["drop"] = DROP_TOO_LONG
         out.setdefault("mostly_cut", 0)
         out.setdefault("full_length", 0)
+        out["piece"] = pieces(texts, (out["chosen_input_ids"], out["rejected_input_ids"])) if pieces else ""
         return _final_checks(out, encoder_decoder)
 
     keep = set(COLUMNS)
@@ -536,6 +547,7 @@ def _prepare(
             "mostly_cut": Value("int64"),
             "full_length": Value("int64"),
             "drop": Value("string"),
+            "piece": Value("string"),
         }
     )
     tokenized = dataset.map(
@@ -546,15 +558,19 @@ def _prepare(
         remove_columns=[c for c in dataset.column_names if c not in keep],
         desc=f"Tokenizing {name} pairs",
     )
+    check_rendered_pieces(tokenized["piece"], name, getattr(tokenizer, "bos_token", None))
     stats = PrepareStats(rows=len(tokenized))
     drops = tokenized["drop"]
     stats.dropped = Counter(d for d in drops if d)
+    for index, reason in enumerate(drops):
+        if reason:
+            stats.first_dropped.setdefault(reason, index)
     stats.truncated_responses = sum(t for t, d in zip(tokenized["truncated"], drops) if not d)
     stats.truncated_prompts = sum(t for t, d in zip(tokenized["prompt_truncated"], drops) if not d)
     stats.mostly_cut = sum(t for t, d in zip(tokenized["mostly_cut"], drops) if not d)
     stats.full_lengths = [n for n, d in zip(tokenized["full_length"], drops) if not d and n]
     tokenized = tokenized.filter(lambda d: not d, input_columns="drop", num_proc=num_proc)
-    tokenized = tokenized.remove_columns(["drop", "truncated", "prompt_truncated", "mostly_cut", "full_length"])
+    tokenized = tokenized.remove_columns(["drop", "truncated", "prompt_truncated", "mostly_cut", "full_length", "piece"])
     stats.kept = len(tokenized)
     if stats.dropped or stats.truncated_responses or stats.truncated_prompts:
         logger.warning("%s dataset: %s", name, stats.summary())

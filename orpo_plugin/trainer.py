@@ -63,6 +63,19 @@ def packing_summary(stats: dict, args) -> str:
     return text
 
 
+class _WithPairIndex:
+    """An eval collator that also returns the batch's dataset row indices as `pair_index` ([P], long)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator([{k: v for k, v in f.items() if k != "pair_index"} for f in features])
+        if all("pair_index" in f for f in features):
+            batch["pair_index"] = torch.tensor([int(f["pair_index"]) for f in features], dtype=torch.long)
+        return batch
+
+
 class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseTrainer):
     """ORPO without a reference model: NLL on chosen + beta * odds-ratio loss, packed and chunked when asked."""
 
@@ -179,6 +192,9 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
         self._steps_since_log = 0
         self._packed_sampler: PackedBatchSampler | None = None
         self._generation_indices: dict[str, list[int]] = {}
+        self._eval_rows = None  # the dataset of the evaluation running now (see get_eval_dataloader)
+        self._eval_seen: set[int] = set()
+        self._count_eval_sums = True
 
         super().__init__(
             model=model,
@@ -304,6 +320,48 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
             shard.num_processes, shard.process_index = 1, 0
         return loader
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        """The Trainer's loader over the eval rows, each batch carrying the rows' indices (`pair_index`), so that the
+        pairs accelerate repeats to give every rank as many batches are not counted twice (see `_first_seen`)."""
+        import datasets
+
+        dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        dataset = self.eval_dataset if dataset is None else dataset
+        if isinstance(dataset, datasets.Dataset) and "pair_index" not in dataset.column_names:
+            dataset = dataset.add_column("pair_index", list(range(len(dataset))))
+        self._eval_rows = dataset
+        collator = self.data_collator
+        self.data_collator = _WithPairIndex(collator)
+        try:
+            return super().get_eval_dataloader(dataset)
+        finally:
+            self.data_collator = collator
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._eval_seen = set()
+        return super().evaluation_loop(*args, **kwargs)
+
+    def _first_seen(self, index: torch.Tensor) -> list[bool]:
+        """For each pair of this rank's eval batch, whether it is the first time the evaluation meets it, in the order
+        (batch, rank, position); the same answer on every rank. A collective: every rank calls it once per batch."""
+        index = index.to(self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            width = torch.tensor([index.numel()], device=index.device)
+            width = int(self.accelerator.gather(width).max())
+            padded = torch.full((width,), -1, dtype=index.dtype, device=index.device)
+            padded[: index.numel()] = index
+            gathered = self.accelerator.gather(padded).view(self.accelerator.num_processes, width).tolist()
+        else:
+            gathered = [index.tolist()]
+        mine = []
+        for rank, row in enumerate(gathered):
+            for i in row:
+                first = i >= 0 and i not in self._eval_seen
+                self._eval_seen.add(i)
+                if rank == self.accelerator.process_index and i >= 0:
+                    mine.append(first)
+        return mine
+
     # ------------------------------------------------------------------------------------------ loss
     def get_batch_samples(self, epoch_iterator, num_batches, device=None):
         """Collect the micro-batches of one optimizer step and the totals that normalise their losses."""
@@ -348,7 +406,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
                 getattr(self.args, "loss_type", "odds_ratio"),
             )
         mode = "train" if model.training else "eval"
-        for k, v in result.sums.items():
+        for k, v in result.sums.items() if (mode == "train" or self._count_eval_sums) else ():
             self._metric_sums[mode][k] = self._metric_sums[mode][k] + v
         loss = result.output.loss
         return (loss, result.sums) if return_outputs else loss
@@ -366,9 +424,21 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """TRL's return: the batch's mean chosen and rejected logits as "predictions" and zero labels, so that
         `compute_metrics(EvalPrediction)` runs (one pair of values per evaluation batch)."""
+        inputs = dict(inputs)
+        index = inputs.pop("pair_index", None)
+        keep = self._first_seen(index) if index is not None else []
+        if not all(keep) and any(keep) and self._eval_rows is not None:
+            # a pair accelerate repeated on this rank: the batch's other pairs, collated again
+            rows = [self._eval_rows[i] for i, k in zip(index.tolist(), keep) if k]
+            inputs = self.data_collator([{k: v for k, v in r.items() if k != "pair_index"} for r in rows])
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss, sums = self.compute_loss(model, inputs, return_outputs=True)
+        # a batch made only of repeated pairs still runs (sharded models need every rank's forward), uncounted
+        self._count_eval_sums = any(keep) or not keep
+        try:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss, sums = self.compute_loss(model, inputs, return_outputs=True)
+        finally:
+            self._count_eval_sums = True
         if prediction_loss_only:
             return loss.detach(), None, None
         if ignore_keys is None:

@@ -277,7 +277,7 @@ def _train(python: Path, cfg: dict, workdir: Path, threads: int | None = None) -
     path = workdir / "cfg.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = _env(python)
-    if RECORD_PLUGIN in cfg.get("plugins", []):
+    if any(p.startswith("record_plugin.") for p in cfg.get("plugins", [])):
         env["PYTHONPATH"] = str(HERE)  # the recording plugin's module, and nothing else from the host
     env["HF_DATASETS_CACHE"] = str(workdir / "hf-datasets")
     if threads:
@@ -383,6 +383,9 @@ RUN_SPECS = {
     # every preference dataset type (see TYPE_RUNS), and the argilla row without its user turn
     **{name: dict(types=name) for name in TYPE_RUNS},
     "bad-argilla-row": dict(bad_rows=True),
+    # num_epochs with packing and no max_steps: a set of short pairs (many per micro-batch) and one of long pairs
+    "epochs-short": dict(epochs=True, long_pairs=False),
+    "epochs-long": dict(epochs=True, long_pairs=True),
 }
 PACKED_RUN = f"shipped-{TINY_CONFIG.stem}"
 USED_BY = {
@@ -394,7 +397,29 @@ USED_BY = {
     "test_shipped_config_trains": tuple(f"shipped-{path.stem}" for path in SHIPPED_CONFIGS),
     "test_dataset_type_trains_as_rl_dpo_loads_it": tuple(TYPE_RUNS),
     "test_bad_argilla_row_names_the_row_and_field": ("bad-argilla-row",),
+    "test_packed_epochs_train_every_pair_num_epochs_times": ("epochs-short", "epochs-long"),
 }
+EPOCHS, MICRO_BATCH, WARMUP_RATIO = 2, 4, 0.25
+
+
+def _epochs_config(fixtures: Path, workdir: Path, long_pairs: bool) -> dict:
+    """`orpo_packing: true`, num_epochs and no max_steps, a cosine schedule with warmup_ratio; the long set repeats
+    every message of the fixture rows 8 times (about one pair per micro-batch), the short set is them as they are."""
+    rows = [json.loads(line) for line in (fixtures / "prefs.jsonl").read_text().splitlines()][:16]
+    if long_pairs:
+        for row in rows:
+            for key in ("chosen", "rejected"):
+                row[key] = [dict(m, content=" ".join([m["content"]] * 8)) for m in row[key]]
+    data = workdir / "data" / "rows.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _config(fixtures, workdir, orpo_packing=True, orpo_packing_max_tokens=1024, sequence_len=1024,
+                  micro_batch_size=MICRO_BATCH, gradient_accumulation_steps=1, num_epochs=EPOCHS,
+                  lr_scheduler="cosine", warmup_ratio=WARMUP_RATIO, learning_rate=1e-3, save_steps=10_000)
+    cfg.pop("max_steps")
+    cfg["datasets"] = [dict(cfg["datasets"][0], path=str(data))]
+    cfg["plugins"] = [*cfg["plugins"], "record_plugin.RecordSeen"]
+    return cfg
 
 
 @pytest.fixture(scope="session")
@@ -415,6 +440,8 @@ def axolotl_runs(request, axolotl_python, fixtures_dir, tmp_path_factory):
                 cfg = _shipped_config(shipped, fixtures_dir, workdir)
             elif types:
                 cfg = _types_config(fixtures_dir, workdir, types)
+            elif spec.pop("epochs", False):
+                cfg = _epochs_config(fixtures_dir, workdir, long_pairs=spec.pop("long_pairs"))
             elif bad_rows:
                 cfg = _config(fixtures_dir, workdir)
                 cfg["datasets"][0]["path"] = str(_bad_argilla_rows(workdir / "data"))
@@ -633,6 +660,17 @@ def _error_cases(fixtures: Path, folder: Path) -> dict[str, tuple[dict, tuple[st
     argilla[1]["rejected"][0]["content"] = "Another question altogether."
     swapped = fixture_rows("chat_template.argilla")
     swapped[2]["chosen"] = swapped[2]["chosen"][::-1]
+    # a longer conversation in row 1, for a type that reads one exchange
+    chats = fixture_rows("chatml.argilla_chat")
+    earlier = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    chats[1] = {k: earlier + v for k, v in chats[1].items()}
+    # chat_template.argilla with a prompt column: every row's prompt is its last user turn except row 2's
+    prompted = fixture_rows("chat_template.argilla")
+    prompted[0] = {**prompted[0], **{k: earlier + prompted[0][k] for k in ("chosen", "rejected")}}  # multi-turn
+    for row in prompted:
+        row["prompt"] = row["chosen"][-2]["content"]
+    disagreeing = [dict(r) for r in prompted]
+    disagreeing[2]["prompt"] = "Something else entirely."
     entry = lambda name, rows=None: _dataset_entry(fixtures, name, rows)  # noqa: E731
     # a transform of one's own, as Axolotl's dotted path names it (`module.function`, a top-level module)
     (folder / "my_orpo_rows.py").write_text(
@@ -665,6 +703,15 @@ def _error_cases(fixtures: Path, folder: Path) -> dict[str, tuple[dict, tuple[st
                                  ("row 1: field 'rejected'", "differ from chosen's")),
         "argilla-turn-order": (config(entry("chat_template.argilla", rows_file("swapped", swapped))),
                                ("row 2: field 'chosen'", "['assistant', 'user']")),
+        "one-exchange-multiturn": (config(entry("chatml.argilla_chat", rows_file("chats", chats))),
+                                   ("row 1: field 'chosen' is a conversation of 4 messages",
+                                    "chatml.argilla_chat reads only its first exchange", "chat_template.argilla_chat")),
+        "argilla-prompt-disagrees": (config(entry("chat_template.argilla", rows_file("disagreeing", disagreeing))),
+                                     ("row 2: field 'prompt' is 'Something else entirely.'",
+                                      "in place of every user turn")),
+        "argilla-prompt-agrees": (config(entry("chat_template.argilla", rows_file("prompted", prompted))), ()),
+        "default-system-refused": (config(entry("chatml.argilla_chat"), default_system_message="Be brief."),
+                                   ("default_system_message is set", "type: chatml.argilla_chat) has no system")),
         # not errors: rows already prompt/chosen/rejected under no `type:` load as given (all 4), and a transform
         # of one's own loads its 3 rows
         "no-type": (config({k: v for k, v in entry("passthrough.default").items() if k != "type"}), ()),
@@ -769,10 +816,49 @@ def test_bad_argilla_row_names_the_row_and_field(axolotl_runs):
 
 
 @pytest.mark.integration
+def test_packed_epochs_train_every_pair_num_epochs_times(axolotl_runs):
+    """`orpo_packing: true` + num_epochs (no max_steps): every pair is trained exactly num_epochs times, for short
+    pairs (many per packed micro-batch) and long ones (about one), although Axolotl counts rows / micro_batch_size
+    steps per epoch; the cosine schedule's warm-up (warmup_ratio) and its end lie on the true total of steps."""
+    from collections import Counter
+
+    for name in ("epochs-short", "epochs-long"):
+        run = _trained(axolotl_runs[name].result())
+        out = run.out_dir
+        rows = [json.dumps(r) for r in (json.loads(x) for x in (out / "received.jsonl").read_text().splitlines())] \
+            if (out / "received.jsonl").exists() else None
+        batches = [json.loads(line) for line in (out / "seen.jsonl").read_text().splitlines()]
+        seen = Counter(json.dumps(pair) for batch in batches for pair in batch)
+        assert len(seen) == 16 and set(seen.values()) == {EPOCHS}, (name, sorted(seen.values()))
+        assert rows is None or set(rows) == set(seen)
+        logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+        steps = [entry for entry in logs if "loss" in entry]
+        total = len(batches)  # one micro-batch per optimizer step (gradient_accumulation_steps 1)
+        assert [entry["step"] for entry in steps] == list(range(1, total + 1)), (name, steps)
+        assert total != EPOCHS * 16 // MICRO_BATCH, f"{name}: the data must pack unlike rows / micro_batch_size"
+        assert steps[-1]["epoch"] == pytest.approx(EPOCHS), steps[-1]
+        # Axolotl's warm-up rule on the true total (int(warmup_ratio x total), 1 read as 2), transformers' cosine;
+        # the learning rate logged at step s is the one that step used (scheduler position s - 1)
+        warmup = max(int(WARMUP_RATIO * total), 0)
+        warmup = 2 if warmup == 1 else warmup
+        want = [1e-3 * (s / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+                for s in range(total)]
+        assert [entry["learning_rate"] for entry in steps] == pytest.approx(want, rel=1e-5, abs=1e-9), name
+
+
+@pytest.mark.integration
 def test_entry_without_a_type_loads_its_rows_as_given(preference_data):
     """A `datasets:` entry with no `type:` (rows already prompt/chosen/rejected), as Axolotl allows."""
     result = preference_data["errors"]["no-type"]
     assert result["ok"] and result["rows"] == 4, result
+
+
+@pytest.mark.integration
+def test_argilla_prompt_that_says_the_last_user_turn_loads(preference_data):
+    """A chat_template.argilla `prompt` column equal to each row's last user turn loads every row (the conversation's
+    turns are used as they are: tests/test_axolotl_rows.py); one that disagrees names the row (error cases)."""
+    result = preference_data["errors"]["argilla-prompt-agrees"]
+    assert result["ok"] and result["rows"] >= 3, result
 
 
 @pytest.mark.integration
@@ -785,7 +871,8 @@ def test_custom_transform_by_dotted_path(preference_data):
 @pytest.mark.integration
 @pytest.mark.parametrize("case", ["unknown-type", "unknown-function", "null-field", "missing-column", "one-answer",
                                   "empty-response", "mappings-ignored", "dataset-chat-template",
-                                  "argilla-other-prompt", "argilla-turn-order"])
+                                  "argilla-other-prompt", "argilla-turn-order", "one-exchange-multiturn",
+                                  "argilla-prompt-disagrees", "default-system-refused"])
 def test_bad_dataset_type_or_row_is_named(case, preference_data, fixtures_dir, tmp_path):
     """A type that resolves nowhere lists the types that work; a bad row names the dataset, the row and the field."""
     result = preference_data["errors"][case]

@@ -37,3 +37,31 @@ class RecordTrainData(BasePlugin):
             "trainer": type(trainer).__name__,
         }
         (out / "received_tokens.json").write_text(json.dumps(tokens))
+
+
+class RecordSeen(BasePlugin):
+    """Records, on the main process, every training pair the collator receives (<output_dir>/seen.jsonl: one line
+    per micro-batch, its pairs' [prompt, chosen, rejected] ids) and every log (<output_dir>/logs.jsonl)."""
+
+    def post_trainer_create(self, cfg, trainer):
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        from transformers import TrainerCallback
+
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        collator = trainer.data_collator
+
+        def recording(features):
+            with open(out / "seen.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps([[list(p[c]) for c in COLUMNS] for p in features]) + "\n")
+            return collator(features)
+
+        trainer.data_collator = recording
+
+        class Logs(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                with open(out / "logs.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": state.global_step, **(logs or {})}) + "\n")
+
+        trainer.add_callback(Logs())

@@ -19,6 +19,7 @@ A type that resolves nowhere stops before any data is loaded, with the list of t
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -30,6 +31,15 @@ LOG = logging.getLogger("orpo_plugin.axolotl")
 ORPO_PACKAGE = "axolotl.prompt_strategies.orpo"
 DPO_PACKAGE = "axolotl.prompt_strategies.dpo"
 OUTPUT_FIELDS = ("prompt", "chosen", "rejected")
+# Axolotl DPO types that read `chosen[1]`/`rejected[1]` only (one user/assistant exchange), and the types that read
+# a whole conversation
+ONE_EXCHANGE = frozenset({"chatml.argilla_chat", "llama3.argilla_chat", "chatml.ultra", "llama3.ultra"})
+# types whose transform reads a `system` field, filled with `default_system_message` where a row has none
+SYSTEM_FIELD_TYPES = frozenset(
+    {"chat_template.argilla"} | {f"{m}.{f}" for m in ("chatml", "llama3") for f in ("default", "icr", "intel",
+                                                                                   "prompt_pairs", "ultra")}
+)
+MULTI_TURN_TYPES = "chat_template.argilla_chat, chat_template.default (rl: dpo types) or chat_template.argilla"
 
 
 # ------------------------------------------------------------------------------------------------ type table
@@ -101,6 +111,24 @@ def check_types(cfg) -> None:
                 raise ValueError(
                     f"{key}[{i}].type {raw!r}: not a preference dataset type orpo_plugin can train with rl: orpo "
                     f"(Axolotl {_axolotl_version()}). Types that work: {types_that_work()}"
+                )
+
+
+def check_default_system(cfg) -> None:
+    """`default_system_message` is honoured for the types that read a `system` field (rows without one get it, see
+    `RowTransform`); for any other type it stops here, before any data is loaded, instead of being ignored."""
+    default = cfg.get("default_system_message")
+    if not default:
+        return
+    for key in ("datasets", "test_datasets"):
+        for i, ds in enumerate(cfg.get(key) or []):
+            name = type_name(ds.get("type"))
+            if name not in SYSTEM_FIELD_TYPES:
+                raise ValueError(
+                    f"default_system_message is set, but {key}[{i}] ({ds.get('path')}, type: {name}) has no system "
+                    f"field orpo_plugin can fill, and Axolotl {_axolotl_version()} ignores the key under rl: orpo. "
+                    f"Types that honour it: {', '.join(sorted(SYSTEM_FIELD_TYPES))}; otherwise give each row its "
+                    "system message, or remove default_system_message"
                 )
 
 
@@ -220,8 +248,13 @@ def resolve(type_, cfg, dataset_idx: int = 0, **kwargs):
     ds_type = entries[dataset_idx].get("type") if dataset_idx < len(entries) else None
     if name == "user_defined.default" and hasattr(ds_type, "get"):
         optional.add(ds_type.get("field_system") or "system")  # its transform reads it with `or ""`
-    check = check_argilla_row if (kind, name) == ("orpo", "chat_template.argilla") else None
-    wrapped = RowTransform(transform, name, where, frozenset(optional), check)
+    check = None
+    if (kind, name) == ("orpo", "chat_template.argilla"):
+        check = check_argilla_row
+    elif kind == "dpo" and name in ONE_EXCHANGE:
+        check = functools.partial(check_one_exchange, type_=name)
+    default_system = cfg.get("default_system_message") if name in SYSTEM_FIELD_TYPES else None
+    wrapped = RowTransform(transform, name, where, frozenset(optional), check, default_system or None)
     LOG.info("%s: Axolotl's %s strategy %s", where, kind.upper() if kind != "custom" else "custom", name)
     return wrapped, {**map_kwargs, "with_indices": True}
 
@@ -239,6 +272,7 @@ def load_preference_datasets(cfg, written: list | None = None):
     check_dropped_keys(written, entries, cfg)
     cfg = DictDefault({**cfg, "datasets": entries})
     check_types(cfg)
+    check_default_system(cfg)
     # Axolotl 0.19's rl data module calls the ORPO loader it imported as `load_orpo`; this is the one place that
     # depends on that name
     if not callable(getattr(rl_data, "load_orpo", None)):
@@ -278,18 +312,38 @@ class _ReadFields(dict):
 class RowTransform:
     """An Axolotl row transform that stops on a bad row with the dataset, the row index and the field."""
 
-    def __init__(self, transform, name: str, where: str, optional: frozenset[str], check=None):
+    def __init__(self, transform, name: str, where: str, optional: frozenset[str], check=None, default_system=None):
         self.transform = transform
         self.name, self.where, self.optional, self.check = name, where, optional, check
+        self.default_system = default_system  # `default_system_message`, for rows without a `system`
+        self._template_checked = False
         self.takes_tokenizer = "tokenizer" in inspect.signature(transform).parameters
 
     def error(self, index: int, field: str | None, problem: str) -> ValueError:
         place = f"field '{field}'" if field is not None else "the row"
         return ValueError(f"{self.where}: row {index}: {place} {problem}")
 
+    def _check_system_turn(self, tokenizer) -> None:
+        """The chat template must render a system message, or `default_system_message` would vanish."""
+        self._template_checked = True
+        messages = [{"role": "system", "content": self.default_system}, {"role": "user", "content": "Hi"}]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as err:  # noqa: BLE001 - a template without a system role
+            text = f"({type(err).__name__}: {err})"
+        if self.default_system not in text:
+            raise ValueError(
+                f"{self.where}: default_system_message is set but the chat template renders no system turn "
+                f"(it gave {text[:120]!r}); use a chat template with a system role, or remove default_system_message"
+            )
+
     def __call__(self, sample, index, tokenizer=None):
         if self.check is not None:
-            self.check(sample, index, self.error)
+            sample = self.check(sample, index, self.error) or sample
+        if self.default_system is not None and not sample.get("system"):
+            if tokenizer is not None and not self._template_checked:
+                self._check_system_turn(tokenizer)
+            sample = {**sample, "system": self.default_system}
         row = _ReadFields(sample)
         try:
             out = self.transform(row, tokenizer=tokenizer) if self.takes_tokenizer else self.transform(row)
@@ -316,13 +370,14 @@ class RowTransform:
         return dict(out)
 
 
-def check_argilla_row(sample, index: int, error) -> None:
+def check_argilla_row(sample, index: int, error) -> dict | None:
     """What Axolotl's `chat_template.argilla` transform assumes of a row, checked before it runs.
 
     `chosen`: the conversation ending with the chosen answer, user and assistant turns alternating from a user turn
     (Axolotl reads the turns by position and asserts on an odd count); `rejected`: the same conversation ending with
     the rejected answer, or that answer alone (Axolotl uses its last turn with chosen's earlier turns);
-    `system`, `prompt`: a string when present.
+    `system`, `prompt`: a string when present; a `prompt` must say what the conversation's user turns say (then the
+    row is returned without it, so the turns are read as they are).
     """
     chosen = _messages(sample.get("chosen"), index, "chosen", error)
     roles = [m["role"] for m in chosen]
@@ -352,6 +407,39 @@ def check_argilla_row(sample, index: int, error) -> None:
             "is null in this row while the dataset has a prompt column (Axolotl's argilla transform would use it as "
             "the user's turn); give every row a prompt or none",
         )
+    if isinstance(sample.get("prompt"), str):
+        # Axolotl's transform writes the `prompt` text in place of EVERY user turn of the conversation: a prompt
+        # that says what the conversation's user turns say is dropped (the turns are used as they are); any other is
+        # refused, as orpo_plugin refuses a prompt string beside message lists that disagrees with them
+        users = [m["content"] for m in chosen if m["role"] == "user"]
+        said = sample["prompt"].strip()
+        if all(u.strip() == said for u in users):
+            return None
+        if said in {users[-1].strip(), "\n".join(users).strip(), " ".join(users).strip()}:
+            return {k: v for k, v in sample.items() if k != "prompt"}
+        raise error(
+            index, "prompt",
+            f"is {sample['prompt'][:60]!r} but the conversation's user turns say {[u[:40] for u in users]}; Axolotl's "
+            "chat_template.argilla transform would put the prompt text in place of every user turn. Give the prompt "
+            "as the last user turn (or all of them), or drop the prompt column",
+        )
+    return None
+
+
+def check_one_exchange(sample, index: int, error, type_: str) -> None:
+    """A type that reads only `chosen[1]` and `rejected[1]` (messages 0 and 1: one user turn and its answer) refuses a
+    longer conversation instead of comparing its first answers (the later turns would be lost; two conversations
+    that share their first exchange would give chosen identical to rejected)."""
+    for field in ("chosen", "rejected"):
+        value = sample.get(field)
+        if isinstance(value, list) and len(value) > 2:
+            roles = [m.get("role") if hasattr(m, "get") else type(m).__name__ for m in value]
+            raise error(
+                index, field,
+                f"is a conversation of {len(value)} messages ({roles}); Axolotl's {type_} reads only its first "
+                f"exchange (messages 0 and 1), so the later turns would be lost. Use a type that takes multi-turn "
+                f"rows: {MULTI_TURN_TYPES}",
+            )
 
 
 def _messages(value, index: int, field: str, error) -> list[dict]:

@@ -39,6 +39,7 @@ class ORPOPlugin(BasePlugin):
         self.model = None
         self.orpo_args: dict = {}  # our keys' values, also for a trainer whose arguments lack the mixin
         self.written_datasets: list | None = None
+        self.schedule: dict = {}  # the YAML's max_steps, warmup_steps, warmup_ratio (None: not set)
 
     def get_input_args(self) -> str:
         return "orpo_plugin.axolotl.args.ORPOPluginArgs"
@@ -73,6 +74,9 @@ class ORPOPlugin(BasePlugin):
             return None
         self.orpo_args = {key: cfg.get(key) for key in KEY_TO_FIELD}
         self.orpo_args["orpo_pad_to_multiple_of"] = cfg.get("pad_to_multiple_of")
+        # what Axolotl derived from rows / micro-batch size (max_steps, warm-up) is recomputed from the packed
+        # loader when the user set neither (see AxolotlORPOPluginTrainer)
+        self.schedule = {k: cfg.get(k) for k in ("max_steps", "warmup_steps", "warmup_ratio")}
         # Axolotl merges plugin mixins into its training arguments when axolotl.core.training_args is first
         # imported; if that happened before this plugin was registered, the keys cannot go through the arguments.
         from axolotl.core.training_args import AxolotlTrainingMixins
@@ -161,7 +165,25 @@ def axolotl_trainer_class():
             if data_collator is not None:
                 LOG.info("replacing Axolotl's %s with orpo_plugin's PreferenceCollator", type(data_collator).__name__)
             orpo_args = self.orpo_plugin.orpo_args if self.orpo_plugin is not None else None
-            super().__init__(model=model, args=to_plugin_config(args, orpo_args), data_collator=None, **kwargs)
+            args = to_plugin_config(args, orpo_args)
+            schedule = getattr(self.orpo_plugin, "schedule", None) or {}
+            # Axolotl sets max_steps to rows / micro-batch size x epochs; a packed micro-batch holds a varying number
+            # of pairs, so the steps of an epoch are the packed loader's (Trainer counts them when max_steps is -1)
+            self._packed_epochs = bool(args.packing and schedule and not schedule.get("max_steps"))
+            if self._packed_epochs:
+                args.max_steps = -1
+            super().__init__(model=model, args=args, data_collator=None, **kwargs)
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            """Axolotl's warm-up rule (warmup_ratio x total, else min(3 % of the total, 100), 1 read as 2), applied
+            to the true total of a packed run instead of the row count's."""
+            schedule = getattr(self.orpo_plugin, "schedule", None) or {}
+            if self._packed_epochs and schedule.get("warmup_steps") is None and self.lr_scheduler is None:
+                ratio = schedule.get("warmup_ratio")
+                steps = max(int(ratio * num_training_steps), 0) if ratio is not None else min(
+                    int(0.03 * num_training_steps), 100)
+                self.args.warmup_steps = 2 if steps == 1 else steps
+            return super().create_scheduler(num_training_steps, optimizer)
 
     return AxolotlORPOPluginTrainer
 
