@@ -115,8 +115,11 @@ def make_pairs(
 # Lengths in tokens of the real tokenizer, message content only (the chat template adds its own tokens):
 # log-normal draws (median, sigma), capped so that a pair is never truncated (see make_chat_pairs).
 CHAT_LENGTHS = dict(
-    system_share=0.5, system=(30, 0.6),  # half the rows bring a system message; the others get the template's default
-    history_share=0.25, history_user=(40, 0.7), history_assistant=(80, 0.7),  # a quarter have one earlier exchange
+    system_share=0.5,
+    system=(30, 0.6),  # half the rows bring a system message; the others get the template's default
+    history_share=0.25,
+    history_user=(40, 0.7),
+    history_assistant=(80, 0.7),  # a quarter have one earlier exchange
     user=(60, 0.9),  # the question
     response=(110, 0.7),  # chosen and rejected, drawn independently
 )
@@ -295,7 +298,9 @@ def library_revision() -> str:
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(orpo_plugin.__file__)))
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--", "orpo_plugin"], cwd=root, capture_output=True, text=True, check=True
         )

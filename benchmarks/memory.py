@@ -70,7 +70,9 @@ REAL_MODELS = {"gemma3": "Gemma 3 270M"}  # --model: orpo_plugin.pretrained chec
 REAL_DEFAULTS = dict(methods=["trl", "ours_chunked", "ours_packing"], timing_methods=[], pairs=2, seq_len=512)
 FSDP2_METHODS = ["ours_chunked", "ours_model_logits"]
 FSDP2_CONFIG = {
-    "fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "reshard_after_forward": True,
+    "fsdp_version": 2,
+    "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+    "reshard_after_forward": True,
     "state_dict_type": "SHARDED_STATE_DICT",
 }
 VOCAB = 128_256  # Llama 3
@@ -170,7 +172,11 @@ def model_and_tokenizer(opts):
         maker = common.TextMaker(opts.seed)
         tokenizer = common.build_tokenizer(opts.seed, 1024, maker)
         model = build_model(
-            VOCAB, hidden_size=opts.hidden, num_layers=opts.layers, num_heads=opts.heads, seed=opts.seed,
+            VOCAB,
+            hidden_size=opts.hidden,
+            num_layers=opts.layers,
+            num_heads=opts.heads,
+            seed=opts.seed,
             max_position_embeddings=max(2048, opts.seq_len),
         )
         return model, tokenizer, maker
@@ -304,8 +310,19 @@ def run_child(role: str, opts, malloc_env: bool):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--main_process_port", str(port), __file__, role, "--fsdp2"]
+        argv = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(port),
+            __file__,
+            role,
+            "--fsdp2",
+        ]
     for k in ("model", "seq_len", "pairs", "hidden", "layers", "heads", "threads", "timed_steps", "seed"):
         if getattr(opts, k) is not None:
             argv += [f"--{k.replace('_', '-')}", str(getattr(opts, k))]
@@ -339,16 +356,22 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--model", choices=["toy", *REAL_MODELS], default="toy",
+        "--model",
+        choices=["toy", *REAL_MODELS],
+        default="toy",
         help="toy: a random-init Llama at vocab 128,256 (default); gemma3: the pretrained Gemma 3 270M and its "
         f"tokenizer (vocab 262,144; changes the defaults: {REAL_DEFAULTS})",
     )
     p.add_argument(
-        "--methods", nargs="+", choices=list(METHODS),
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
         help="memory phase (default: trl ours_chunked ours_unchunked ours_model_logits)",
     )
     p.add_argument(
-        "--timing-methods", nargs="*", choices=list(METHODS),
+        "--timing-methods",
+        nargs="*",
+        choices=list(METHODS),
         help="timing phase (default: ours_chunked ours_unchunked; add trl to time it too: ~2x slower per step here); "
         "nothing: skip the phase",
     )
@@ -356,7 +379,9 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, help="pairs per micro-batch (2x sequences; default 8)")
     p.add_argument("--hidden", type=int, default=128, help="toy model only")
     p.add_argument(
-        "--layers", type=int, help="toy model: its layers (default 2); a pretrained model: keep only its first layers "
+        "--layers",
+        type=int,
+        help="toy model: its layers (default 2); a pretrained model: keep only its first layers "
         "(a smoke-test size; default all)",
     )
     p.add_argument("--heads", type=int, default=4, help="toy model only")
@@ -367,7 +392,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if CUDA is available")
     common.add_checkpointing_option(p)
     p.add_argument(
-        "--fsdp2", action="store_true",
+        "--fsdp2",
+        action="store_true",
         help="2 CPU processes under FSDP2: ours_chunked vs ours_model_logits, peak per rank (no timing phase)",
     )
     p.add_argument("--json", help="also write the per-run results here")
@@ -377,7 +403,9 @@ def main(argv=None) -> int:
     opts = p.parse_args(argv)
     defaults = dict(
         methods=["trl", "ours_chunked", "ours_unchunked", "ours_model_logits"],
-        timing_methods=["ours_chunked", "ours_unchunked"], pairs=8, seq_len=256,
+        timing_methods=["ours_chunked", "ours_unchunked"],
+        pairs=8,
+        seq_len=256,
     )
     if opts.model != "toy":
         defaults.update(REAL_DEFAULTS)
@@ -403,7 +431,6 @@ def main(argv=None) -> int:
         opts.timing_methods = []
         if set(opts.methods) - set(FSDP2_METHODS):
             raise SystemExit(f"--fsdp2 compares {FSDP2_METHODS}")
-
 
     if opts.model == "toy":
         vocab, base_gib = VOCAB, 1.2  # the process before the step: torch, model, AdamW state (~1 GiB)
@@ -481,11 +508,24 @@ def main(argv=None) -> int:
     vs = "vs ours_model_logits" if opts.fsdp2 else "vs trl"
     if opts.fsdp2:
         unit = "MiB per rank (max of 2)"
-        print("FSDP2, 2 processes; output layer sharded in every run: "
-              f"{all(r['head_sharded'] for x in runs for r in x['ranks'])}")
-    print(common.table(
-        ["method", f"step peak {unit}", vs, "process peak RSS MiB", vs, "real tokens in the step", "first-step loss"], rows
-    ))
+        print(
+            "FSDP2, 2 processes; output layer sharded in every run: "
+            f"{all(r['head_sharded'] for x in runs for r in x['ranks'])}"
+        )
+    print(
+        common.table(
+            [
+                "method",
+                f"step peak {unit}",
+                vs,
+                "process peak RSS MiB",
+                vs,
+                "real tokens in the step",
+                "first-step loss",
+            ],
+            rows,
+        )
+    )
     if len({x["tokens_per_step"] for x in runs}) > 1:
         print("NOTE: the methods' measured steps trained different numbers of tokens")
     if timing:
@@ -505,12 +545,20 @@ def main(argv=None) -> int:
         print()
         print(
             common.table(
-                ["method", "real tokens/s", "vs ours_unchunked", "real tokens/CPU-s", "vs ours_unchunked (CPU)",
-                 "median step s"],
+                [
+                    "method",
+                    "real tokens/s",
+                    "vs ours_unchunked",
+                    "real tokens/CPU-s",
+                    "vs ours_unchunked (CPU)",
+                    "median step s",
+                ],
                 trows,
             )
         )
-    print(f"\ndevice {runs[0]['device']}; load average at end {os.getloadavg()[0]:.1f}; wall {time.perf_counter() - t0:.0f}s")
+    print(
+        f"\ndevice {runs[0]['device']}; load average at end {os.getloadavg()[0]:.1f}; wall {time.perf_counter() - t0:.0f}s"
+    )
     if opts.json:
         Path(opts.json).write_text(json.dumps({"opts": vars(opts), "memory": runs, "timing": timing}, indent=1))
     return 0

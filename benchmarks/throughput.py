@@ -111,7 +111,9 @@ def check_same_tokenization(rows, tokenizer, ours, opts) -> str:
     model = make_model(opts, tokenizer, probe=True)
     with tempfile.TemporaryDirectory() as out:
         args = ORPOConfig(output_dir=out, max_length=opts.max_length, **cpu_args(False, opts.batch))
-        trl = ORPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(probe), processing_class=tokenizer)
+        trl = ORPOTrainer(
+            model=model, args=args, train_dataset=datasets.Dataset.from_list(probe), processing_class=tokenizer
+        )
     eos, extra = tokenizer.eos_token_id, 0
     for i in range(len(probe)):
         prompt = list(ours[i]["prompt_input_ids"])
@@ -124,12 +126,16 @@ def check_same_tokenization(rows, tokenizer, ours, opts) -> str:
             if theirs == mine + [eos] and mine[-1] != eos:
                 extra += 1
                 continue
-            raise SystemExit(f"tokenization differs between TRL and orpo_plugin at pair {i} ({name}): "
-                             f"{len(theirs)} vs {len(mine)} tokens")
+            raise SystemExit(
+                f"tokenization differs between TRL and orpo_plugin at pair {i} ({name}): "
+                f"{len(theirs)} vs {len(mine)} tokens"
+            )
     if not extra:
         return "TRL and orpo_plugin tokenize every probed pair identically"
-    return (f"TRL and orpo_plugin tokenize every probed pair identically except for the EOS TRL appends after the "
-            f"template's end of turn ({extra} of {2 * len(probe)} responses, one token each; counted in TRL's real tokens)")
+    return (
+        f"TRL and orpo_plugin tokenize every probed pair identically except for the EOS TRL appends after the "
+        f"template's end of turn ({extra} of {2 * len(probe)} responses, one token each; counted in TRL's real tokens)"
+    )
 
 
 def make_model(opts, tokenizer, probe: bool = False):
@@ -313,13 +319,17 @@ def run_round(order: list[str], rows, tokenizer, opts, budget: int) -> list[dict
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--model", choices=["toy", *REAL_MODELS], default="toy",
+        "--model",
+        choices=["toy", *REAL_MODELS],
+        default="toy",
         help="toy: a random-init tiny Llama and a toy BPE (default); smollm2: the pretrained SmolLM2-135M-Instruct and "
         "its tokenizer (changes the defaults of --set, --batch, --pairs, --max-length, --steps, --warmup, --repeats: "
         f"{REAL_DEFAULTS})",
     )
     p.add_argument(
-        "--set", dest="length_set", choices=[*sorted(common.LENGTH_SETS), "chat"],
+        "--set",
+        dest="length_set",
+        choices=[*sorted(common.LENGTH_SETS), "chat"],
         help="length mix: mixed (default), prompt-heavy (plain text, lengths in words), chat (conversational rows, "
         "lengths in tokens; needs a chat template: --model smollm2)",
     )
@@ -338,7 +348,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, help="default 512")
     p.add_argument("--hidden", type=int, default=256, help="toy model only")
     p.add_argument(
-        "--layers", type=int, help="toy model: its layers (default 4); a pretrained model: keep only its first layers "
+        "--layers",
+        type=int,
+        help="toy model: its layers (default 4); a pretrained model: keep only its first layers "
         "(a smoke-test size; default all)",
     )
     p.add_argument("--heads", type=int, default=4, help="toy model only")
@@ -421,7 +433,11 @@ def main(argv=None) -> int:
         f"data: {len(rows)} pairs; tokens per prompt {spread(prompts)}; per response {spread(responses)}; "
         f"{prep_stats.truncated_prompts + prep_stats.truncated_responses} truncated; "
         f"real tokens per {opts.batch} pairs {target:.0f}; packing_max_tokens {budget}"
-        + (f" (packed groups: {pstats['mean_group_tokens']:.0f} tokens, {pstats['mean_pairs_per_group']:.1f} pairs on average)" if pstats else "")
+        + (
+            f" (packed groups: {pstats['mean_group_tokens']:.0f} tokens, {pstats['mean_pairs_per_group']:.1f} pairs on average)"
+            if pstats
+            else ""
+        )
     )
     if tokenization:
         print(f"tokenization: {tokenization}")
@@ -433,7 +449,7 @@ def main(argv=None) -> int:
 
     runs: list[dict] = []
     for r in range(opts.repeats):
-        order = methods[r % len(methods):] + methods[: r % len(methods)]
+        order = methods[r % len(methods) :] + methods[: r % len(methods)]
         for res in run_round(order, rows, tokenizer, opts, budget):
             res["repeat"] = r
             runs.append(res)

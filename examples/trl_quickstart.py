@@ -48,13 +48,17 @@ def preference_rows() -> list[dict]:
     """Conversational pairs (TRL's format): a prompt message list, chosen and rejected assistant messages."""
     rows = []
     for question, answer in FACTS:
-        rambling = (f"Well, that is a great question, and there is a lot one could say about it before getting to the "
-                    f"point. Many people have wondered about this. After some thought: {answer}")
-        rows.append({
-            "prompt": [{"role": "user", "content": f"Answer in one short sentence. {question}"}],
-            "chosen": [{"role": "assistant", "content": answer}],
-            "rejected": [{"role": "assistant", "content": rambling}],
-        })
+        rambling = (
+            f"Well, that is a great question, and there is a lot one could say about it before getting to the "
+            f"point. Many people have wondered about this. After some thought: {answer}"
+        )
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Answer in one short sentence. {question}"}],
+                "chosen": [{"role": "assistant", "content": answer}],
+                "rejected": [{"role": "assistant", "content": rambling}],
+            }
+        )
     return rows
 
 
@@ -90,8 +94,14 @@ def main(argv: list[str] | None = None) -> dict:
         save_strategy="no",
         report_to="none",
     )
-    trainer = ORPOTrainer(model=args.model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                          processing_class=tokenizer, peft_config=lora_config)
+    trainer = ORPOTrainer(
+        model=args.model,
+        args=config,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config,
+    )
     trainer.train()
     evaluation = trainer.evaluate()  # rewards/* = beta * mean log-prob of each response, as TRL logs them
     print("trainer.evaluate():", json.dumps({k: v for k, v in evaluation.items() if "rewards" in k}))
@@ -106,11 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 6. generate
     messages = [{"role": "user", "content": "Answer in one short sentence. What is the capital of Italy?"}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     print("generated:", repr(answer))
 
     # 7. evaluate the reloaded model on the held-out pairs: preference accuracy and log-odds margin

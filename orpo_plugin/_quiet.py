@@ -19,7 +19,9 @@ _LOG_MESSAGES = {
     "bitsandbytes.backends.cpu.ops": re.compile(r"Failed to load CPU gemm_4bit_forward from kernels-community"),
     "kernels._internals.hf_hub": re.compile(r"Skipping publisher trust check for 'kernels-community/"),
 }
-FUTURE_WARNINGS = (r"`(is_)?gradient_checkpointing(_kwargs|_enable|_disable)?` is deprecated and will be removed in v6",)
+FUTURE_WARNINGS = (
+    r"`(is_)?gradient_checkpointing(_kwargs|_enable|_disable)?` is deprecated and will be removed in v6",
+)
 
 
 class _DropMessage(logging.Filter):

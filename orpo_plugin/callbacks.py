@@ -22,15 +22,17 @@ class MetricsFileCallback(TrainerCallback):
             f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
-def plot_logps(runs: list[tuple[str, list[dict], str | None]], path: str,
-               title: str = "ORPO: mean log-prob per step") -> str | None:
+def plot_logps(
+    runs: list[tuple[str, list[dict], str | None]], path: str, title: str = "ORPO: mean log-prob per step"
+) -> str | None:
     """Chosen (solid) and rejected (dashed) mean log-prob per step of each run, their margins below; a PNG at `path`.
 
     `runs`: (label, logged rows, matplotlib colour or None) per run; the rows with `logps/chosen` and
     `logps/rejected` (and a `step`) are plotted. Returns `path`, or None when no run logged log-probs.
     """
-    runs = [(name, [h for h in hist if "logps/chosen" in h and "logps/rejected" in h], color)
-            for name, hist, color in runs]
+    runs = [
+        (name, [h for h in hist if "logps/chosen" in h and "logps/rejected" in h], color) for name, hist, color in runs
+    ]
     runs = [run for run in runs if run[1]]
     if not runs:
         return None

@@ -147,15 +147,15 @@ def chunked_target_logps(
     Only the first output carries gradients (to hidden, weight and bias).
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
-        raise ValueError(f"expected hidden [N, H] and targets [N], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"expected hidden [N, H] and targets [N], got {tuple(hidden.shape)} and {tuple(targets.shape)}"
+        )
     return _ChunkedTargetLogps.apply(
         hidden, weight, bias, targets, int(chunk_size), scale, softcap, torch.is_grad_enabled()
     )
 
 
-def full_target_logps(
-    logits: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def full_target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The same two outputs from materialised logits [N, V] (already transformed as the model does)."""
     logits = logits.float()
     logps = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)

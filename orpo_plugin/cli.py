@@ -44,7 +44,9 @@ def _train(argv: list[str]) -> int:
         model_kwargs["quantization_config"] = quantization_config
     training_args.model_init_kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
 
-    train = load_preference_dataset(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
+    train = load_preference_dataset(
+        script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config
+    )
     evaluation = None
     if training_args.eval_strategy != "no":
         evaluation = load_preference_dataset(
@@ -54,7 +56,9 @@ def _train(argv: list[str]) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
     )
     trainer = ORPOTrainer(
         model=model_args.model_name_or_path,

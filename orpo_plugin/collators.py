@@ -97,8 +97,17 @@ class PreferenceCollator:
         return self._padding_free(sequences, prompt_lens, len(features))
 
     # -- shared bookkeeping ------------------------------------------------------------------------------
-    def _add_sequence(self, preds: Predictions, positions, ids, prompt_len, seq, chosen, prompt_in_logits_rejected=False,
-                      skip_prompt=False):
+    def _add_sequence(
+        self,
+        preds: Predictions,
+        positions,
+        ids,
+        prompt_len,
+        seq,
+        chosen,
+        prompt_in_logits_rejected=False,
+        skip_prompt=False,
+    ):
         """Add the predictions of one sequence (`positions[j]` is where ids[j] sits in the flat input): a chosen
         sequence's count in the NLL and in `logits/chosen`, a rejected one's in `logits/rejected`.
         `prompt_in_logits_rejected`: a shared prompt's predictions count in `logits/rejected` too (prefix sharing);
@@ -145,7 +154,9 @@ class PreferenceCollator:
         num_pairs = len(prompts)
         for i, p in enumerate(prompts):
             if not p:
-                raise ValueError(f"pair {i} of the batch has an empty prompt (an encoder-decoder model needs encoder input)")
+                raise ValueError(
+                    f"pair {i} of the batch has an empty prompt (an encoder-decoder model needs encoder input)"
+                )
         encoder = prompts + prompts
         responses = chosen + rejected
         enc_width = self._round_up(max(len(p) for p in encoder))
@@ -205,7 +216,9 @@ class PreferenceCollator:
             start = len(flat)
             prompt_len, chosen_len, rejected_len = len(p), len(c), len(r)
             flat.extend(p + c + r)
-            position_ids.extend(list(range(prompt_len + chosen_len)) + list(range(prompt_len, prompt_len + rejected_len)))
+            position_ids.extend(
+                list(range(prompt_len + chosen_len)) + list(range(prompt_len, prompt_len + rejected_len))
+            )
             segments.append((start, prompt_len, chosen_len, rejected_len))
             prompt_pos = list(range(start, start + prompt_len))
             chosen_pos = prompt_pos + list(range(start + prompt_len, start + prompt_len + chosen_len))

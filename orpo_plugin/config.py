@@ -208,7 +208,9 @@ class ORPOConfig(BaseConfig):
         if self.packing_max_tokens is not None and self.packing_max_tokens < 2:
             raise ValueError(f"packing_max_tokens must be >= 2, got {self.packing_max_tokens}")
         if self.attention_backend not in attention.BACKEND_CHOICES:
-            raise ValueError(f"attention_backend must be one of {attention.BACKEND_CHOICES}, got {self.attention_backend!r}")
+            raise ValueError(
+                f"attention_backend must be one of {attention.BACKEND_CHOICES}, got {self.attention_backend!r}"
+            )
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
         if self.max_prompt_length is not None:
@@ -233,7 +235,8 @@ class ORPOConfig(BaseConfig):
         where = "use_cpu=True" if self.use_cpu else "no accelerator with bf16 on this machine"
         logger.warning(
             "bf16 left unset and %s: training in float32. Set bf16=True (with use_cpu=True on a CPU) for bf16 mixed "
-            "precision, or bf16=False to silence this notice.", where,
+            "precision, or bf16=False to silence this notice.",
+            where,
         )
         return False
 

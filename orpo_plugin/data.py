@@ -70,6 +70,7 @@ class PrepareStats:
             f"than half of a response to {limits}{length_note}. The model is trained on those fragments; raise "
             "max_length (or set drop_long_pairs=True to leave such pairs out)"
         )
+
     first_dropped: dict = field(default_factory=dict)  # reason -> the index of the first row dropped for it
 
     def summary(self) -> str:
@@ -92,7 +93,9 @@ def _check_text(value: Any, row: int, name: str, allow_empty: bool = False) -> s
     try:  # a lone surrogate (legal in JSON escapes) would fail later in arrow or the tokenizer, unnamed
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise ValueError(f"row {row}: field '{name}' is not valid unicode text ({err.reason} at position {err.start})") from None
+        raise ValueError(
+            f"row {row}: field '{name}' is not valid unicode text ({err.reason} at position {err.start})"
+        ) from None
     if not allow_empty and not value.strip():
         raise ValueError(f"row {row}: field '{name}' is empty")
     return value
@@ -329,7 +332,8 @@ def _warn_once(tokenizer, why: str) -> None:
         _WARNED_TEMPLATES.add(tokenizer.chat_template)
         logger.warning(
             "%s: its end-of-turn token is unknown, so EOS is appended after every response that does not already end "
-            "with EOS (as TRL does), also after the template's own end of turn if it has one", why
+            "with EOS (as TRL does), also after the template's own end of turn if it has one",
+            why,
         )
 
 
@@ -394,7 +398,9 @@ def tokenize_seq2seq_pair(
     for name, text in (("chosen_input_ids", chosen), ("rejected_input_ids", rejected)):
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         if max_completion_length is not None and len(ids) > max_completion_length:
-            ids = tokenizer(text, truncation=True, max_length=max_completion_length, add_special_tokens=True)["input_ids"]
+            ids = tokenizer(text, truncation=True, max_length=max_completion_length, add_special_tokens=True)[
+                "input_ids"
+            ]
             out["truncated"] += 1
         out[name] = ids
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -456,8 +462,16 @@ def prepare_dataset(
         raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
     try:
         return _prepare(
-            dataset, tokenizer, max_length, max_completion_length, drop_long_pairs, num_proc, name, max_prompt_length,
-            truncation_mode, encoder_decoder,
+            dataset,
+            tokenizer,
+            max_length,
+            max_completion_length,
+            drop_long_pairs,
+            num_proc,
+            name,
+            max_prompt_length,
+            truncation_mode,
+            encoder_decoder,
         )
     except (ValueError, TypeError) as err:  # a row's error: say which dataset, and how its rows are counted
         message = str(err)
@@ -469,8 +483,16 @@ def prepare_dataset(
 
 
 def _prepare(
-    dataset, tokenizer, max_length, max_completion_length, drop_long_pairs, num_proc, name, max_prompt_length,
-    truncation_mode, encoder_decoder,
+    dataset,
+    tokenizer,
+    max_length,
+    max_completion_length,
+    drop_long_pairs,
+    num_proc,
+    name,
+    max_prompt_length,
+    truncation_mode,
+    encoder_decoder,
 ):
     from datasets import Dataset, Features, Sequence, Value
 
@@ -512,14 +534,22 @@ def _prepare(
             )
             if encoder_decoder and max_prompt_length is not None and fit_length is None:
                 if len(out["prompt_input_ids"]) > max_prompt_length:
-                    out["prompt_input_ids"] = truncate_prompt(out["prompt_input_ids"], max_prompt_length, truncation_mode, bos)
+                    out["prompt_input_ids"] = truncate_prompt(
+                        out["prompt_input_ids"], max_prompt_length, truncation_mode, bos
+                    )
                     out["prompt_truncated"] = 1
             texts = None
         else:
             prompt, chosen, rejected = row_to_text(dict(row), index, tokenizer)
             if chosen == rejected:
-                return {k: [] for k in COLUMNS} | {"truncated": 0, "prompt_truncated": 0, "drop": DROP_IDENTICAL,
-                                                   "mostly_cut": 0, "full_length": 0, "piece": ""}
+                return {k: [] for k in COLUMNS} | {
+                    "truncated": 0,
+                    "prompt_truncated": 0,
+                    "drop": DROP_IDENTICAL,
+                    "mostly_cut": 0,
+                    "full_length": 0,
+                    "piece": "",
+                }
             texts = (chosen, rejected)
             if encoder_decoder:
                 out = tokenize_seq2seq_pair(
@@ -527,8 +557,15 @@ def _prepare(
                 )
             else:
                 out = tokenize_pair(
-                    prompt, chosen, rejected, tokenizer, max_length, max_completion_length, max_prompt_length,
-                    truncation_mode, ends,
+                    prompt,
+                    chosen,
+                    rejected,
+                    tokenizer,
+                    max_length,
+                    max_completion_length,
+                    max_prompt_length,
+                    truncation_mode,
+                    ends,
                 )
         if drop_long_pairs and (out["truncated"] or out["prompt_truncated"]) and not out["drop"]:
             out["drop"] = DROP_TOO_LONG
@@ -570,7 +607,9 @@ def _prepare(
     stats.mostly_cut = sum(t for t, d in zip(tokenized["mostly_cut"], drops) if not d)
     stats.full_lengths = [n for n, d in zip(tokenized["full_length"], drops) if not d and n]
     tokenized = tokenized.filter(lambda d: not d, input_columns="drop", num_proc=num_proc)
-    tokenized = tokenized.remove_columns(["drop", "truncated", "prompt_truncated", "mostly_cut", "full_length", "piece"])
+    tokenized = tokenized.remove_columns(
+        ["drop", "truncated", "prompt_truncated", "mostly_cut", "full_length", "piece"]
+    )
     stats.kept = len(tokenized)
     if stats.dropped or stats.truncated_responses or stats.truncated_prompts:
         logger.warning("%s dataset: %s", name, stats.summary())

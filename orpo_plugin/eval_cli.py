@@ -38,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max_new_tokens", type=int, default=128)
     d.add_argument("--temperature", type=float, default=1.0)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--embedder", default=None,
-                   help="local sentence-embedding model directory (default: all-MiniLM-L6-v2 of the [eval] extra)")
+    d.add_argument(
+        "--embedder",
+        default=None,
+        help="local sentence-embedding model directory (default: all-MiniLM-L6-v2 of the [eval] extra)",
+    )
     d.add_argument("--embed_batch_size", type=int, default=64)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -97,8 +100,12 @@ def evaluate(args) -> dict:
         "adapter": args.adapter,
         "dataset": args.dataset,
         "max_length": args.max_length,
-        "data": {"rows": stats.rows, "pairs": stats.kept, "dropped": dict(stats.dropped),
-                 "truncated_responses": stats.truncated_responses},
+        "data": {
+            "rows": stats.rows,
+            "pairs": stats.kept,
+            "dropped": dict(stats.dropped),
+            "truncated_responses": stats.truncated_responses,
+        },
         "preference": preference_metrics(chosen, rejected),
     }
 
@@ -107,7 +114,13 @@ def evaluate(args) -> dict:
         if len(prompts) < 2:
             raise ValueError(f"AID needs at least 2 distinct prompts; the dataset has {len(prompts)}")
         samples = sample_responses(
-            model, tokenizer, prompts, args.num_samples, args.max_new_tokens, args.temperature, args.seed,
+            model,
+            tokenizer,
+            prompts,
+            args.num_samples,
+            args.max_new_tokens,
+            args.temperature,
+            args.seed,
             progress=not args.quiet,
         )
         del model

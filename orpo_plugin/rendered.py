@@ -110,5 +110,8 @@ def check_rendered_pieces(pieces: Sequence[str], name: str, bos_token: str | Non
             "%s dataset: %d row(s) have a response that begins with the BOS token %r, first row %d: every such pair "
             "is trained with a second BOS in the middle of the sequence. Give responses without it (a response "
             "rendered on its own, or tokenized with add_special_tokens=True, has one; see docs/data-formats.md)",
-            name, len(bos_rows), bos_token, bos_rows[0],
+            name,
+            len(bos_rows),
+            bos_token,
+            bos_rows[0],
         )

@@ -72,8 +72,11 @@ def check_layout(model, layout: str, attention_override: str | None, pad_token_i
     vocab = max(int(getattr(base.get_output_embeddings(), "out_features", 0) or 0), 16)
     pairs = [([3, 4, 5], [6, 7], [8, 9, 10]), ([5, 4], [7, 8, 9], [10])]
     features = [
-        {"prompt_input_ids": [t % vocab for t in p], "chosen_input_ids": [t % vocab for t in c],
-         "rejected_input_ids": [t % vocab for t in r]}
+        {
+            "prompt_input_ids": [t % vocab for t in p],
+            "chosen_input_ids": [t % vocab for t in c],
+            "rejected_input_ids": [t % vocab for t in r],
+        }
         for p, c, r in pairs
     ]
     batch = PreferenceCollator(pad_token_id, layout)(features)

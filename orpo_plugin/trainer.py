@@ -188,7 +188,10 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
         self.beta = args.beta
         # (pairs, NLL tokens) of the optimizer step's whole batch per rank: what each micro-batch's loss is divided by
         self._loss_totals: tuple[float, float] | None = None
-        self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._metric_sums: dict[str, dict[str, torch.Tensor]] = {
+            "train": defaultdict(float),
+            "eval": defaultdict(float),
+        }
         self._steps_since_log = 0
         self._packed_sampler: PackedBatchSampler | None = None
         self._generation_indices: dict[str, list[int]] = {}
@@ -402,7 +405,14 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
         # output layer applied to the hidden states runs in the precision the model's own head would
         with attention.attention_implementation(model, self.attention_override), self.accelerator.autocast():
             result = orpo_forward(
-                model, inputs, self.head, self.beta, self.chunk_size, total_pairs, total_tokens, self.logits_in_forward,
+                model,
+                inputs,
+                self.head,
+                self.beta,
+                self.chunk_size,
+                total_pairs,
+                total_tokens,
+                self.logits_in_forward,
                 getattr(self.args, "loss_type", "odds_ratio"),
             )
         mode = "train" if model.training else "eval"

@@ -212,8 +212,20 @@ def test_inert_keywords_are_accepted():
     q, k, v = qkv(12)
     cu = torch.tensor([0, 5, 12])
     ours, _ = orpo_sdpa_attention(
-        None, q, k, v, None, cu_seq_lens_q=cu, position_ids=torch.zeros(1, 12), use_cache=False,
-        output_router_logits=False, is_causal=True, sliding_window=None, softcap=None, s_aux=None, dropout=0.0,
+        None,
+        q,
+        k,
+        v,
+        None,
+        cu_seq_lens_q=cu,
+        position_ids=torch.zeros(1, 12),
+        use_cache=False,
+        output_router_logits=False,
+        is_causal=True,
+        sliding_window=None,
+        softcap=None,
+        s_aux=None,
+        dropout=0.0,
     )
     torch.testing.assert_close(ours, dense(q, k, v, block_diagonal(cu, 12)), atol=1e-12, rtol=1e-12)
 
@@ -227,7 +239,9 @@ def test_dropout_is_applied_in_training_and_unbiased():
     cu = torch.tensor([0, 5, 12])
     clean, _ = orpo_sdpa_attention(module, q, k, v, None, cu_seq_lens_q=cu)
     torch.manual_seed(0)
-    draws = torch.stack([orpo_sdpa_attention(module, q, k, v, None, cu_seq_lens_q=cu, dropout=0.3)[0] for _ in range(800)])
+    draws = torch.stack(
+        [orpo_sdpa_attention(module, q, k, v, None, cu_seq_lens_q=cu, dropout=0.3)[0] for _ in range(800)]
+    )
     assert (draws[0] - clean).abs().max() > 1e-2  # applied
     # inverted dropout keeps the expectation: the mean of the draws approaches the clean output (its error
     # 0.012 here with 800 draws; a dropout without the 1/(1-p) rescale is off by 0.18)
@@ -245,6 +259,8 @@ def test_plan_cache_is_safe_across_layouts_and_recomputation():
     again, _ = orpo_sdpa_attention(None, q, k, v, None, prefix_segments=SEGMENTS, sliding_window=3)
     torch.testing.assert_close(first, again, atol=0, rtol=0)
     same_values = SEGMENTS.clone()  # equal layout in another tensor: a fresh plan, same result
-    torch.testing.assert_close(orpo_sdpa_attention(None, q, k, v, None, prefix_segments=same_values)[0],
-                               orpo_sdpa_attention(None, q, k, v, None, prefix_segments=SEGMENTS)[0])
+    torch.testing.assert_close(
+        orpo_sdpa_attention(None, q, k, v, None, prefix_segments=same_values)[0],
+        orpo_sdpa_attention(None, q, k, v, None, prefix_segments=SEGMENTS)[0],
+    )
     assert (other - first).abs().max() > 1e-3

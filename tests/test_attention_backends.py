@@ -27,16 +27,50 @@ from orpo_plugin.attention import (
 CALLS: list = []
 
 
-def varlen_attn_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                     window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+def varlen_attn_2_13(
+    query,
+    key,
+    value,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    *,
+    return_aux=None,
+    scale=None,
+    window_size=(-1, -1),
+    enable_gqa=False,
+    seqused_k=None,
+    block_table=None,
+    num_splits=None,
+):
     """torch 2.13's varlen_attn contract on CPU: (-1, -1) full, (-1, 0) causal, (W, 0) causal with W keys to the left."""
-    CALLS.append(dict(cu_seq_q=cu_seq_q.tolist(), cu_seq_k=cu_seq_k.tolist(), max_q=max_q, max_k=max_k,
-                      window_size=window_size, scale=scale, enable_gqa=enable_gqa))
+    CALLS.append(
+        dict(
+            cu_seq_q=cu_seq_q.tolist(),
+            cu_seq_k=cu_seq_k.tolist(),
+            max_q=max_q,
+            max_k=max_k,
+            window_size=window_size,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
+    )
     left, right = window_size
     assert right in (-1, 0) and (right == 0 or left == -1)
     assert enable_gqa or key.shape[1] == query.shape[1]
-    return varlen_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, softmax_scale=scale,
-                            causal=right == 0, window_size=(left, -1))
+    return varlen_reference(
+        query,
+        key,
+        value,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        softmax_scale=scale,
+        causal=right == 0,
+        window_size=(left, -1),
+    )
 
 
 def varlen_attn_legacy(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
@@ -46,8 +80,11 @@ def varlen_attn_legacy(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_c
 
 
 def reference(layout, q, k, v, kw):
-    mask = (prefix_sharing_mask(SEGMENTS, q.shape[2], window=kw.get("sliding_window")) if layout == "prefix"
-            else block_diagonal(CU, q.shape[2], kw.get("sliding_window")))
+    mask = (
+        prefix_sharing_mask(SEGMENTS, q.shape[2], window=kw.get("sliding_window"))
+        if layout == "prefix"
+        else block_diagonal(CU, q.shape[2], kw.get("sliding_window"))
+    )
     return dense_reference(q, k, v, mask, kw.get("scaling"), kw.get("softcap"))
 
 
@@ -97,7 +134,12 @@ def test_torch_varlen_path_passes_the_varlen_contract(layout, window):
     torch.testing.assert_close(ours, reference(layout, q, k, v, kw), atol=1e-12, rtol=1e-12)
     (call,) = CALLS
     _, cu_q, cu_k, max_q, max_k = varlen_arguments(layout_kwargs(layout), "cpu")
-    assert (call["cu_seq_q"], call["cu_seq_k"], call["max_q"], call["max_k"]) == (cu_q.tolist(), cu_k.tolist(), max_q, max_k)
+    assert (call["cu_seq_q"], call["cu_seq_k"], call["max_q"], call["max_k"]) == (
+        cu_q.tolist(),
+        cu_k.tolist(),
+        max_q,
+        max_k,
+    )
     assert call["window_size"] == ((-1, 0) if window is None else (window - 1, 0))
     assert call["scale"] == kw.get("scaling") and call["enable_gqa"]
 
@@ -113,13 +155,16 @@ def test_legacy_torch_varlen_scales_queries_repeats_heads_and_refuses_windows():
     assert torch_varlen_kernel(lambda q, k, v: q) is None  # a signature with neither window_size nor is_causal
 
 
-@pytest.mark.parametrize("kwargs,feature", [(dict(softcap=2.0), "soft-capping"), (dict(s_aux=torch.zeros(4)), "sinks"),
-                                            (dict(dropout=0.1), "dropout")])
+@pytest.mark.parametrize(
+    "kwargs,feature",
+    [(dict(softcap=2.0), "soft-capping"), (dict(s_aux=torch.zeros(4)), "sinks"), (dict(dropout=0.1), "dropout")],
+)
 def test_torch_varlen_refuses_what_its_kernel_lacks(kwargs, feature):
     q, k, v = qkv(40, seed=14)
     with pytest.raises(ValueError, match=rf"{feature}.*orpo_varlen cannot honour"):
-        orpo_varlen_attention(None, q, k, v, None, kernel=torch_varlen_kernel(varlen_attn_2_13), cu_seq_lens_q=CU,
-                              **kwargs)
+        orpo_varlen_attention(
+            None, q, k, v, None, kernel=torch_varlen_kernel(varlen_attn_2_13), cu_seq_lens_q=CU, **kwargs
+        )
 
 
 def test_this_torchs_varlen_attn_is_found_and_is_cuda_only():
@@ -152,8 +197,11 @@ def kernels(monkeypatch):
         monkeypatch.setattr(attention.varlen, "flash_attn_available", lambda: flash)
         monkeypatch.setattr(attention.flex, "flex_available", lambda: flex)
         real = torch_varlen_kernel
-        monkeypatch.setattr(attention.varlen, "torch_varlen_kernel",
-                            lambda fn=None: None if fakes[varlen] is None else real(fn or fakes[varlen]))
+        monkeypatch.setattr(
+            attention.varlen,
+            "torch_varlen_kernel",
+            lambda fn=None: None if fakes[varlen] is None else real(fn or fakes[varlen]),
+        )
 
     return set_
 
@@ -227,8 +275,11 @@ def test_check_layout_refuses_a_window_the_chosen_kernel_cannot_honour(kernels):
     model = build("mistral", 50)
     attention.register()
     kernels(varlen="legacy")
-    with pytest.raises(ValueError, match=r"MistralForCausalLM cannot train in the padding_free layout.*orpo_varlen.*"
-                                         r"sliding attention window"):
+    with pytest.raises(
+        ValueError,
+        match=r"MistralForCausalLM cannot train in the padding_free layout.*orpo_varlen.*"
+        r"sliding attention window",
+    ):
         check_layout(model, "padding_free", attention.VARLEN_NAME, 0)
     kernels(varlen="2.13")
     check_layout(model, "prefix_sharing", attention.VARLEN_NAME, 0)
@@ -244,7 +295,9 @@ def _step_on_cuda_path(monkeypatch, model, layout, checkpointing, reference_chec
     monkeypatch.setattr(attention.backends, "on_cuda", lambda model, use_cpu: True)
     chosen = []
     real = ORPOTrainer._choose_attention
-    monkeypatch.setattr(ORPOTrainer, "_choose_attention", staticmethod(lambda m, a: chosen.append(real(m, a)) or chosen[-1]))
+    monkeypatch.setattr(
+        ORPOTrainer, "_choose_attention", staticmethod(lambda m, a: chosen.append(real(m, a)) or chosen[-1])
+    )
     tok = build_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in mm.ROWS] * 5, vocab_size=300)
     ours = mm.train_step(model, tok, gradient_checkpointing=checkpointing, **mm.LAYOUTS[layout])
     padded = mm.train_step(model, tok, gradient_checkpointing=reference_checkpointing)

@@ -37,8 +37,14 @@ SHIPPED_CONFIGS = sorted((REPO / "configs" / "axolotl").glob("*.yml"))
 REQUIRED = os.environ.get("ORPO_REQUIRE_INTEGRATION") == "1"
 STEPS = 2
 PLUGIN_KEYS = (
-    "orpo_padding_free", "orpo_packing", "orpo_packing_max_tokens", "orpo_prefix_sharing", "orpo_chunked_loss",
-    "orpo_nll_on_prompt", "orpo_max_prompt_length", "orpo_truncation_mode",
+    "orpo_padding_free",
+    "orpo_packing",
+    "orpo_packing_max_tokens",
+    "orpo_prefix_sharing",
+    "orpo_chunked_loss",
+    "orpo_nll_on_prompt",
+    "orpo_max_prompt_length",
+    "orpo_truncation_mode",
 )
 ORPO_METRICS = ("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/accuracies", "tokens/real")
 
@@ -118,8 +124,10 @@ def test_row_transform_names_the_row_and_field_without_axolotl():
     for row, message in [
         ({"chosen": [answer], "rejected": [user, answer]}, "row 2: field 'chosen' has the turns ['assistant']"),
         ({"chosen": [user, answer], "rejected": "A"}, "row 2: field 'rejected' must be a non-empty list of messages"),
-        ({"chosen": [user, {"role": "assistant", "content": None}], "rejected": [answer]},
-         "row 2: field 'chosen[1].content' is missing"),
+        (
+            {"chosen": [user, {"role": "assistant", "content": None}], "rejected": [answer]},
+            "row 2: field 'chosen[1].content' is missing",
+        ),
         ({"chosen": [user, answer], "rejected": [answer, user]}, "row 2: field 'rejected' ends with a 'user' turn"),
         ({"chosen": [user, answer], "rejected": [answer], "prompt": None}, "row 2: field 'prompt' is null"),
     ]:
@@ -181,7 +189,10 @@ def fixtures_dir(axolotl_python, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("axolotl-fixtures")
     proc = subprocess.run(
         [str(axolotl_python), str(HERE / "fixtures.py"), str(out)],
-        capture_output=True, text=True, timeout=600, env=_env(axolotl_python),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(axolotl_python),
     )
     assert proc.returncode == 0, f"fixtures.py failed:\n{_tail(proc.stdout + proc.stderr)}"
     return out
@@ -219,8 +230,12 @@ SHIPPED_CPU = {
 }
 # Sizes and cadence: capped at a tiny run's, never raised.
 SHIPPED_SIZES = {
-    "sequence_len": 256, "orpo_packing_max_tokens": 512, "micro_batch_size": 4, "gradient_accumulation_steps": 2,
-    "save_steps": STEPS, "warmup_steps": 1,
+    "sequence_len": 256,
+    "orpo_packing_max_tokens": 512,
+    "micro_batch_size": 4,
+    "gradient_accumulation_steps": 2,
+    "save_steps": STEPS,
+    "warmup_steps": 1,
 }
 SHIPPED_ALWAYS = {"max_steps": STEPS, "logging_steps": 1}
 # Special tokens named after the real model's tokenizer -> the tiny tokenizer's token of the same role.
@@ -237,7 +252,9 @@ def _shipped_config(path: Path, fixtures: Path, workdir: Path) -> dict:
     for key, table in SHIPPED_CPU.items():
         if key in written:
             if written[key] not in table:
-                pytest.fail(f"{path.name}: {key}: {written[key]!r}: no CPU substitution known; add one or fix the config")
+                pytest.fail(
+                    f"{path.name}: {key}: {written[key]!r}: no CPU substitution known; add one or fix the config"
+                )
             cfg[key] = table[written[key]]
     cfg.update({k: min(written[k], cap) for k, cap in SHIPPED_SIZES.items() if k in written})
     cfg.update(SHIPPED_ALWAYS)
@@ -247,8 +264,11 @@ def _shipped_config(path: Path, fixtures: Path, workdir: Path) -> dict:
         cfg["special_tokens"] = {k: TINY_SPECIAL_TOKENS[k] for k in written["special_tokens"]}
     data = fixtures / "prefs.jsonl"
     cfg["datasets"] = [dict(d, path=str(data), ds_type="json") for d in written["datasets"]]
-    cfg.update(base_model=str(fixtures / "model"), dataset_prepared_path=str(workdir / "prepared"),
-               output_dir=str(workdir / "out"))
+    cfg.update(
+        base_model=str(fixtures / "model"),
+        dataset_prepared_path=str(workdir / "prepared"),
+        output_dir=str(workdir / "out"),
+    )
     changed = {k for k in cfg if k not in written or cfg[k] != written[k]}
     assert set(written) <= set(cfg) and changed <= SHIPPED_CHANGEABLE, changed - SHIPPED_CHANGEABLE
     return cfg
@@ -285,7 +305,11 @@ def _train(python: Path, cfg: dict, workdir: Path, threads: int | None = None) -
     start = time.perf_counter()
     proc = subprocess.run(
         [str(python.parent / "axolotl"), "train", str(path), "--launcher", "python"],
-        capture_output=True, text=True, timeout=600, cwd=workdir, env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=workdir,
+        env=env,
     )
     run = AxolotlRun(cfg, proc, time.perf_counter() - start)
     (workdir / "axolotl.log").write_text(run.output)
@@ -308,15 +332,23 @@ RECORD_PLUGIN = "record_plugin.RecordTrainData"  # integration/axolotl/record_pl
 TYPE_RUNS = {
     "types-chatml": dict(
         chat_template="chatml",
-        types=(*(f"chatml.{f}" for f in ("default", "argilla_chat", "icr", "intel", "prompt_pairs", "ultra")),
-               "chat_template.default+fields", "chat_template.argilla_chat", "chat_template.argilla",
-               "zephyr.nectar", "user_defined.default", "passthrough.default"),
+        types=(
+            *(f"chatml.{f}" for f in ("default", "argilla_chat", "icr", "intel", "prompt_pairs", "ultra")),
+            "chat_template.default+fields",
+            "chat_template.argilla_chat",
+            "chat_template.argilla",
+            "zephyr.nectar",
+            "user_defined.default",
+            "passthrough.default",
+        ),
     ),
     "types-llama3": dict(
         chat_template="llama3",
         special_tokens={"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
-        types=(*(f"llama3.{f}" for f in ("default", "argilla_chat", "icr", "intel", "prompt_pairs", "ultra")),
-               "chat_template.default"),
+        types=(
+            *(f"llama3.{f}" for f in ("default", "argilla_chat", "icr", "intel", "prompt_pairs", "ultra")),
+            "chat_template.default",
+        ),
         orpo_packing=True,  # the packed layout over these rows too
     ),
 }
@@ -339,7 +371,11 @@ def _types_config(fixtures: Path, workdir: Path, run: str) -> dict:
     spec = dict(TYPE_RUNS[run])
     types = spec.pop("types")
     cfg = _config(
-        fixtures, workdir, gradient_checkpointing=True, shuffle_merged_datasets=False, **spec,
+        fixtures,
+        workdir,
+        gradient_checkpointing=True,
+        shuffle_merged_datasets=False,
+        **spec,
         datasets=[_dataset_entry(fixtures, name) for name in types],
     )
     cfg["plugins"] = [*cfg["plugins"], RECORD_PLUGIN]
@@ -348,9 +384,13 @@ def _types_config(fixtures: Path, workdir: Path, run: str) -> dict:
 
 def _bad_argilla_rows(folder: Path) -> Path:
     """Argilla rows whose row 2 has a `chosen` conversation without the user's turn (the issue's example)."""
-    rows = [{"chosen": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Yes {i}."}],
-             "rejected": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"No {i}."}]}
-            for i in range(4)]
+    rows = [
+        {
+            "chosen": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Yes {i}."}],
+            "rejected": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"No {i}."}],
+        }
+        for i in range(4)
+    ]
     rows[2]["chosen"] = rows[2]["chosen"][1:]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "bad-argilla.jsonl"
@@ -372,10 +412,17 @@ RUN_SPECS = {
     # pad_to_multiple_of makes Axolotl pass its DPO collator, which ours replaces; accumulation over 2 packed batches;
     # with an eval split: our eval metrics go through Axolotl's evaluation loop
     "plugin-qlora-packed": dict(
-        orpo_packing=True, orpo_packing_max_tokens=1024, pad_to_multiple_of=8, gradient_accumulation_steps=2,
-        learning_rate=1e-3, val_set_size=0.25, eval_steps=STEPS, **QLORA,
+        orpo_packing=True,
+        orpo_packing_max_tokens=1024,
+        pad_to_multiple_of=8,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        val_set_size=0.25,
+        eval_steps=STEPS,
+        **QLORA,
         # the prompt truncation keys reach the trainer: its model card lists them
-        orpo_max_prompt_length=100, orpo_truncation_mode="keep_start",
+        orpo_max_prompt_length=100,
+        orpo_truncation_mode="keep_start",
     ),
     "wrong-value": dict(orpo_packing="maybe"),
     # every configs/axolotl/*.yml as a tiny CPU run (see _shipped_config); the tiny one is also the packed run
@@ -413,9 +460,20 @@ def _epochs_config(fixtures: Path, workdir: Path, long_pairs: bool) -> dict:
     data = workdir / "data" / "rows.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = _config(fixtures, workdir, orpo_packing=True, orpo_packing_max_tokens=1024, sequence_len=1024,
-                  micro_batch_size=MICRO_BATCH, gradient_accumulation_steps=1, num_epochs=EPOCHS,
-                  lr_scheduler="cosine", warmup_ratio=WARMUP_RATIO, learning_rate=1e-3, save_steps=10_000)
+    cfg = _config(
+        fixtures,
+        workdir,
+        orpo_packing=True,
+        orpo_packing_max_tokens=1024,
+        sequence_len=1024,
+        micro_batch_size=MICRO_BATCH,
+        gradient_accumulation_steps=1,
+        num_epochs=EPOCHS,
+        lr_scheduler="cosine",
+        warmup_ratio=WARMUP_RATIO,
+        learning_rate=1e-3,
+        save_steps=10_000,
+    )
     cfg.pop("max_steps")
     cfg["datasets"] = [dict(cfg["datasets"][0], path=str(data))]
     cfg["plugins"] = [*cfg["plugins"], "record_plugin.RecordSeen"]
@@ -477,7 +535,11 @@ def test_shipped_configs_validate(axolotl_python, axolotl_runs, tmp_path):
     wrong_rl.write_text(yaml.safe_dump(dict(cfg, rl="dpo")))
     proc = subprocess.run(
         [str(axolotl_python), str(HERE / "validate_configs.py"), *map(str, SHIPPED_CONFIGS), str(bad), str(wrong_rl)],
-        capture_output=True, text=True, timeout=600, env=_env(axolotl_python), cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(axolotl_python),
+        cwd=REPO,
     )
     results = {}
     for line in proc.stdout.splitlines():
@@ -556,12 +618,25 @@ def test_wrong_key_value_names_the_key(axolotl_runs):
 
 # Axolotl key -> the training-argument field that carries it into orpo_plugin's trainer
 SHIPPED_ARG_FIELDS = {
-    "gradient_checkpointing": "gradient_checkpointing", "gradient_checkpointing_kwargs": "gradient_checkpointing_kwargs",
-    "orpo_alpha": "beta", "sequence_len": "max_length", "optimizer": "optim", "lr_scheduler": "lr_scheduler_type",
-    "learning_rate": "learning_rate", "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm", "seed": "seed",
-    "bf16": "bf16", "gradient_accumulation_steps": "gradient_accumulation_steps", "max_steps": "max_steps",
-    "orpo_padding_free": "padding_free", "orpo_packing": "packing", "orpo_packing_max_tokens": "packing_max_tokens",
-    "orpo_prefix_sharing": "prefix_sharing", "orpo_chunked_loss": "chunked_loss", "orpo_nll_on_prompt": "nll_on_prompt",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "gradient_checkpointing_kwargs": "gradient_checkpointing_kwargs",
+    "orpo_alpha": "beta",
+    "sequence_len": "max_length",
+    "optimizer": "optim",
+    "lr_scheduler": "lr_scheduler_type",
+    "learning_rate": "learning_rate",
+    "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm",
+    "seed": "seed",
+    "bf16": "bf16",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "max_steps": "max_steps",
+    "orpo_padding_free": "padding_free",
+    "orpo_packing": "packing",
+    "orpo_packing_max_tokens": "packing_max_tokens",
+    "orpo_prefix_sharing": "prefix_sharing",
+    "orpo_chunked_loss": "chunked_loss",
+    "orpo_nll_on_prompt": "nll_on_prompt",
 }
 LOAD_ARGS = """
 import enum, json, sys, torch
@@ -584,7 +659,10 @@ def shipped_run_args(axolotl_runs, axolotl_python) -> dict[str, dict]:
     if not paths:
         return {}
     proc = subprocess.run(
-        [str(axolotl_python), "-c", LOAD_ARGS, *paths], capture_output=True, text=True, timeout=600,
+        [str(axolotl_python), "-c", LOAD_ARGS, *paths],
+        capture_output=True,
+        text=True,
+        timeout=600,
         env=_env(axolotl_python),
     )
     assert proc.returncode == 0, _tail(proc.stderr)
@@ -612,13 +690,18 @@ def test_shipped_config_trains(path, axolotl_runs, shipped_run_args):
         if key in run.cfg:
             want = run.cfg[key]
             assert args[field] == want or (isinstance(want, float) and math.isclose(args[field], want)), (
-                key, field, args[field], want
+                key,
+                field,
+                args[field],
+                want,
             )
 
     if written.get("adapter") in ("lora", "qlora"):
         adapter = json.loads((run.out_dir / "adapter_config.json").read_text())
         assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (
-            written["lora_r"], written["lora_alpha"], written["lora_dropout"]
+            written["lora_r"],
+            written["lora_alpha"],
+            written["lora_dropout"],
         ), adapter
         if written.get("lora_target_linear"):
             linear = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -680,43 +763,77 @@ def _error_cases(fixtures: Path, folder: Path) -> dict[str, tuple[dict, tuple[st
     )
     custom = [{"q": f"question {i}", "good": f"yes {i}", "bad": f"no {i}"} for i in range(3)]
     return {
-        "unknown-type": (config(dict(entry("chatml.intel"), type="alpaca")),
-                         ("datasets[0].type 'alpaca'", "chatml.intel", "llama3.default", "zephyr.nectar",
-                          "chat_template.argilla", "user_defined.default", "passthrough.default")),
-        "unknown-function": (config(dict(entry("llama3.intel"), type="llama3.nonexistent")),
-                             ("llama3.nonexistent", "Types that work", "llama3.ultra")),
+        "unknown-type": (
+            config(dict(entry("chatml.intel"), type="alpaca")),
+            (
+                "datasets[0].type 'alpaca'",
+                "chatml.intel",
+                "llama3.default",
+                "zephyr.nectar",
+                "chat_template.argilla",
+                "user_defined.default",
+                "passthrough.default",
+            ),
+        ),
+        "unknown-function": (
+            config(dict(entry("llama3.intel"), type="llama3.nonexistent")),
+            ("llama3.nonexistent", "Types that work", "llama3.ultra"),
+        ),
         "null-field": (config(entry("llama3.intel", rows_file("null", intel))), ("row 1: field 'question' is null",)),
-        "missing-column": (config(entry("chatml.prompt_pairs", rows_file("missing", pairs))),
-                           ("row 0: field 'prompt' is missing",)),
-        "one-answer": (config(entry("zephyr.nectar", rows_file("nectar", nectar))),
-                       ("row 3: field 'answers'", "IndexError")),
-        "empty-response": (config(entry("passthrough.default", rows_file("passthrough", passthrough))),
-                           ("row 0: field 'chosen'",)),
+        "missing-column": (
+            config(entry("chatml.prompt_pairs", rows_file("missing", pairs))),
+            ("row 0: field 'prompt' is missing",),
+        ),
+        "one-answer": (
+            config(entry("zephyr.nectar", rows_file("nectar", nectar))),
+            ("row 3: field 'answers'", "IndexError"),
+        ),
+        "empty-response": (
+            config(entry("passthrough.default", rows_file("passthrough", passthrough))),
+            ("row 0: field 'chosen'",),
+        ),
         # Axolotl's DPO dataset schema has no message_property_mappings/roles: the rows are read with role/content,
         # as under rl: dpo, and the first row stops with its field named
-        "mappings-ignored": (config(entry("chat_template.default+mappings"), chat_template="chatml"),
-                             ("row 0: field 'messages'", "KeyError")),
-        "dataset-chat-template": (config(dict(entry("chat_template.default"), chat_template="llama3"),
-                                         chat_template="chatml"),
-                                  ("`chat_template` is set for this dataset", "'chatml'")),
-        "argilla-other-prompt": (config(entry("chat_template.argilla", rows_file("argilla", argilla))),
-                                 ("row 1: field 'rejected'", "differ from chosen's")),
-        "argilla-turn-order": (config(entry("chat_template.argilla", rows_file("swapped", swapped))),
-                               ("row 2: field 'chosen'", "['assistant', 'user']")),
-        "one-exchange-multiturn": (config(entry("chatml.argilla_chat", rows_file("chats", chats))),
-                                   ("row 1: field 'chosen' is a conversation of 4 messages",
-                                    "chatml.argilla_chat reads only its first exchange", "chat_template.argilla_chat")),
-        "argilla-prompt-disagrees": (config(entry("chat_template.argilla", rows_file("disagreeing", disagreeing))),
-                                     ("row 2: field 'prompt' is 'Something else entirely.'",
-                                      "in place of every user turn")),
+        "mappings-ignored": (
+            config(entry("chat_template.default+mappings"), chat_template="chatml"),
+            ("row 0: field 'messages'", "KeyError"),
+        ),
+        "dataset-chat-template": (
+            config(dict(entry("chat_template.default"), chat_template="llama3"), chat_template="chatml"),
+            ("`chat_template` is set for this dataset", "'chatml'"),
+        ),
+        "argilla-other-prompt": (
+            config(entry("chat_template.argilla", rows_file("argilla", argilla))),
+            ("row 1: field 'rejected'", "differ from chosen's"),
+        ),
+        "argilla-turn-order": (
+            config(entry("chat_template.argilla", rows_file("swapped", swapped))),
+            ("row 2: field 'chosen'", "['assistant', 'user']"),
+        ),
+        "one-exchange-multiturn": (
+            config(entry("chatml.argilla_chat", rows_file("chats", chats))),
+            (
+                "row 1: field 'chosen' is a conversation of 4 messages",
+                "chatml.argilla_chat reads only its first exchange",
+                "chat_template.argilla_chat",
+            ),
+        ),
+        "argilla-prompt-disagrees": (
+            config(entry("chat_template.argilla", rows_file("disagreeing", disagreeing))),
+            ("row 2: field 'prompt' is 'Something else entirely.'", "in place of every user turn"),
+        ),
         "argilla-prompt-agrees": (config(entry("chat_template.argilla", rows_file("prompted", prompted))), ()),
-        "default-system-refused": (config(entry("chatml.argilla_chat"), default_system_message="Be brief."),
-                                   ("default_system_message is set", "type: chatml.argilla_chat) has no system")),
+        "default-system-refused": (
+            config(entry("chatml.argilla_chat"), default_system_message="Be brief."),
+            ("default_system_message is set", "type: chatml.argilla_chat) has no system"),
+        ),
         # not errors: rows already prompt/chosen/rejected under no `type:` load as given (all 4), and a transform
         # of one's own loads its 3 rows
         "no-type": (config({k: v for k, v in entry("passthrough.default").items() if k != "type"}), ()),
-        "custom-transform": (config(dict(entry("passthrough.default", rows_file("custom", custom)),
-                                         type="my_orpo_rows.pairs")), ()),
+        "custom-transform": (
+            config(dict(entry("passthrough.default", rows_file("custom", custom)), type="my_orpo_rows.pairs")),
+            (),
+        ),
     }
 
 
@@ -739,7 +856,11 @@ def preference_data(axolotl_python, fixtures_dir, tmp_path_factory) -> dict:
     env["HF_DATASETS_CACHE"] = str(tmp / "hf-datasets")
     proc = subprocess.run(
         [str(axolotl_python), str(HERE / "preference_data.py"), str(tmp / "spec.json")],
-        capture_output=True, text=True, timeout=900, env=env, cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=tmp,
     )
     (tmp / "preference_data.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, _tail(proc.stdout + proc.stderr)
@@ -764,8 +885,9 @@ def test_dataset_types_cover_every_preference_type_axolotl_ships(preference_data
     ), found
     covered = {name.split("+")[0] for run in TYPE_RUNS.values() for name in run["types"]}
     assert set(found) <= covered, f"types no run trains: {sorted(set(found) - covered)}"
-    fields = {k for run in TYPE_RUNS.values() for name in run["types"] if "+" in name for k in
-              _dataset_entry(Path("."), name)}
+    fields = {
+        k for run in TYPE_RUNS.values() for name in run["types"] if "+" in name for k in _dataset_entry(Path("."), name)
+    }
     assert {"field_messages", "field_chosen", "field_rejected"} <= fields  # chat_template.default's field options
 
 
@@ -784,8 +906,12 @@ def test_dataset_type_trains_as_rl_dpo_loads_it(run_name, axolotl_runs, preferen
     ref = preference_data["reference"][run_name]
     names = TYPE_RUNS[run_name]["types"]
     assert len(ref["per_dataset"]) == len(names) and all(n > 0 for n in ref["per_dataset"]), (names, ref["per_dataset"])
-    assert ref["stats"] == {"kept": sum(ref["per_dataset"]), "rows": sum(ref["per_dataset"]), "dropped": {},
-                            "truncated": 0}, ref["stats"]
+    assert ref["stats"] == {
+        "kept": sum(ref["per_dataset"]),
+        "rows": sum(ref["per_dataset"]),
+        "dropped": {},
+        "truncated": 0,
+    }, ref["stats"]
     start = 0
     for name, count in zip(names, ref["per_dataset"]):  # per type, so a failure names it
         got, want = received[start : start + count], ref["ids"][start : start + count]
@@ -825,8 +951,11 @@ def test_packed_epochs_train_every_pair_num_epochs_times(axolotl_runs):
     for name in ("epochs-short", "epochs-long"):
         run = _trained(axolotl_runs[name].result())
         out = run.out_dir
-        rows = [json.dumps(r) for r in (json.loads(x) for x in (out / "received.jsonl").read_text().splitlines())] \
-            if (out / "received.jsonl").exists() else None
+        rows = (
+            [json.dumps(r) for r in (json.loads(x) for x in (out / "received.jsonl").read_text().splitlines())]
+            if (out / "received.jsonl").exists()
+            else None
+        )
         batches = [json.loads(line) for line in (out / "seen.jsonl").read_text().splitlines()]
         seen = Counter(json.dumps(pair) for batch in batches for pair in batch)
         assert len(seen) == 16 and set(seen.values()) == {EPOCHS}, (name, sorted(seen.values()))
@@ -841,8 +970,10 @@ def test_packed_epochs_train_every_pair_num_epochs_times(axolotl_runs):
         # the learning rate logged at step s is the one that step used (scheduler position s - 1)
         warmup = max(int(WARMUP_RATIO * total), 0)
         warmup = 2 if warmup == 1 else warmup
-        want = [1e-3 * (s / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
-                for s in range(total)]
+        want = [
+            1e-3 * (s / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+            for s in range(total)
+        ]
         assert [entry["learning_rate"] for entry in steps] == pytest.approx(want, rel=1e-5, abs=1e-9), name
 
 
@@ -869,10 +1000,24 @@ def test_custom_transform_by_dotted_path(preference_data):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("case", ["unknown-type", "unknown-function", "null-field", "missing-column", "one-answer",
-                                  "empty-response", "mappings-ignored", "dataset-chat-template",
-                                  "argilla-other-prompt", "argilla-turn-order", "one-exchange-multiturn",
-                                  "argilla-prompt-disagrees", "default-system-refused"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown-type",
+        "unknown-function",
+        "null-field",
+        "missing-column",
+        "one-answer",
+        "empty-response",
+        "mappings-ignored",
+        "dataset-chat-template",
+        "argilla-other-prompt",
+        "argilla-turn-order",
+        "one-exchange-multiturn",
+        "argilla-prompt-disagrees",
+        "default-system-refused",
+    ],
+)
 def test_bad_dataset_type_or_row_is_named(case, preference_data, fixtures_dir, tmp_path):
     """A type that resolves nowhere lists the types that work; a bad row names the dataset, the row and the field."""
     result = preference_data["errors"][case]
@@ -909,13 +1054,19 @@ def test_tiny_config_commands_run_as_written_and_exit(axolotl_python, tmp_path, 
     shutil.copytree(HERE, checkout / "integration" / "axolotl")
     shutil.copytree(TINY_CONFIG.parent, checkout / "configs" / "axolotl")
     env = _env(axolotl_python)
-    for name in ("AXOLOTL_DO_NOT_TRACK", "DO_NOT_TRACK", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
-                 "TRANSFORMERS_OFFLINE"):
+    for name in (
+        "AXOLOTL_DO_NOT_TRACK",
+        "DO_NOT_TRACK",
+        "HF_HUB_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+    ):
         env.pop(name, None)
     for command in commands:
         try:
-            proc = subprocess.run(["bash", "-c", command], cwd=checkout, env=env, capture_output=True, text=True,
-                                  timeout=900)
+            proc = subprocess.run(
+                ["bash", "-c", command], cwd=checkout, env=env, capture_output=True, text=True, timeout=900
+            )
         except subprocess.TimeoutExpired as err:
             pytest.fail(f"{command!r} did not exit within {err.timeout} s:\n{_tail(str(err.stderr or ''))}")
         assert proc.returncode == 0, f"{command!r} failed:\n{_tail(proc.stdout + proc.stderr)}"

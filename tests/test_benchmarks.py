@@ -12,19 +12,55 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(script: str, *args: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 
 
 def test_throughput_script_runs_with_checkpointing_on():
-    out = run("throughput.py", "--methods", "trl", "packing", "--pairs", "40", "--steps", "1", "--warmup", "1",
-              "--repeats", "1", "--hidden", "32", "--layers", "1", "--max-length", "128")
+    out = run(
+        "throughput.py",
+        "--methods",
+        "trl",
+        "packing",
+        "--pairs",
+        "40",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--max-length",
+        "128",
+    )
     assert "| packing " in out and "gradient checkpointing on for every method" in out
 
 
 def test_memory_script_runs_for_trl_and_ours():
-    out = run("memory.py", "--methods", "trl", "ours_chunked", "--timing-methods", "--seq-len", "32", "--pairs", "2",
-              "--hidden", "32", "--force")
+    out = run(
+        "memory.py",
+        "--methods",
+        "trl",
+        "ours_chunked",
+        "--timing-methods",
+        "--seq-len",
+        "32",
+        "--pairs",
+        "2",
+        "--hidden",
+        "32",
+        "--force",
+    )
     assert "| ours_chunked |" in out and "model checkpointing True" in out

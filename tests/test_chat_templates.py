@@ -25,16 +25,49 @@ def row_formats():
     """(format, row, prompt messages, chosen messages, rejected messages) for every row format read."""
     chosen, rejected = [assistant("Blue.")], [assistant("Green.")]
     return [
-        ("conversational", {"prompt": [user(SKY)], "chosen": chosen, "rejected": rejected}, [user(SKY)], chosen, rejected),
-        ("multi-turn prompt with system", {"prompt": [system("Be brief."), *HISTORY], "chosen": chosen,
-         "rejected": rejected}, [system("Be brief."), *HISTORY], chosen, rejected),
-        ("implicit prompt", {"chosen": [user(FRUIT), assistant("apple banana.")],
-         "rejected": [user(FRUIT), assistant("dog cat.")]}, [user(FRUIT)], [assistant("apple banana.")],
-         [assistant("dog cat.")]),
-        ("mixed: string prompt beside message lists", {"prompt": FRUIT, "chosen": [user(FRUIT), assistant("apple.")],
-         "rejected": [user(FRUIT), assistant("dog.")]}, [user(FRUIT)], [assistant("apple.")], [assistant("dog.")]),
-        ("argilla with a system column", {"system": "Be brief.", "chosen": [user(SKY), assistant("Blue.")],
-         "rejected": [user(SKY), assistant("Green.")]}, [system("Be brief."), user(SKY)], chosen, rejected),
+        (
+            "conversational",
+            {"prompt": [user(SKY)], "chosen": chosen, "rejected": rejected},
+            [user(SKY)],
+            chosen,
+            rejected,
+        ),
+        (
+            "multi-turn prompt with system",
+            {"prompt": [system("Be brief."), *HISTORY], "chosen": chosen, "rejected": rejected},
+            [system("Be brief."), *HISTORY],
+            chosen,
+            rejected,
+        ),
+        (
+            "implicit prompt",
+            {"chosen": [user(FRUIT), assistant("apple banana.")], "rejected": [user(FRUIT), assistant("dog cat.")]},
+            [user(FRUIT)],
+            [assistant("apple banana.")],
+            [assistant("dog cat.")],
+        ),
+        (
+            "mixed: string prompt beside message lists",
+            {
+                "prompt": FRUIT,
+                "chosen": [user(FRUIT), assistant("apple.")],
+                "rejected": [user(FRUIT), assistant("dog.")],
+            },
+            [user(FRUIT)],
+            [assistant("apple.")],
+            [assistant("dog.")],
+        ),
+        (
+            "argilla with a system column",
+            {
+                "system": "Be brief.",
+                "chosen": [user(SKY), assistant("Blue.")],
+                "rejected": [user(SKY), assistant("Green.")],
+            },
+            [system("Be brief."), user(SKY)],
+            chosen,
+            rejected,
+        ),
     ]
 
 
@@ -107,8 +140,11 @@ def test_mixed_string_prompt_that_disagrees_is_an_error_naming_the_row(case):
     _, tok = case
     rows = [
         {"prompt": FRUIT, "chosen": [user(FRUIT), assistant("apple.")], "rejected": [user(FRUIT), assistant("dog.")]},
-        {"prompt": "Name a tool.", "chosen": [user(FRUIT), assistant("apple.")],
-         "rejected": [user(FRUIT), assistant("dog.")]},
+        {
+            "prompt": "Name a tool.",
+            "chosen": [user(FRUIT), assistant("apple.")],
+            "rejected": [user(FRUIT), assistant("dog.")],
+        },
     ]
     with pytest.raises(ValueError, match=r"row 1 \(0-based\): field 'prompt' is the string 'Name a tool.'"):
         prepare_dataset(rows, tok)
@@ -121,13 +157,23 @@ def test_mixed_string_prompt_beside_assistant_only_lists_is_the_user_turn(case):
     assert_rendering(tok, ds[0], [user(FRUIT)], [assistant("apple.")], [assistant("dog.")], spec.appends_eos)
 
 
-@pytest.mark.parametrize("row", [
-    # a string prompt beside conversations whose user turns differ (by one space): nothing is shared
-    {"prompt": FRUIT, "chosen": [user(FRUIT), assistant("apple.")], "rejected": [user(FRUIT + " "), assistant("dog.")]},
-    # no string prompt: the shared system message would be the prompt and the user turns part of the answers
-    {"chosen": [system("Be brief."), user(FRUIT), assistant("apple.")],
-     "rejected": [system("Be brief."), user(SKY), assistant("Blue.")]},
-], ids=["string prompt", "implicit prompt"])
+@pytest.mark.parametrize(
+    "row",
+    [
+        # a string prompt beside conversations whose user turns differ (by one space): nothing is shared
+        {
+            "prompt": FRUIT,
+            "chosen": [user(FRUIT), assistant("apple.")],
+            "rejected": [user(FRUIT + " "), assistant("dog.")],
+        },
+        # no string prompt: the shared system message would be the prompt and the user turns part of the answers
+        {
+            "chosen": [system("Be brief."), user(FRUIT), assistant("apple.")],
+            "rejected": [system("Be brief."), user(SKY), assistant("Blue.")],
+        },
+    ],
+    ids=["string prompt", "implicit prompt"],
+)
 def test_a_user_turn_is_never_trained_as_the_answer(case, row):
     """Where the shared leading messages stop before the user's last turn, the rest is not the assistant's answer:
     an error naming the row and field, not a pair whose response holds the user's turn."""
@@ -146,7 +192,9 @@ def test_a_template_that_refuses_a_row_names_the_row(case):
     )
     good = {"prompt": [user(FRUIT)], "chosen": [assistant("apple.")], "rejected": [assistant("dog.")]}
     bad = {"prompt": [user(FRUIT), user(SKY)], "chosen": [assistant("apple.")], "rejected": [assistant("dog.")]}
-    with pytest.raises(ValueError, match=r"row 1 \(0-based\): the tokenizer's chat template refused .*roles must alternate"):
+    with pytest.raises(
+        ValueError, match=r"row 1 \(0-based\): the tokenizer's chat template refused .*roles must alternate"
+    ):
         prepare_dataset([good, bad], refusing)
 
 
@@ -203,9 +251,12 @@ def test_generation_stops_at_the_end_of_turn_it_trained(case, tmp_path, monkeypa
         assert tok.convert_tokens_to_ids(spec.end_of_turn) in stops
 
     rows = [{"prompt": [user(FRUIT)], "chosen": [assistant("apple.")], "rejected": [assistant("dog.")]}] * 2
-    trainer = ORPOTrainer(model=model, args=ORPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[],
-                                                       max_completion_length=6),
-                          train_dataset=rows, processing_class=tok)
+    trainer = ORPOTrainer(
+        model=model,
+        args=ORPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_completion_length=6),
+        train_dataset=rows,
+        processing_class=tok,
+    )
     word = tok("apple", add_special_tokens=False)["input_ids"][0]
     last = stops[-1]
     asked = {}

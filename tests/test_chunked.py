@@ -59,7 +59,9 @@ def _check(dtype, chunk_size, bias=True, scale=None, softcap=None, rtol=1e-5, at
             continue
         assert g.dtype == leaf.dtype and g.shape == leaf.shape, name
         assert torch.isfinite(g).all(), name
-        torch.testing.assert_close(g.double(), g_ref, rtol=rtol, atol=atol, msg=lambda m, name=name: f"grad {name}: {m}")
+        torch.testing.assert_close(
+            g.double(), g_ref, rtol=rtol, atol=atol, msg=lambda m, name=name: f"grad {name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, N, N + 5])

@@ -38,10 +38,30 @@ def tiny(tmp_path_factory):
 
 def common(tiny, out):
     return [
-        "--model_name_or_path", str(tiny / "model"), "--dataset_name", str(tiny / "train.jsonl"),
-        "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
-        "--bf16", "False", "--use_cpu", "True", "--report_to", "none", "--save_strategy", "no",
-        "--logging_steps", "1", "--max_length", "64", "--disable_tqdm", "True",
+        "--model_name_or_path",
+        str(tiny / "model"),
+        "--dataset_name",
+        str(tiny / "train.jsonl"),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--bf16",
+        "False",
+        "--use_cpu",
+        "True",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--max_length",
+        "64",
+        "--disable_tqdm",
+        "True",
     ]
 
 
@@ -51,8 +71,20 @@ def logged(out):
 
 def test_train_qlora_two_steps_padding_free(tiny, tmp_path):
     out = tmp_path / "qlora"
-    argv = ["train", *common(tiny, out), "--load_in_4bit", "--use_peft", "--lora_r", "8",
-            "--lora_target_modules", "all-linear", "--padding_free", "True", "--learning_rate", "1e-3"]
+    argv = [
+        "train",
+        *common(tiny, out),
+        "--load_in_4bit",
+        "--use_peft",
+        "--lora_r",
+        "8",
+        "--lora_target_modules",
+        "all-linear",
+        "--padding_free",
+        "True",
+        "--learning_rate",
+        "1e-3",
+    ]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert cli.main(argv) == 0
@@ -70,8 +102,17 @@ def test_train_from_yaml_config_with_packing(tiny, tmp_path):
     out = tmp_path / "yaml"
     flags = common(tiny, out)
     cfg = {flags[i].lstrip("-"): flags[i + 1] for i in range(0, len(flags), 2)}
-    cfg.update({"packing": True, "beta": 0.2, "max_steps": 2, "per_device_train_batch_size": 4,
-                "bf16": False, "use_cpu": True, "disable_tqdm": True})
+    cfg.update(
+        {
+            "packing": True,
+            "beta": 0.2,
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "bf16": False,
+            "use_cpu": True,
+            "disable_tqdm": True,
+        }
+    )
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert cli.main(["train", "--config", str(path)]) == 0
@@ -108,11 +149,22 @@ def _qlora_trainer(tiny, tmp_path):
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(tiny / "model", quantization_config=quant, device_map={"": "cpu"})
     args = ORPOConfig(
-        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, per_device_eval_batch_size=4,
-        bf16=False, use_cpu=True, report_to=[], save_strategy="no", max_length=64, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        max_length=64,
+        disable_tqdm=True,
     )
     return ORPOTrainer(
-        model=model, args=args, train_dataset=datasets.Dataset.from_list(ROWS), eval_dataset=datasets.Dataset.from_list(ROWS),
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(ROWS),
+        eval_dataset=datasets.Dataset.from_list(ROWS),
         processing_class=AutoTokenizer.from_pretrained(tiny / "model"),
         peft_config=LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False),
     )
@@ -210,7 +262,9 @@ def test_qlora_weights_repacked_before_training_stop_the_first_step(qlora):
         trainer.model(input_ids=batch["input_ids"][:, :8], use_cache=False)
     trainer.model.train()
     assert _repacked(trainer) > 0  # the situation this guards against really arises here
-    with pytest.raises(RuntimeError, match=r"\d+ bitsandbytes 4-bit layers .* repacked for CPU inference.*reload the model"):
+    with pytest.raises(
+        RuntimeError, match=r"\d+ bitsandbytes 4-bit layers .* repacked for CPU inference.*reload the model"
+    ):
         trainer.training_step(trainer.model, dict(batch))
 
 
@@ -226,17 +280,32 @@ def _bf16_qlora(tiny, tmp_path, trainer_module):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(tiny / "model", quantization_config=quant, dtype=torch.bfloat16,
-                                                 device_map={"": "cpu"})
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny / "model", quantization_config=quant, dtype=torch.bfloat16, device_map={"": "cpu"}
+    )
     args = trainer_module.ORPOConfig(
-        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, bf16=True, use_cpu=True,
-        report_to=[], save_strategy="no", max_length=64, disable_tqdm=True, gradient_checkpointing=True,
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        bf16=True,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        max_length=64,
+        disable_tqdm=True,
+        gradient_checkpointing=True,
     )
     torch.manual_seed(0)
     return trainer_module.ORPOTrainer(
-        model=model, args=args, train_dataset=datasets.Dataset.from_list(ROWS),
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(ROWS),
         processing_class=AutoTokenizer.from_pretrained(tiny / "model"),
         peft_config=LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False),
     )
@@ -278,16 +347,30 @@ def test_bf16_qlora_keeps_the_frozen_embeddings_in_their_loaded_dtype(tiny, tmp_
 
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_a_jsonl_row_of_another_format_stops_train_and_eval_with_its_row_line_and_field(tiny, tmp_path, command):
-    good = {"chosen": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "apple"}],
-            "rejected": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "dog"}]}
+    good = {
+        "chosen": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "apple"}],
+        "rejected": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "dog"}],
+    }
     bad = tmp_path / "prefs.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in [good] * 7 + [{**good, "rejected": "dog"}]))
     if command == "train":
         argv = ["train", *common(tiny, tmp_path / "o")]
         argv[argv.index("--dataset_name") + 1] = str(bad)
     else:
-        argv = ["eval", "--model", str(tiny / "model"), "--dataset", str(bad), "--split", "train",
-                "--output", str(tmp_path / "eval.json")]
-    with pytest.raises(TypeError, match=r"^row 7 \(0-based\), line 8 of prefs\.jsonl: field 'rejected' is a string "
-                                        r"but row 0 \(0-based\), line 1 of prefs\.jsonl has a message list"):
+        argv = [
+            "eval",
+            "--model",
+            str(tiny / "model"),
+            "--dataset",
+            str(bad),
+            "--split",
+            "train",
+            "--output",
+            str(tmp_path / "eval.json"),
+        ]
+    with pytest.raises(
+        TypeError,
+        match=r"^row 7 \(0-based\), line 8 of prefs\.jsonl: field 'rejected' is a string "
+        r"but row 0 \(0-based\), line 1 of prefs\.jsonl has a message list",
+    ):
         cli.main(argv)

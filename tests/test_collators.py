@@ -49,42 +49,50 @@ END_TO_END_PREDICTIONS = {
 
 def test_padded():
     """TRL's layout: chosen rows, then rejected rows, right-padded to the longest ([2 pairs x 2, 4])."""
-    _check(PreferenceCollator(0, "padded")(PAIRS), {
-        "input_ids": [[11, 12, 21, 22],   # chosen 0
-                      [13, 23, 0, 0],     # chosen 1
-                      [11, 12, 31, 0],    # rejected 0
-                      [13, 32, 33, 0]],   # rejected 1
-        "attention_mask": [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0]],
-        "pred_pos": [0, 1, 2, 4, 8, 9, 12, 13],  # flat index row * 4 + column
-        "pred_target": [12, 21, 22, 23, 12, 31, 32, 33],
-        "pred_seq": [-1, 0, 0, 1, -1, 2, 3, 3],
-        "pred_nll": [T, T, T, T, F, F, F, F],
-        "pred_in_logits_chosen": [T, T, T, T, F, F, F, F],
-        "pred_in_logits_rejected": [F, F, F, F, T, T, T, T],
-        "nll_tokens": 4,
-        "in_logits_chosen_count": 4,
-        "in_logits_rejected_count": 4,
-        "num_pairs": 2,
-        "real_tokens": 12,
-        "total_tokens": 16,  # 4 of them padding
-    })
+    _check(
+        PreferenceCollator(0, "padded")(PAIRS),
+        {
+            "input_ids": [
+                [11, 12, 21, 22],  # chosen 0
+                [13, 23, 0, 0],  # chosen 1
+                [11, 12, 31, 0],  # rejected 0
+                [13, 32, 33, 0],
+            ],  # rejected 1
+            "attention_mask": [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0]],
+            "pred_pos": [0, 1, 2, 4, 8, 9, 12, 13],  # flat index row * 4 + column
+            "pred_target": [12, 21, 22, 23, 12, 31, 32, 33],
+            "pred_seq": [-1, 0, 0, 1, -1, 2, 3, 3],
+            "pred_nll": [T, T, T, T, F, F, F, F],
+            "pred_in_logits_chosen": [T, T, T, T, F, F, F, F],
+            "pred_in_logits_rejected": [F, F, F, F, T, T, T, T],
+            "nll_tokens": 4,
+            "in_logits_chosen_count": 4,
+            "in_logits_rejected_count": 4,
+            "num_pairs": 2,
+            "real_tokens": 12,
+            "total_tokens": 16,  # 4 of them padding
+        },
+    )
 
 
 def test_padding_free():
     """Every sequence end to end in one row; positions restart at each sequence, cu_seq_lens marks the boundaries."""
-    _check(PreferenceCollator(0, "padding_free")(PAIRS), {
-        "input_ids": [[11, 12, 21, 22, 13, 23, 11, 12, 31, 13, 32, 33]],
-        "position_ids": [[0, 1, 2, 3, 0, 1, 0, 1, 2, 0, 1, 2]],
-        "cu_seq_lens_q": [0, 4, 6, 9, 12],
-        "cu_seq_lens_k": [0, 4, 6, 9, 12],
-        "cu_seq_lens_host": [0, 4, 6, 9, 12],  # the same boundaries as a host list, for the attention plans
-        "max_length_q": 4,
-        "max_length_k": 4,
-        **END_TO_END_PREDICTIONS,
-        "num_pairs": 2,
-        "real_tokens": 12,
-        "total_tokens": 12,  # no padding
-    })
+    _check(
+        PreferenceCollator(0, "padding_free")(PAIRS),
+        {
+            "input_ids": [[11, 12, 21, 22, 13, 23, 11, 12, 31, 13, 32, 33]],
+            "position_ids": [[0, 1, 2, 3, 0, 1, 0, 1, 2, 0, 1, 2]],
+            "cu_seq_lens_q": [0, 4, 6, 9, 12],
+            "cu_seq_lens_k": [0, 4, 6, 9, 12],
+            "cu_seq_lens_host": [0, 4, 6, 9, 12],  # the same boundaries as a host list, for the attention plans
+            "max_length_q": 4,
+            "max_length_k": 4,
+            **END_TO_END_PREDICTIONS,
+            "num_pairs": 2,
+            "real_tokens": 12,
+            "total_tokens": 12,  # no padding
+        },
+    )
 
 
 def test_packing():
@@ -97,67 +105,76 @@ def test_packing():
     groups = pack_groups(costs, 12, shuffle=False)
     assert groups == [[2], [0, 1]]  # 8 alone (8 + 7 > 12); 7 + 5 = 12 fit together
     collate = PreferenceCollator(0, "padding_free", pad_to_multiple_of=8)
-    _check(collate([pairs[i] for i in groups[1]]), {
-        "input_ids": [[11, 12, 21, 22, 13, 23, 11, 12, 31, 13, 32, 33, 0, 0, 0, 0]],
-        "position_ids": [[0, 1, 2, 3, 0, 1, 0, 1, 2, 0, 1, 2, 0, 1, 2, 3]],
-        "cu_seq_lens_q": [0, 4, 6, 9, 12, 16],  # the filler is a sequence of its own
-        "cu_seq_lens_k": [0, 4, 6, 9, 12, 16],
-        "cu_seq_lens_host": [0, 4, 6, 9, 12, 16],
-        "max_length_q": 4,
-        "max_length_k": 4,
-        **END_TO_END_PREDICTIONS,
-        "num_pairs": 2,
-        "real_tokens": 12,
-        "total_tokens": 16,
-    })
-    _check(collate([pairs[i] for i in groups[0]]), {
-        "input_ids": [[14, 15, 16, 24, 14, 15, 16, 34]],
-        "position_ids": [[0, 1, 2, 3, 0, 1, 2, 3]],
-        "cu_seq_lens_q": [0, 4, 8],
-        "cu_seq_lens_k": [0, 4, 8],
-        "cu_seq_lens_host": [0, 4, 8],
-        "max_length_q": 4,
-        "max_length_k": 4,
-        "pred_pos": [0, 1, 2, 4, 5, 6],
-        "pred_target": [15, 16, 24, 15, 16, 34],
-        "pred_seq": [-1, -1, 0, -1, -1, 1],
-        "pred_nll": [T, T, T, F, F, F],
-        "pred_in_logits_chosen": [T, T, T, F, F, F],
-        "pred_in_logits_rejected": [F, F, F, T, T, T],
-        "nll_tokens": 3,
-        "in_logits_chosen_count": 3,
-        "in_logits_rejected_count": 3,
-        "num_pairs": 1,
-        "real_tokens": 8,
-        "total_tokens": 8,
-    })
+    _check(
+        collate([pairs[i] for i in groups[1]]),
+        {
+            "input_ids": [[11, 12, 21, 22, 13, 23, 11, 12, 31, 13, 32, 33, 0, 0, 0, 0]],
+            "position_ids": [[0, 1, 2, 3, 0, 1, 0, 1, 2, 0, 1, 2, 0, 1, 2, 3]],
+            "cu_seq_lens_q": [0, 4, 6, 9, 12, 16],  # the filler is a sequence of its own
+            "cu_seq_lens_k": [0, 4, 6, 9, 12, 16],
+            "cu_seq_lens_host": [0, 4, 6, 9, 12, 16],
+            "max_length_q": 4,
+            "max_length_k": 4,
+            **END_TO_END_PREDICTIONS,
+            "num_pairs": 2,
+            "real_tokens": 12,
+            "total_tokens": 16,
+        },
+    )
+    _check(
+        collate([pairs[i] for i in groups[0]]),
+        {
+            "input_ids": [[14, 15, 16, 24, 14, 15, 16, 34]],
+            "position_ids": [[0, 1, 2, 3, 0, 1, 2, 3]],
+            "cu_seq_lens_q": [0, 4, 8],
+            "cu_seq_lens_k": [0, 4, 8],
+            "cu_seq_lens_host": [0, 4, 8],
+            "max_length_q": 4,
+            "max_length_k": 4,
+            "pred_pos": [0, 1, 2, 4, 5, 6],
+            "pred_target": [15, 16, 24, 15, 16, 34],
+            "pred_seq": [-1, -1, 0, -1, -1, 1],
+            "pred_nll": [T, T, T, F, F, F],
+            "pred_in_logits_chosen": [T, T, T, F, F, F],
+            "pred_in_logits_rejected": [F, F, F, T, T, T],
+            "nll_tokens": 3,
+            "in_logits_chosen_count": 3,
+            "in_logits_rejected_count": 3,
+            "num_pairs": 1,
+            "real_tokens": 8,
+            "total_tokens": 8,
+        },
+    )
 
 
 def test_prefix_sharing():
     """Each pair once as [prompt][chosen][rejected]: rejected positions continue from the end of the prompt, and
     `prefix_segments` (start, prompt, chosen, rejected lengths) tells the attention which keys each branch sees.
     The prompt's predictions are computed once and count for both branches' mean logits."""
-    _check(PreferenceCollator(0, "prefix_sharing")(PAIRS), {
-        "input_ids": [[11, 12, 21, 22, 31, 13, 23, 32, 33]],
-        "position_ids": [[0, 1, 2, 3, 2, 0, 1, 1, 2]],
-        "prefix_segments": [[0, 2, 2, 1], [5, 1, 1, 2]],
-        "prefix_segments_host": [[0, 2, 2, 1], [5, 1, 1, 2]],  # the same as a host list
-        # rejected 0's first target (31) is predicted from the prompt's last token (position 1), as chosen 0's
-        # first target (21) is; likewise position 5 predicts 23 (chosen 1) and 32 (rejected 1)
-        "pred_pos": [0, 1, 2, 1, 5, 5, 7],
-        "pred_target": [12, 21, 22, 31, 23, 32, 33],
-        "pred_seq": [-1, 0, 0, 2, 1, 3, 3],
-        "pred_nll": [T, T, T, F, T, F, F],
-        "pred_in_logits_chosen": [T, T, T, F, T, F, F],
-        "pred_in_logits_rejected": [T, F, F, T, F, T, T],
-        "nll_tokens": 4,
-        "in_logits_chosen_count": 4,
-        "in_logits_rejected_count": 4,
-        "num_pairs": 2,
-        "real_tokens": 9,
-        "total_tokens": 9,
-        "unshared_tokens": 12,  # what the padded and padding-free layouts compute: the prompts twice
-    })
+    _check(
+        PreferenceCollator(0, "prefix_sharing")(PAIRS),
+        {
+            "input_ids": [[11, 12, 21, 22, 31, 13, 23, 32, 33]],
+            "position_ids": [[0, 1, 2, 3, 2, 0, 1, 1, 2]],
+            "prefix_segments": [[0, 2, 2, 1], [5, 1, 1, 2]],
+            "prefix_segments_host": [[0, 2, 2, 1], [5, 1, 1, 2]],  # the same as a host list
+            # rejected 0's first target (31) is predicted from the prompt's last token (position 1), as chosen 0's
+            # first target (21) is; likewise position 5 predicts 23 (chosen 1) and 32 (rejected 1)
+            "pred_pos": [0, 1, 2, 1, 5, 5, 7],
+            "pred_target": [12, 21, 22, 31, 23, 32, 33],
+            "pred_seq": [-1, 0, 0, 2, 1, 3, 3],
+            "pred_nll": [T, T, T, F, T, F, F],
+            "pred_in_logits_chosen": [T, T, T, F, T, F, F],
+            "pred_in_logits_rejected": [T, F, F, T, F, T, T],
+            "nll_tokens": 4,
+            "in_logits_chosen_count": 4,
+            "in_logits_rejected_count": 4,
+            "num_pairs": 2,
+            "real_tokens": 9,
+            "total_tokens": 9,
+            "unshared_tokens": 12,  # what the padded and padding-free layouts compute: the prompts twice
+        },
+    )
 
 
 def test_nll_on_prompt_off_leaves_prompt_targets_out_of_the_nll():

@@ -146,8 +146,21 @@ def test_cli_defaults_train_packed_on_cpu(tiny, tmp_path):
     """`orpo-plugin train --model_name_or_path M --dataset_name d.jsonl --output_dir o --packing True`: no --bf16,
     gradient checkpointing at its default (on); only the step count and log cadence are added, to keep it short."""
     run = _train(
-        ["train", "--model_name_or_path", str(tiny / "model"), "--dataset_name", str(tiny / "data.jsonl"),
-         "--output_dir", "o", "--packing", "True", "--max_steps", "2", "--logging_steps", "1"],
+        [
+            "train",
+            "--model_name_or_path",
+            str(tiny / "model"),
+            "--dataset_name",
+            str(tiny / "data.jsonl"),
+            "--output_dir",
+            "o",
+            "--packing",
+            "True",
+            "--max_steps",
+            "2",
+            "--logging_steps",
+            "1",
+        ],
         tmp_path,
     )
     args = _check_trained(run, tmp_path / "o")
@@ -175,4 +188,3 @@ def test_readme_qlora_packing_command_runs_on_cpu(tiny, tmp_path):
     assert args.gradient_checkpointing is True and args.packing is True
     assert args.model_init_kwargs["quantization_config"].load_in_4bit
     assert (out / "adapter_model.safetensors").exists()
-

@@ -97,7 +97,9 @@ def test_conversational(tiny_tokenizer):
     ds, stats = prepare_dataset(rows, tiny_tokenizer)
     assert stats.kept == 2
     assert_pair(tiny_tokenizer, ds[0], chat_prompt(user(SKY)), "Blue.<|end|>", "Green.<|end|>", eos=False)
-    assert_pair(tiny_tokenizer, ds[1], chat_prompt(system("Be brief."), user(FIRE)), "Yes.<|end|>", "No.<|end|>", eos=False)
+    assert_pair(
+        tiny_tokenizer, ds[1], chat_prompt(system("Be brief."), user(FIRE)), "Yes.<|end|>", "No.<|end|>", eos=False
+    )
 
 
 def test_implicit_prompt_strings(tiny_tokenizer):
@@ -122,7 +124,9 @@ def test_implicit_prompt_messages(tiny_tokenizer):
     ]
     ds, _ = prepare_dataset(rows, tiny_tokenizer)
     assert_pair(tiny_tokenizer, ds[0], chat_prompt(user(SKY)), "Blue.<|end|>", "Green.<|end|>", eos=False)
-    assert_pair(tiny_tokenizer, ds[1], chat_prompt(system("Be brief."), user(FIRE)), "Yes.<|end|>", "No.<|end|>", eos=False)
+    assert_pair(
+        tiny_tokenizer, ds[1], chat_prompt(system("Be brief."), user(FIRE)), "Yes.<|end|>", "No.<|end|>", eos=False
+    )
 
 
 def test_axolotl_argilla_rows(tiny_tokenizer):
@@ -136,7 +140,9 @@ def test_axolotl_argilla_rows(tiny_tokenizer):
     ]
     ds, stats = prepare_dataset(rows, tiny_tokenizer)
     assert stats.kept == 2
-    assert_pair(tiny_tokenizer, ds[0], chat_prompt(system("Be brief."), user(SKY)), "Blue.<|end|>", "Green.<|end|>", eos=False)
+    assert_pair(
+        tiny_tokenizer, ds[0], chat_prompt(system("Be brief."), user(SKY)), "Blue.<|end|>", "Green.<|end|>", eos=False
+    )
     assert_pair(tiny_tokenizer, ds[1], chat_prompt(user(FIRE)), "Yes.<|end|>", "No.<|end|>", eos=False)
 
 
@@ -268,7 +274,7 @@ def test_prompt_alone_filling_max_length_is_cut_to_half_or_dropped_and_counted(t
     ds, stats = prepare_dataset(rows, tiny_tokenizer, max_length=max_length)
     assert len(ds) == 2 and stats.truncated_prompts == 1 and not stats.dropped
     kept = ds[1]["prompt_input_ids"]
-    assert kept == [prompt_ids[0]] + prompt_ids[len(prompt_ids) - (max_length // 2 - 1):]
+    assert kept == [prompt_ids[0]] + prompt_ids[len(prompt_ids) - (max_length // 2 - 1) :]
     assert ds[0]["prompt_input_ids"] == [tiny_tokenizer.bos_token_id] + enc(tiny_tokenizer, SKY)  # untouched
     ds, stats = prepare_dataset(rows, tiny_tokenizer, max_length=max_length, drop_long_pairs=True)
     assert len(ds) == 1 and stats.dropped == {DROP_TOO_LONG: 1}
@@ -320,7 +326,9 @@ def test_non_string_content_in_a_dataset(tiny_tokenizer):
         {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
         {"chosen": [user(SKY), assistant(None)], "rejected": [user(SKY), assistant("Green.")]},
     ]
-    with pytest.raises(TypeError, match=r"row 1 \(0-based\): field 'chosen\[1\]\.content' must be a string, got NoneType"):
+    with pytest.raises(
+        TypeError, match=r"row 1 \(0-based\): field 'chosen\[1\]\.content' must be a string, got NoneType"
+    ):
         prepare_dataset(rows, tiny_tokenizer)
     # Row by row (what `datasets.map` calls), with any index.
     with pytest.raises(TypeError, match=r"row 7: field 'rejected' must be a string, got list"):
@@ -366,7 +374,9 @@ def test_conversational_rows_need_a_chat_template(tiny_tokenizer_no_template):
     ]
     prepare_dataset(rows, tiny_tokenizer_no_template)  # plain text is fine without one
     rows = [{"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]}] * 2
-    with pytest.raises(ValueError, match=r"row 0 \(0-based\): conversational data .* needs a tokenizer with a chat template"):
+    with pytest.raises(
+        ValueError, match=r"row 0 \(0-based\): conversational data .* needs a tokenizer with a chat template"
+    ):
         prepare_dataset(rows, tiny_tokenizer_no_template)
 
 
@@ -526,7 +536,10 @@ def test_prompt_of_a_pair_that_fits_is_not_cut(tiny_tokenizer):
 
 
 def test_long_prompt_with_drop_long_pairs_is_dropped_not_cut(tiny_tokenizer):
-    rows = [long_prompt_row(), {"prompt": [user(SKY)], "chosen": [assistant("Blue.")], "rejected": [assistant("Green.")]}]
+    rows = [
+        long_prompt_row(),
+        {"prompt": [user(SKY)], "chosen": [assistant("Blue.")], "rejected": [assistant("Green.")]},
+    ]
     ds, stats = prepare_dataset(rows, tiny_tokenizer, max_length=24, max_prompt_length=12, drop_long_pairs=True)
     assert len(ds) == 1 and stats.dropped == {DROP_TOO_LONG: 1} and stats.truncated_prompts == 0
 
@@ -542,7 +555,9 @@ def test_long_pretokenized_prompt_is_cut_like_text(tiny_tokenizer):
 
 def test_unknown_truncation_mode_is_refused(tiny_tokenizer):
     with pytest.raises(ValueError, match="truncation_mode must be one of"):
-        prepare_dataset([long_prompt_row()], tiny_tokenizer, max_length=24, max_prompt_length=12, truncation_mode="middle")
+        prepare_dataset(
+            [long_prompt_row()], tiny_tokenizer, max_length=24, max_prompt_length=12, truncation_mode="middle"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- empty datasets
@@ -559,8 +574,10 @@ def test_empty_dataset_is_the_no_usable_pairs_error(tiny_tokenizer, empty):
 # One check for every way rows arrive: a file read by the command line (`train`, `eval`) or a list given to the
 # trainer. A field whose format differs between rows is named with its row (0-based) and, from a file, its line.
 def _mixed_rows():
-    conv = {"chosen": [{"role": "user", "content": SKY}, {"role": "assistant", "content": "Blue."}],
-            "rejected": [{"role": "user", "content": SKY}, {"role": "assistant", "content": "Green."}]}
+    conv = {
+        "chosen": [{"role": "user", "content": SKY}, {"role": "assistant", "content": "Blue."}],
+        "rejected": [{"role": "user", "content": SKY}, {"role": "assistant", "content": "Green."}],
+    }
     rows = [conv] * 8
     rows[7] = {**conv, "rejected": "Green."}
     return rows
@@ -581,14 +598,20 @@ def test_a_jsonl_row_of_another_format_is_named_with_its_line_before_arrow(tmp_p
 def test_a_json_list_row_of_another_format_is_named(tmp_path):
     path = tmp_path / "prefs.json"
     path.write_text(json.dumps(_mixed_rows()))
-    with pytest.raises(TypeError, match=r"^row 7 \(0-based\) of prefs\.json: field 'rejected' is a string but row 0 "
-                                        r"\(0-based\) has a message list"):
+    with pytest.raises(
+        TypeError,
+        match=r"^row 7 \(0-based\) of prefs\.json: field 'rejected' is a string but row 0 "
+        r"\(0-based\) has a message list",
+    ):
         load_preference_dataset(str(path))
 
 
 def test_a_list_row_of_another_format_gets_the_same_check(tiny_tokenizer):
-    with pytest.raises(TypeError, match=r"^train dataset, row 7 \(0-based\): field 'rejected' is a string but row 0 "
-                                        r"\(0-based\) has a message list"):
+    with pytest.raises(
+        TypeError,
+        match=r"^train dataset, row 7 \(0-based\): field 'rejected' is a string but row 0 "
+        r"\(0-based\) has a message list",
+    ):
         prepare_dataset(_mixed_rows(), tiny_tokenizer)
 
 
@@ -608,8 +631,10 @@ def test_pairs_that_lose_most_of_their_response_are_warned_about(tiny_tokenizer,
     assert stats.mostly_cut == 4 and stats.truncated_responses == 8
     assert said[0].startswith("train dataset: 4/4 pairs kept; dropped: none; prompts truncated: 0; responses truncated")
     assert said[0].endswith("(4 pairs lost more than half of a response)")
-    assert said[1].startswith("train dataset: 4 of 4 pairs (100%) lost more than half of a response to max_length=12; "
-                              "before cutting, prompt + longer response was ")
+    assert said[1].startswith(
+        "train dataset: 4 of 4 pairs (100%) lost more than half of a response to max_length=12; "
+        "before cutting, prompt + longer response was "
+    )
     assert "raise max_length" in said[1]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="orpo_plugin"):  # cut a little: the summary only

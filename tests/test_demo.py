@@ -52,9 +52,10 @@ def test_default_demo_writes_model_metrics_and_plot(demo_run):
     assert len(logged) >= 20  # every 5 steps
     for key in ("logps/rejected", "log_odds_ratio", "nll_loss", "rewards/accuracies", "step"):
         assert key in logged[0]
-    assert logged[-1]["logps/chosen"] - logged[-1]["logps/rejected"] > logged[0]["logps/chosen"] - logged[0][
-        "logps/rejected"
-    ]
+    assert (
+        logged[-1]["logps/chosen"] - logged[-1]["logps/rejected"]
+        > logged[0]["logps/chosen"] - logged[0]["logps/rejected"]
+    )
     assert (out / "logps.png").read_bytes()[:8] == PNG_MAGIC
 
 

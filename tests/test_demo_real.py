@@ -25,8 +25,25 @@ def tiny_folder(tmp_path_factory, tiny_tokenizer, tiny_model_factory):
 
 
 def _demo(folder, out, *extra):
-    argv = ["demo", "--model", str(folder), "--output_dir", str(out), "--train_prompts", "14", "--held_out_prompts",
-            "7", "--steps", "2", "--pairs_per_step", "7", "--diversity_prompts", "0", "--quiet", *extra]
+    argv = [
+        "demo",
+        "--model",
+        str(folder),
+        "--output_dir",
+        str(out),
+        "--train_prompts",
+        "14",
+        "--held_out_prompts",
+        "7",
+        "--steps",
+        "2",
+        "--pairs_per_step",
+        "7",
+        "--diversity_prompts",
+        "0",
+        "--quiet",
+        *extra,
+    ]
     assert cli.main(argv) == 0
     return json.loads((out / "demo_result.json").read_text())
 
@@ -86,11 +103,14 @@ def test_a_pretrained_base_model_without_a_template_is_refused_before_its_conver
     assert pretrained.MODELS["gemma3"].chat_template == pretrained.GEMMA3_CHAT_TEMPLATE
 
 
-@pytest.mark.parametrize("options, says", [
-    (["--diversity_prompts", "2", "--diversity_samples", "1"], "diversity_samples must be at least 2"),
-    (["--diversity_prompts", "2", "--held_out_prompts", "1"], "held_out_prompts must be at least 2"),
-    (["--steps", "0"], "steps must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        (["--diversity_prompts", "2", "--diversity_samples", "1"], "diversity_samples must be at least 2"),
+        (["--diversity_prompts", "2", "--held_out_prompts", "1"], "held_out_prompts must be at least 2"),
+        (["--steps", "0"], "steps must be at least 1"),
+    ],
+)
 def test_settings_that_could_only_fail_later_are_refused_at_once(tmp_path, options, says):
     with pytest.raises(ValueError, match=says):
         _demo(tmp_path / "nowhere", tmp_path, *options)  # refused before the model (a missing folder) is looked at

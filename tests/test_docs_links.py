@@ -77,7 +77,11 @@ def test_readme_map_names_paths_that_exist():
     assert not missing, f"the README's map names paths that do not exist: {missing}"
     # every top-level module and package of orpo_plugin is named in the map, there or beside another
     named = set(re.findall(r"[\w/]+\.py|[\w]+/", block))
-    modules = [p.name for p in (ROOT / "orpo_plugin").iterdir()
-               if (p.suffix == ".py" and p.name not in ("__init__.py", "_compat.py")) or (p.is_dir() and p.name != "__pycache__")]
+    modules = [
+        p.name
+        for p in (ROOT / "orpo_plugin").iterdir()
+        if (p.suffix == ".py" and p.name not in ("__init__.py", "_compat.py"))
+        or (p.is_dir() and p.name != "__pycache__")
+    ]
     unnamed = [m for m in modules if not any(n.endswith(m) or n.rstrip("/").endswith(m) for n in named)]
     assert not unnamed, f"modules missing from the README's map: {unnamed}"

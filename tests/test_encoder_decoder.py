@@ -23,8 +23,17 @@ def t5(vocab):
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(
-        vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-        dropout_rate=0.0, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+        vocab_size=vocab,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
     )
     torch.manual_seed(0)
     return T5ForConditionalGeneration(config)
@@ -34,9 +43,20 @@ def bart(vocab):
     from transformers import BartConfig, BartForConditionalGeneration
 
     config = BartConfig(
-        vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, dropout=0.0,
+        vocab_size=vocab,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        dropout=0.0,
     )
     torch.manual_seed(0)
     return BartForConditionalGeneration(config)
@@ -44,9 +64,19 @@ def bart(vocab):
 
 def config(**kw):
     base = dict(
-        output_dir="/tmp/orpo-test-seq2seq", per_device_train_batch_size=4, max_steps=1, learning_rate=1e-3,
-        bf16=False, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, max_length=64,
-        max_completion_length=16, disable_tqdm=True,
+        output_dir="/tmp/orpo-test-seq2seq",
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=1e-3,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        max_length=64,
+        max_completion_length=16,
+        disable_tqdm=True,
     )
     base.update(kw)
     return base
@@ -70,10 +100,20 @@ def test_matches_trl_loss_metrics_and_grads(tok, build, checkpointing):
 
     model = build(len(tok))
     kw = dict(gradient_checkpointing=checkpointing)
-    ours = ORPOTrainer(model=copy.deepcopy(model), args=ORPOConfig(**config(**kw)), train_dataset=Dataset.from_list(ROWS), processing_class=tok)
+    ours = ORPOTrainer(
+        model=copy.deepcopy(model),
+        args=ORPOConfig(**config(**kw)),
+        train_dataset=Dataset.from_list(ROWS),
+        processing_class=tok,
+    )
     batches, _ = ours.get_batch_samples(iter(ours.get_train_dataloader()), 1, ours.args.device)
     a = step(ours, batches[0])
-    theirs = TRLTrainer(model=copy.deepcopy(model), args=TRLConfig(**config(**kw)), train_dataset=Dataset.from_list(ROWS), processing_class=tok)
+    theirs = TRLTrainer(
+        model=copy.deepcopy(model),
+        args=TRLConfig(**config(**kw)),
+        train_dataset=Dataset.from_list(ROWS),
+        processing_class=tok,
+    )
     b = step(theirs, next(iter(theirs.get_train_dataloader())))
     (la, ma, ga), (lb, mb, gb) = a, b
     assert la == pytest.approx(lb, abs=1e-5)
@@ -88,23 +128,38 @@ def test_matches_trl_loss_metrics_and_grads(tok, build, checkpointing):
 @pytest.mark.parametrize("layout", ["padding_free", "packing", "prefix_sharing"])
 def test_fast_layouts_refuse_encoder_decoder_models_at_start(tok, layout):
     with pytest.raises(ValueError, match=r"encoder-decoder model: it trains in the padded layout only"):
-        ORPOTrainer(model=t5(len(tok)), args=ORPOConfig(**config(**{layout: True})), train_dataset=ROWS, processing_class=tok)
+        ORPOTrainer(
+            model=t5(len(tok)), args=ORPOConfig(**config(**{layout: True})), train_dataset=ROWS, processing_class=tok
+        )
 
 
 def test_is_encoder_decoder_flag_must_match_the_model(tok):
     from orpo_plugin.toy import build_model
 
     with pytest.raises(ValueError, match="is_encoder_decoder=True but LlamaForCausalLM is a decoder-only model"):
-        ORPOTrainer(model=build_model(len(tok), hidden_size=32), args=ORPOConfig(**config(is_encoder_decoder=True)), train_dataset=ROWS, processing_class=tok)
+        ORPOTrainer(
+            model=build_model(len(tok), hidden_size=32),
+            args=ORPOConfig(**config(is_encoder_decoder=True)),
+            train_dataset=ROWS,
+            processing_class=tok,
+        )
 
 
 def test_t5_trains_evaluates_and_generates(tok, tmp_path):
     import json
 
-    args = ORPOConfig(**config(
-        output_dir=str(tmp_path), max_steps=6, learning_rate=1e-2, eval_strategy="steps", eval_steps=6,
-        per_device_eval_batch_size=2, generate_during_eval=True, max_completion_length=6,
-    ))
+    args = ORPOConfig(
+        **config(
+            output_dir=str(tmp_path),
+            max_steps=6,
+            learning_rate=1e-2,
+            eval_strategy="steps",
+            eval_steps=6,
+            per_device_eval_batch_size=2,
+            generate_during_eval=True,
+            max_completion_length=6,
+        )
+    )
     t = ORPOTrainer(model=t5(len(tok)), args=args, train_dataset=ROWS * 3, eval_dataset=ROWS, processing_class=tok)
     t.train()
     losses = [h["loss"] for h in t.state.log_history if "loss" in h]
@@ -117,6 +172,8 @@ def test_t5_trains_evaluates_and_generates(tok, tmp_path):
     for row in rows:  # the decoder's greedy output for the prompt alone, without the decoder start token
         pair = next(p for p in t.eval_dataset if tok.decode(p["prompt_input_ids"]) == row["prompt"])
         with torch.no_grad():
-            out = model.generate(torch.tensor([pair["prompt_input_ids"]]), max_new_tokens=6, do_sample=False)[0, 1:].tolist()
+            out = model.generate(torch.tensor([pair["prompt_input_ids"]]), max_new_tokens=6, do_sample=False)[
+                0, 1:
+            ].tolist()
         out = out[: out.index(2) + 1] if 2 in out else out
         assert row["generated"] == tok.decode(out) and len(out) >= 1

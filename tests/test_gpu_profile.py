@@ -27,8 +27,14 @@ def test_classify_names_kernels_by_what_they_compute():
 
 def test_profile_dry_run(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu/profile_steps.py"), str(tmp_path), "--dry-run",
-                          "--steps", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/gpu/profile_steps.py"), str(tmp_path), "--dry-run", "--steps", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "profile.json").read_text())
     assert result["cuda"] is False and set(result["results"]) == {"trl", "padded", "packing"}

@@ -13,13 +13,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_proof_dry_run(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    run = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), "proof", "--dry-run", str(tmp_path)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=240)
+    run = subprocess.run(
+        ["bash", str(ROOT / "benchmarks/gpu/run.sh"), "proof", "--dry-run", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["cuda"] is False
     parity = {(r["model"], r["layout"]): r for r in results["parity"]}
-    assert set(parity) == {(m, lay) for m in ("llama", "mistral") for lay in ("padding_free", "packing", "prefix_sharing")}
+    assert set(parity) == {
+        (m, lay) for m in ("llama", "mistral") for lay in ("padding_free", "packing", "prefix_sharing")
+    }
     for row in parity.values():  # on CPU only orpo_sdpa runs; float32 within 1e-4 of padded
         assert row["backend"] == "sdpa" and row["status"] == "pass" and row["attention"] == "orpo_sdpa"
         assert row["loss_rel"] <= 1e-4 and row["grad_rel"] <= 1e-4

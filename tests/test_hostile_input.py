@@ -122,8 +122,11 @@ def test_hostile_rows_are_kept_dropped_or_refused_by_name(tiny_tokenizer, rows_i
         (
             [
                 {"prompt": "Q", "chosen": " b", "rejected": " c"},
-                {"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "assistant", "content": "b"}],
-                 "rejected": [{"role": "assistant", "content": "c"}]},
+                {
+                    "prompt": [{"role": "user", "content": "Q"}],
+                    "chosen": [{"role": "assistant", "content": "b"}],
+                    "rejected": [{"role": "assistant", "content": "c"}],
+                },
             ],
             "prompt",
         ),  # each row fine alone, but one column mixes strings and message lists
@@ -189,18 +192,33 @@ def _trainer(tmp_path, tok, rows, **kw):
     from orpo_plugin.toy import build_model
 
     base = dict(
-        output_dir=str(tmp_path), packing=True, max_length=MAX_LENGTH, per_device_train_batch_size=2, max_steps=2,
-        learning_rate=1e-3, bf16=False, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+        output_dir=str(tmp_path),
+        packing=True,
+        max_length=MAX_LENGTH,
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
     )
     base.update(kw)
     vocab = len(tok) if hasattr(tok, "__len__") else 300
-    return ORPOTrainer(model=build_model(vocab, hidden_size=32, num_layers=2), args=ORPOConfig(**base),
-                       train_dataset=rows, processing_class=tok)
+    return ORPOTrainer(
+        model=build_model(vocab, hidden_size=32, num_layers=2),
+        args=ORPOConfig(**base),
+        train_dataset=rows,
+        processing_class=tok,
+    )
 
 
 def _assert_within(trainer, budget):
-    lengths = [len(p["prompt_input_ids"]) + max(len(p["chosen_input_ids"]), len(p["rejected_input_ids"]))
-               for p in trainer.train_dataset]
+    lengths = [
+        len(p["prompt_input_ids"]) + max(len(p["chosen_input_ids"]), len(p["rejected_input_ids"]))
+        for p in trainer.train_dataset
+    ]
     assert max(lengths) <= MAX_LENGTH, "a pair longer than max_length reached the trainer"
     sizes = [int(b["real_tokens"]) for b in trainer.get_train_dataloader()]
     assert sizes and max(sizes) <= budget
@@ -245,8 +263,10 @@ def test_pair_over_an_explicit_budget_is_refused_by_name(tiny_tokenizer, tmp_pat
     rows = [{"prompt": "Be brief.", "chosen": " Blue.", "rejected": " Green."}] * 3
     rows.insert(2, {"prompt": "What color is the sky?", "chosen": long, "rejected": " zero" + long})
     t = _trainer(tmp_path, tiny_tokenizer, rows, packing_max_tokens=40)
-    cost = 2 * len(t.train_dataset[2]["prompt_input_ids"]) + len(t.train_dataset[2]["chosen_input_ids"]) + len(
-        t.train_dataset[2]["rejected_input_ids"]
+    cost = (
+        2 * len(t.train_dataset[2]["prompt_input_ids"])
+        + len(t.train_dataset[2]["chosen_input_ids"])
+        + len(t.train_dataset[2]["rejected_input_ids"])
     )
     assert cost > 40
     with pytest.raises(ValueError, match=rf"pair 2 needs {cost} tokens but packing_max_tokens is 40"):

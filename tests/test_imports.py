@@ -30,7 +30,9 @@ def test_the_check_sees_a_demo_import():
 
 def test_the_forward_and_attention_do_not_import_trl():
     """_compat's torch probes are importable without TRL: the forward and the attention never load it."""
-    code = ("import orpo_plugin.modeling, orpo_plugin.attention, orpo_plugin.startup_checks, sys; "
-            "print('trl' in sys.modules)")
+    code = (
+        "import orpo_plugin.modeling, orpo_plugin.attention, orpo_plugin.startup_checks, sys; "
+        "print('trl' in sys.modules)"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.stdout.strip() == "False", run.stderr

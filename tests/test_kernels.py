@@ -20,16 +20,27 @@ PAIRS = [
 
 
 def args(**kw):
-    base = dict(output_dir="/tmp/orpo-kernels", per_device_train_batch_size=3, max_steps=2, learning_rate=1e-2,
-                bf16=False, use_cpu=True, report_to=[], save_strategy="no", seed=0, disable_tqdm=True)
+    base = dict(
+        output_dir="/tmp/orpo-kernels",
+        per_device_train_batch_size=3,
+        max_steps=2,
+        learning_rate=1e-2,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
     base.update(kw)
     return ORPOConfig(**base)
 
 
 def trainer(model=None, **kw):
     model = model or build_model(32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
-    return ORPOTrainer(model=model, args=args(**kw), train_dataset=Dataset.from_list(PAIRS),
-                       processing_class=StubTokenizer())
+    return ORPOTrainer(
+        model=model, args=args(**kw), train_dataset=Dataset.from_list(PAIRS), processing_class=StubTokenizer()
+    )
 
 
 @pytest.mark.parametrize("use_cpu", [True, False])
@@ -51,7 +62,9 @@ def test_liger_config_keeps_our_loss(monkeypatch):
     config = kernels.liger_kernel_config(args(use_liger_kernel=True, liger_kernel_config={"rms_norm": False}))
     assert config == {"rms_norm": False, "fused_linear_cross_entropy": False, "cross_entropy": False}
     with pytest.raises(ValueError, match="remove fused_linear_cross_entropy from liger_kernel_config"):
-        kernels.liger_kernel_config(args(use_liger_kernel=True, liger_kernel_config={"fused_linear_cross_entropy": True}))
+        kernels.liger_kernel_config(
+            args(use_liger_kernel=True, liger_kernel_config={"fused_linear_cross_entropy": True})
+        )
 
 
 def test_activation_offloading_is_refused_without_an_accelerator():
@@ -86,7 +99,9 @@ class _CopyingOffload(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, lambda t: t.clone())
 
 
-@pytest.mark.parametrize("layout", [{}, {"packing": True}, {"prefix_sharing": True}], ids=["padded", "packing", "prefix"])
+@pytest.mark.parametrize(
+    "layout", [{}, {"packing": True}, {"prefix_sharing": True}], ids=["padded", "packing", "prefix"]
+)
 def test_activation_offloading_wraps_each_training_step_exactly(monkeypatch, layout):
     """With the option on, the trainer trains inside the manager (TRL's, here a copying stand-in since TRL's cannot
     run on a CPU) and the parameters after two steps equal those of a run without it, bit for bit."""

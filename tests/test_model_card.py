@@ -28,8 +28,16 @@ def test_save_model_writes_a_trl_style_model_card(tmp_path):
     model = build_model(97, hidden_size=32)
     model.config._name_or_path = "tiny-org/tiny-llama"  # a hub id, not a local folder: the card names it
     args = ORPOConfig(
-        output_dir=str(tmp_path / "run"), bf16=False, use_cpu=True, report_to=[], packing=True, packing_max_tokens=96,
-        prefix_sharing=True, max_length=48, truncation_mode="keep_start", disable_tqdm=True,
+        output_dir=str(tmp_path / "run"),
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        packing=True,
+        packing_max_tokens=96,
+        prefix_sharing=True,
+        max_length=48,
+        truncation_mode="keep_start",
+        disable_tqdm=True,
     )
     t = ORPOTrainer(model=model, args=args, train_dataset=PAIRS, processing_class=StubTokenizer())
     t.save_model(str(tmp_path / "saved"))
@@ -38,12 +46,21 @@ def test_save_model_writes_a_trl_style_model_card(tmp_path):
         assert meta["base_model"] == "tiny-org/tiny-llama"
         assert {"orpo-plugin", "orpo", "trl"} <= set(meta["tags"])
         assert "fine-tuned version of [tiny-org/tiny-llama]" in body
-        assert "[ORPO: Monolithic Preference Optimization without Reference Model](https://huggingface.co/papers/2403.07691)" in body
+        assert (
+            "[ORPO: Monolithic Preference Optimization without Reference Model](https://huggingface.co/papers/2403.07691)"
+            in body
+        )
         assert "@article{hong2024orpo" in body and "eprint       = {arXiv:2403.07691}" in body
         assert "Jiwoo Hong and Noah Lee and James Thorne" in body
-        for row in ("| `layout` | `prefix_sharing` |", "| `packing` | `True` |", "| `packing_max_tokens` | `96` |",
-                    "| `prefix_sharing` | `True` |", "| `chunked_loss` | `True` |", "| `beta` | `0.1` |",
-                    "| `truncation_mode` | `keep_start` |"):
+        for row in (
+            "| `layout` | `prefix_sharing` |",
+            "| `packing` | `True` |",
+            "| `packing_max_tokens` | `96` |",
+            "| `prefix_sharing` | `True` |",
+            "| `chunked_loss` | `True` |",
+            "| `beta` | `0.1` |",
+            "| `truncation_mode` | `keep_start` |",
+        ):
             assert row in body, row
         assert "`max_prompt_length`" not in body  # unset: the default rule, no limit to show
         assert "- orpo-plugin: " in body
@@ -51,10 +68,19 @@ def test_save_model_writes_a_trl_style_model_card(tmp_path):
 
 def test_checkpoints_write_the_model_card(tmp_path):
     args = ORPOConfig(
-        output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to=[], max_steps=1, save_strategy="steps",
-        save_steps=1, per_device_train_batch_size=2, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        max_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        per_device_train_batch_size=2,
+        disable_tqdm=True,
     )
-    t = ORPOTrainer(model=build_model(97, hidden_size=32), args=args, train_dataset=PAIRS, processing_class=StubTokenizer())
+    t = ORPOTrainer(
+        model=build_model(97, hidden_size=32), args=args, train_dataset=PAIRS, processing_class=StubTokenizer()
+    )
     t.train()
     meta, body = card(tmp_path / "README.md")
     assert "orpo-plugin" in meta["tags"] and meta["model_name"] == tmp_path.name

@@ -41,7 +41,10 @@ def capture_trainer(base):
     class Capture(base):
         def training_step(self, model, inputs, *args, **kwargs):
             loss = super().training_step(model, inputs, *args, **kwargs)
-            self.captured = (loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+            self.captured = (
+                loss.item(),
+                {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},
+            )
             return loss
 
     return Capture
@@ -49,8 +52,18 @@ def capture_trainer(base):
 
 def args_for(config_cls, **kw):
     base = dict(
-        output_dir="/tmp/orpo-matrix", per_device_train_batch_size=4, max_steps=1, learning_rate=1e-3, bf16=False,
-        use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, max_length=64, disable_tqdm=True,
+        output_dir="/tmp/orpo-matrix",
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=1e-3,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        max_length=64,
+        disable_tqdm=True,
     )
     base.update(kw)
     return config_cls(**base)
@@ -93,7 +106,9 @@ def padded_reference(name, tok):
 CASES = [(layout, ckpt) for layout in LAYOUTS for ckpt in (True, False) if layout != "padded" or ckpt]
 
 
-@pytest.mark.parametrize("layout,checkpointing", CASES, ids=[f"{layout}-{'ckpt' if c else 'no-ckpt'}" for layout, c in CASES])
+@pytest.mark.parametrize(
+    "layout,checkpointing", CASES, ids=[f"{layout}-{'ckpt' if c else 'no-ckpt'}" for layout, c in CASES]
+)
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_layout_equals_padded(name, layout, checkpointing, tok):
     ours = train_step(name, tok, gradient_checkpointing=checkpointing, **LAYOUTS[layout])
@@ -133,8 +148,10 @@ def test_attention_dropout_on_flex_prefix_sharing_is_refused_at_start(tok):
     model = build("llama", len(tok), attn_implementation="flex_attention", attention_dropout=0.1)
     with pytest.raises(ValueError, match=r"prefix_sharing layout.*flex_attention.*attention dropout.*orpo_flex cannot"):
         ORPOTrainer(
-            model=model, args=args_for(ORPOConfig, prefix_sharing=True, disable_dropout=False),
-            train_dataset=Dataset.from_list(ROWS), processing_class=tok,
+            model=model,
+            args=args_for(ORPOConfig, prefix_sharing=True, disable_dropout=False),
+            train_dataset=Dataset.from_list(ROWS),
+            processing_class=tok,
         )
 
 
@@ -144,8 +161,10 @@ def test_attention_dropout_is_honoured_by_orpo_sdpa(tok):
     for p in (0.0, 0.5):
         model = build("llama", len(tok), attention_dropout=p)
         t = capture_trainer(ORPOTrainer)(
-            model=model, args=args_for(ORPOConfig, padding_free=True, disable_dropout=False),
-            train_dataset=Dataset.from_list(ROWS), processing_class=tok,
+            model=model,
+            args=args_for(ORPOConfig, padding_free=True, disable_dropout=False),
+            train_dataset=Dataset.from_list(ROWS),
+            processing_class=tok,
         )
         t.train()
         losses.append(t.captured[0])
@@ -156,7 +175,9 @@ def test_sinks_on_flex_on_cpu_are_refused_at_start(tok):
     model = build("gpt_oss", len(tok), attn_implementation="flex_attention")
     with pytest.raises(ValueError, match=r"GptOssForCausalLM cannot train in the prefix_sharing layout.*sinks"):
         ORPOTrainer(
-            model=model, args=args_for(ORPOConfig, prefix_sharing=True), train_dataset=Dataset.from_list(ROWS),
+            model=model,
+            args=args_for(ORPOConfig, prefix_sharing=True),
+            train_dataset=Dataset.from_list(ROWS),
             processing_class=tok,
         )
 
@@ -174,17 +195,23 @@ def _adapter_step(tok, tmp_path, quantized: bool, **layout):
     kwargs = {"attn_implementation": "sdpa", "dtype": torch.float32}
     if quantized:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         )
         kwargs["device_map"] = {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM",
-                      init_lora_weights=False)  # non-zero B: every adapter weight gets a gradient
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM", init_lora_weights=False
+    )  # non-zero B: every adapter weight gets a gradient
     torch.manual_seed(0)  # the same random adapter init in every run
     t = capture_trainer(ORPOTrainer)(
-        model=model, args=args_for(ORPOConfig, gradient_checkpointing=True, **layout),
-        train_dataset=Dataset.from_list(ROWS), processing_class=tok, peft_config=lora,
+        model=model,
+        args=args_for(ORPOConfig, gradient_checkpointing=True, **layout),
+        train_dataset=Dataset.from_list(ROWS),
+        processing_class=tok,
+        peft_config=lora,
     )
     t.train()
     return t.captured

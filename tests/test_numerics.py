@@ -81,7 +81,7 @@ def greedy(model, prompt, n, pick):
         for _ in range(n):
             logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
             ids.append(int(pick(logits)))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +90,11 @@ def stressed():
     model = build_model(VOCAB, hidden_size=32, num_layers=2, seed=1).eval()
     prompts = [[1, 5, 9], [1, 17, 3, 22, 40], [1, 30]]
     pairs = [
-        {"prompt_input_ids": p, "chosen_input_ids": greedy(model, p, 4, torch.argmax),
-         "rejected_input_ids": greedy(model, p, 3, torch.argmin)}
+        {
+            "prompt_input_ids": p,
+            "chosen_input_ids": greedy(model, p, 4, torch.argmax),
+            "rejected_input_ids": greedy(model, p, 3, torch.argmin),
+        }
         for p in prompts
     ]
     return model, pairs

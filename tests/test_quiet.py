@@ -46,8 +46,10 @@ def test_importing_orpo_plugin_filters_exactly_the_listed_notices():
 def test_a_training_script_starts_without_dependency_notices():
     # what the quick start imports, in its order; bitsandbytes prints its kernels line on import on CPUs with
     # AVX512-BF16, and transformers' config its FutureWarning
-    run = _run("import orpo_plugin\nimport bitsandbytes, peft, trl\n"
-               "from orpo_plugin import ORPOConfig\nORPOConfig(output_dir='x', report_to='none')\n")
+    run = _run(
+        "import orpo_plugin\nimport bitsandbytes, peft, trl\n"
+        "from orpo_plugin import ORPOConfig\nORPOConfig(output_dir='x', report_to='none')\n"
+    )
     assert run.returncode == 0, run.stderr
     for noise in ("gemm_4bit_forward", "pip install kernels", "FutureWarning", "publisher trust check"):
         assert noise not in run.stderr, run.stderr

@@ -71,8 +71,11 @@ def test_the_documented_formats_pass_without_a_word(tiny_tokenizer, caplog):
     formats = [  # one dataset per format (a column holds one format)
         {"prompt": prompt, "chosen": [assistant("yes")], "rejected": [assistant("no")]},
         {"chosen": [*prompt, assistant("yes")], "rejected": [*prompt, assistant("no")]},
-        {"prompt": tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
-         "chosen": "yes<|end|>", "rejected": "no<|end|>"},
+        {
+            "prompt": tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+            "chosen": "yes<|end|>",
+            "rejected": "no<|end|>",
+        },
         {"prompt": "Q: hi\nA:", "chosen": " yes", "rejected": " no"},
     ]
     with caplog.at_level(logging.WARNING, logger="orpo_plugin"):

@@ -32,8 +32,10 @@ def pairs(n, seed):
     def ids(lo, hi):
         return [rng.randrange(3, VOCAB) for _ in range(rng.randint(lo, hi))]
 
-    return [{"prompt_input_ids": ids(1, 10), "chosen_input_ids": ids(1, 12), "rejected_input_ids": ids(1, 12)}
-            for _ in range(n)]
+    return [
+        {"prompt_input_ids": ids(1, 10), "chosen_input_ids": ids(1, 12), "rejected_input_ids": ids(1, 12)}
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +45,21 @@ def setup():
 
 def args(out, **kw):
     base = dict(
-        output_dir=str(out), packing=True, packing_max_tokens=80, per_device_train_batch_size=1, learning_rate=1e-2,
-        lr_scheduler_type="constant", warmup_steps=0, bf16=False, use_cpu=True, report_to=[], logging_steps=1,
-        save_strategy="no", seed=3, max_length=64, disable_tqdm=True,
+        output_dir=str(out),
+        packing=True,
+        packing_max_tokens=80,
+        per_device_train_batch_size=1,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        seed=3,
+        max_length=64,
+        disable_tqdm=True,
     )
     base.update(kw)
     return ORPOConfig(**base)

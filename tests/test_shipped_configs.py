@@ -51,8 +51,14 @@ CPU = {
 }
 # Sizes and cadence: capped at a tiny run's, never raised.
 SIZES = {
-    "max_length": 128, "max_prompt_length": 64, "max_completion_length": 64, "packing_max_tokens": 256,
-    "loss_chunk_size": 64, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "save_steps": STEPS,
+    "max_length": 128,
+    "max_prompt_length": 64,
+    "max_completion_length": 64,
+    "packing_max_tokens": 256,
+    "loss_chunk_size": 64,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 2,
+    "save_steps": STEPS,
     "warmup_steps": 1,
 }
 # Set in every run: two optimizer steps, each logged.
@@ -74,7 +80,9 @@ def run_config(written: dict, paths: dict[str, str]) -> tuple[dict, dict]:
     for key, table in CPU.items():
         if key in written:
             if written[key] not in table:
-                pytest.fail(f"{key}: {written[key]!r} as written: no CPU substitution known; add one to CPU or fix the config")
+                pytest.fail(
+                    f"{key}: {written[key]!r} as written: no CPU substitution known; add one to CPU or fix the config"
+                )
             if table[written[key]] != written[key]:
                 flags[key] = table[written[key]]
     if flags.get("bf16", written.get("bf16")) is True and "use_cpu" not in written:
@@ -110,8 +118,10 @@ def tiny(tmp_path_factory):
     def text(lo, hi):
         return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
 
-    rows = [{"prompt": text(3, 24) + "?", "chosen": " " + text(2, 20) + ".", "rejected": " " + text(2, 20) + "."}
-            for _ in range(24)]
+    rows = [
+        {"prompt": text(3, 24) + "?", "chosen": " " + text(2, 20) + ".", "rejected": " " + text(2, 20) + "."}
+        for _ in range(24)
+    ]
     root = tmp_path_factory.mktemp("shipped-trl")
     tok = build_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in rows] + WORDS, vocab_size=400)
     build_model(len(tok), hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=512).save_pretrained(
@@ -163,7 +173,11 @@ def test_shipped_trl_config_trains(path, tiny, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run(
         [*_cli(), "train", "--config", str(path), *_argv(flags)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert run.returncode == 0, f"{path.name} with {flags}:\n{run.stderr[-4000:]}"
 

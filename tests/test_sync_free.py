@@ -27,9 +27,18 @@ PACKAGE = os.path.dirname(os.path.abspath(__import__("orpo_plugin").__file__)) +
 HOST_SIDE = (os.path.join(PACKAGE, "collators.py"),)
 TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 aten = torch.ops.aten
-SYNCING = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten._unique2.default,
-           aten.unique_consecutive.default, aten.unique_dim.default, aten.bincount.default,
-           aten.repeat_interleave.Tensor, aten.is_nonzero.default, aten.equal.default}
+SYNCING = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+    aten.unique_dim.default,
+    aten.bincount.default,
+    aten.repeat_interleave.Tensor,
+    aten.is_nonzero.default,
+    aten.equal.default,
+}
 
 
 def _caller() -> str:
@@ -54,7 +63,7 @@ class SyncCounter(TorchDispatchMode):
     def note(self, what: str) -> None:
         caller = _caller()
         if caller.startswith(PACKAGE) and caller not in HOST_SIDE:
-            self.ours.append(f"{what} from {caller[len(PACKAGE):]}")
+            self.ours.append(f"{what} from {caller[len(PACKAGE) :]}")
         else:
             self.others.append(f"{what} from {caller}")
 
@@ -87,8 +96,11 @@ def counter(monkeypatch):
 
 
 PAIRS = [
-    {"prompt_input_ids": [3 + (i % 5)] * (1 + i % 4), "chosen_input_ids": [7 + i % 9] * (2 + i % 3),
-     "rejected_input_ids": [11 + i % 7] * (1 + i % 5)}
+    {
+        "prompt_input_ids": [3 + (i % 5)] * (1 + i % 4),
+        "chosen_input_ids": [7 + i % 9] * (2 + i % 3),
+        "rejected_input_ids": [11 + i % 7] * (1 + i % 5),
+    }
     for i in range(16)
 ]
 
@@ -128,18 +140,31 @@ def test_the_counter_sees_a_device_read_in_our_code(counter):
 
 
 @pytest.mark.parametrize(
-    "layout", [{}, {"packing": True}, {"padding_free": True}, {"prefix_sharing": True}],
+    "layout",
+    [{}, {"packing": True}, {"padding_free": True}, {"prefix_sharing": True}],
     ids=["padded", "packing", "padding_free", "prefix_sharing"],
 )
 def test_training_steps_make_no_device_read_in_orpo_plugin(counter, layout):
     model = build_model(32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
     args = ORPOConfig(
-        output_dir="/tmp/orpo-sync", per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2,
-        learning_rate=1e-3, bf16=False, use_cpu=True, report_to=[], save_strategy="no", seed=0, disable_tqdm=True,
-        logging_steps=1, packing_max_tokens=48, **layout,
+        output_dir="/tmp/orpo-sync",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        logging_steps=1,
+        packing_max_tokens=48,
+        **layout,
     )
-    trainer = counted(ORPOTrainer, counter)(model=model, args=args, train_dataset=Dataset.from_list(PAIRS),
-                                            processing_class=StubTokenizer())
+    trainer = counted(ORPOTrainer, counter)(
+        model=model, args=args, train_dataset=Dataset.from_list(PAIRS), processing_class=StubTokenizer()
+    )
     assert trainer.args.gradient_checkpointing and trainer.chunk_size  # the defaults: checkpointing, chunked loss
     trainer.train()
     assert trainer.state.global_step == 2

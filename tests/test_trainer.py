@@ -39,9 +39,18 @@ def config(**kw):
     # bf16 off: parity at 1e-5 needs float32, and TRL's config turns an unset bf16 into True (bf16 numerics are
     # tested in test_numerics.py). Checkpointing is left at its default (on); see test_model_matrix.py for both.
     base = dict(
-        output_dir="/tmp/orpo-test", per_device_train_batch_size=4, max_steps=1, learning_rate=1e-3, bf16=False,
-        use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0,
-        max_length=64, disable_tqdm=True,
+        output_dir="/tmp/orpo-test",
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=1e-3,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        max_length=64,
+        disable_tqdm=True,
     )
     base.update(kw)
     return base
@@ -49,7 +58,9 @@ def config(**kw):
 
 def one_step(trainer_cls, config_cls, model, tok, rows, **kw):
     """Loss, logged metrics and gradients of the first micro-batch, computed the way training does."""
-    t = trainer_cls(model=model, args=config_cls(**config(**kw)), train_dataset=Dataset.from_list(rows), processing_class=tok)
+    t = trainer_cls(
+        model=model, args=config_cls(**config(**kw)), train_dataset=Dataset.from_list(rows), processing_class=tok
+    )
     batches, _ = t.get_batch_samples(iter(t.get_train_dataloader()), 1, t.args.device)
     t.model.train()
     loss = t.compute_loss(t.model, t._prepare_inputs(batches[0]))
@@ -65,7 +76,9 @@ def trl_step(model, tok, rows, trainer_cls=None, **kw):
     from trl.experimental.orpo import ORPOTrainer as TRLTrainer
 
     TRLTrainer = trainer_cls or TRLTrainer
-    t = TRLTrainer(model=model, args=TRLConfig(**config(**kw)), train_dataset=Dataset.from_list(rows), processing_class=tok)
+    t = TRLTrainer(
+        model=model, args=TRLConfig(**config(**kw)), train_dataset=Dataset.from_list(rows), processing_class=tok
+    )
     batch = t._prepare_inputs(next(iter(t.get_train_dataloader())))
     t.model.train()
     loss = t.compute_loss(t.model, batch)
@@ -109,12 +122,18 @@ def test_conversational_rows_match_trl_on_our_ids_and_differ_only_by_the_second_
     from trl.experimental.orpo import ORPOConfig as TRLConfig
     from trl.experimental.orpo import ORPOTrainer as TRLTrainer
 
-    trl_ds = TRLTrainer(model=copy.deepcopy(model), args=TRLConfig(**config()), train_dataset=Dataset.from_list(CONV_ROWS),
-                        processing_class=tok).train_dataset
+    trl_ds = TRLTrainer(
+        model=copy.deepcopy(model),
+        args=TRLConfig(**config()),
+        train_dataset=Dataset.from_list(CONV_ROWS),
+        processing_class=tok,
+    ).train_dataset
     for row, trl_row in zip(prepared, trl_ds):
         for name in ("chosen", "rejected"):
             assert tok.decode(row[f"{name}_input_ids"]).endswith("<|end|>")
-            assert trl_row[f"{name}_input_ids"] == row["prompt_input_ids"] + row[f"{name}_input_ids"] + [tok.eos_token_id]
+            assert trl_row[f"{name}_input_ids"] == row["prompt_input_ids"] + row[f"{name}_input_ids"] + [
+                tok.eos_token_id
+            ]
 
 
 def test_mean_logit_metrics_match_trl_without_padding(tok):
@@ -125,7 +144,10 @@ def test_mean_logit_metrics_match_trl_without_padding(tok):
         by_len.setdefault(len(tok("hi " + w)["input_ids"]), []).append(" " + w)
     same = max(by_len.values(), key=len)
     assert len(same) >= 4, by_len
-    rows = [{"prompt": "hi", "chosen": same[0], "rejected": same[1]}, {"prompt": "hi", "chosen": same[2], "rejected": same[3]}]
+    rows = [
+        {"prompt": "hi", "chosen": same[0], "rejected": same[1]},
+        {"prompt": "hi", "chosen": same[2], "rejected": same[3]},
+    ]
     model = build_model(len(tok), hidden_size=32, num_layers=2)
     ours = one_step(ORPOTrainer, ORPOConfig, copy.deepcopy(model), tok, rows)
     theirs = trl_step(copy.deepcopy(model), tok, rows)
@@ -289,7 +311,9 @@ def test_pair_longer_than_packing_budget_is_refused():
     pairs = random_pairs(6, seed=5, vocab=97)
     pairs[3]["chosen_input_ids"] = list(range(3, 60))
     args = ORPOConfig(**config(packing=True, packing_max_tokens=40))
-    t = ORPOTrainer(model=build_model(97, hidden_size=32), args=args, train_dataset=pairs, processing_class=StubTokenizer())
+    t = ORPOTrainer(
+        model=build_model(97, hidden_size=32), args=args, train_dataset=pairs, processing_class=StubTokenizer()
+    )
     with pytest.raises(ValueError, match="pair 3 needs"):
         t.get_train_dataloader()
 
@@ -307,7 +331,9 @@ def test_lora_on_output_layer_falls_back_with_notice(tok, caplog):
     model = build_model(len(tok), hidden_size=32, num_layers=2)
     peft_config = LoraConfig(r=4, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
     with caplog.at_level(logging.WARNING, logger="orpo_plugin"):
-        t = ORPOTrainer(model=model, args=ORPOConfig(**config()), train_dataset=ROWS, processing_class=tok, peft_config=peft_config)
+        t = ORPOTrainer(
+            model=model, args=ORPOConfig(**config()), train_dataset=ROWS, processing_class=tok, peft_config=peft_config
+        )
     assert t.chunk_size is None
     assert "using full logits" in caplog.text
 
@@ -316,7 +342,12 @@ def test_tokenizer_without_pad_token_uses_eos(tok, caplog):
     tok2 = copy.deepcopy(tok)
     tok2.pad_token = None
     with caplog.at_level(logging.WARNING, logger="orpo_plugin"):
-        t = ORPOTrainer(model=build_model(len(tok), hidden_size=32), args=ORPOConfig(**config()), train_dataset=ROWS, processing_class=tok2)
+        t = ORPOTrainer(
+            model=build_model(len(tok), hidden_size=32),
+            args=ORPOConfig(**config()),
+            train_dataset=ROWS,
+            processing_class=tok2,
+        )
     assert tok2.pad_token_id == tok2.eos_token_id
     assert t.data_collator.pad_token_id == tok2.eos_token_id
     assert "no pad token" in caplog.text
@@ -333,7 +364,9 @@ def test_prefix_sharing_flex_block_mask_forward_matches_padded():
     with torch.no_grad():
         padded = orpo_forward(model, PreferenceCollator(0, "padded")(pairs), head, 0.1)
         with attention_implementation(model, register(FLEX_NAME)):
-            shared = orpo_forward(model, PreferenceCollator(0, "prefix_sharing", pad_to_multiple_of=16)(pairs), head, 0.1)
+            shared = orpo_forward(
+                model, PreferenceCollator(0, "prefix_sharing", pad_to_multiple_of=16)(pairs), head, 0.1
+            )
     torch.testing.assert_close(shared.output.chosen_logps, padded.output.chosen_logps, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared.output.rejected_logps, padded.output.rejected_logps, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared.output.loss, padded.output.loss, atol=1e-5, rtol=1e-5)
@@ -343,12 +376,23 @@ def test_prefix_sharing_refuses_unsupported_attention(tok):
     model = build_model(len(tok), hidden_size=32)
     model.config._attn_implementation = "flash_attention_3"
     with pytest.raises(ValueError, match="prefix_sharing runs on sdpa, eager"):
-        ORPOTrainer(model=model, args=ORPOConfig(**config(prefix_sharing=True)), train_dataset=ROWS, processing_class=tok)
+        ORPOTrainer(
+            model=model, args=ORPOConfig(**config(prefix_sharing=True)), train_dataset=ROWS, processing_class=tok
+        )
 
 
 def test_training_reduces_loss_and_evaluates(tok, tmp_path):
     model = build_model(len(tok), hidden_size=32, num_layers=2)
-    args = ORPOConfig(**config(output_dir=str(tmp_path), max_steps=8, learning_rate=5e-3, eval_strategy="steps", eval_steps=8, per_device_eval_batch_size=2))
+    args = ORPOConfig(
+        **config(
+            output_dir=str(tmp_path),
+            max_steps=8,
+            learning_rate=5e-3,
+            eval_strategy="steps",
+            eval_steps=8,
+            per_device_eval_batch_size=2,
+        )
+    )
     t = ORPOTrainer(model=model, args=args, train_dataset=ROWS * 4, eval_dataset=ROWS, processing_class=tok)
     t.train()
     losses = [h["loss"] for h in t.state.log_history if "loss" in h]
@@ -366,7 +410,12 @@ def test_logits_computed_inside_the_forward_match(layout):
     kw = {"padding_free": {"padding_free": True}, "prefix_sharing": {"prefix_sharing": True}}.get(layout, {})
 
     def run(inside):
-        t = ORPOTrainer(model=copy.deepcopy(model), args=ORPOConfig(**config(**kw)), train_dataset=pairs, processing_class=StubTokenizer())
+        t = ORPOTrainer(
+            model=copy.deepcopy(model),
+            args=ORPOConfig(**config(**kw)),
+            train_dataset=pairs,
+            processing_class=StubTokenizer(),
+        )
         t.logits_in_forward = inside
         t.model.train()
         loss = t.compute_loss(t.model, t._prepare_inputs(t.data_collator(pairs)))
@@ -383,7 +432,9 @@ def test_long_prompts_are_cut_to_half_of_max_length_by_default_and_trained():
     pairs = random_pairs(4, seed=8, vocab=97, empty_prompt_every=100)
     pairs[1]["prompt_input_ids"] = [1] + list(range(3, 60))
     args = ORPOConfig(**config(max_length=32, gradient_checkpointing=True))
-    t = ORPOTrainer(model=build_model(97, hidden_size=32), args=args, train_dataset=pairs, processing_class=StubTokenizer())
+    t = ORPOTrainer(
+        model=build_model(97, hidden_size=32), args=args, train_dataset=pairs, processing_class=StubTokenizer()
+    )
     stats = t.data_stats["train"]
     assert stats.kept == 4 and not stats.dropped and stats.truncated_prompts == 1
     assert t.train_dataset[1]["prompt_input_ids"] == [1] + list(range(45, 60))  # 16 = 32 // 2 tokens
@@ -407,14 +458,21 @@ def test_prompt_truncation_options_are_checked(kw, message):
 
 def test_packing_says_how_many_pairs_make_an_optimizer_step(caplog):
     # 12 pairs of 10 tokens each (prompt counted twice without prefix sharing) in budgets of 40: 3 micro-batches of 4
-    pairs = [{"prompt_input_ids": [5, 6], "chosen_input_ids": [7, 8, 9 + i], "rejected_input_ids": [10, 11, 30 + i]}
-             for i in range(12)]
-    args = ORPOConfig(**config(packing=True, packing_max_tokens=40, prefix_sharing=False, max_steps=6,
-                               per_device_train_batch_size=4))
-    t = ORPOTrainer(model=build_model(97, hidden_size=32), args=args, train_dataset=pairs, processing_class=StubTokenizer())
+    pairs = [
+        {"prompt_input_ids": [5, 6], "chosen_input_ids": [7, 8, 9 + i], "rejected_input_ids": [10, 11, 30 + i]}
+        for i in range(12)
+    ]
+    args = ORPOConfig(
+        **config(packing=True, packing_max_tokens=40, prefix_sharing=False, max_steps=6, per_device_train_batch_size=4)
+    )
+    t = ORPOTrainer(
+        model=build_model(97, hidden_size=32), args=args, train_dataset=pairs, processing_class=StubTokenizer()
+    )
     with caplog.at_level(logging.WARNING, logger="orpo_plugin"):
         t.get_train_dataloader()
-    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.getMessage().startswith("packing:")]
+    said = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.getMessage().startswith("packing:")
+    ]
     assert said == [
         "packing: 12 pairs in micro-batches of up to 40 tokens (packing_max_tokens; per_device_train_batch_size does "
         "not count pairs here), 4.0 pairs per micro-batch on average: about 4 pairs per optimizer step, 3 optimizer "

@@ -27,8 +27,15 @@ def tok():
 
 def config(tmp_path, **kw):
     base = dict(
-        output_dir=str(tmp_path), per_device_eval_batch_size=2, bf16=False, use_cpu=True, report_to=[],
-        save_strategy="no", seed=0, max_length=64, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        per_device_eval_batch_size=2,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        max_length=64,
+        disable_tqdm=True,
     )
     base.update(kw)
     return base
@@ -42,7 +49,10 @@ class Recorder:
 
     def __call__(self, pred):
         self.calls.append((np.asarray(pred.predictions), np.asarray(pred.label_ids)))
-        return {"n_predictions": float(np.asarray(pred.predictions).size), "mean_prediction": float(np.mean(pred.predictions))}
+        return {
+            "n_predictions": float(np.asarray(pred.predictions).size),
+            "mean_prediction": float(np.mean(pred.predictions)),
+        }
 
 
 def unpadded_rows(tok):
@@ -65,8 +75,12 @@ def test_compute_metrics_gets_what_trl_gives_it(tok, tmp_path):
     for name, (trainer_cls, config_cls) in {"ours": (ORPOTrainer, ORPOConfig), "trl": (TRLTrainer, TRLConfig)}.items():
         recorder = Recorder()
         t = trainer_cls(
-            model=copy.deepcopy(model), args=config_cls(**config(tmp_path / name)), train_dataset=Dataset.from_list(rows),
-            eval_dataset=Dataset.from_list(rows), processing_class=tok, compute_metrics=recorder,
+            model=copy.deepcopy(model),
+            args=config_cls(**config(tmp_path / name)),
+            train_dataset=Dataset.from_list(rows),
+            eval_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            compute_metrics=recorder,
         )
         results[name] = (t.evaluate(), recorder.calls)
     (ours, our_calls), (trl, trl_calls) = results["ours"], results["trl"]
@@ -99,8 +113,12 @@ def test_compute_metrics_runs_and_agrees_in_every_layout(tmp_path):
         recorder = Recorder()
         kw = {} if layout == "padded" else {layout: True}
         t = ORPOTrainer(
-            model=copy.deepcopy(model), args=ORPOConfig(**config(tmp_path / layout, per_device_eval_batch_size=3, **kw)),
-            train_dataset=pairs, eval_dataset=pairs, processing_class=StubTokenizer(), compute_metrics=recorder,
+            model=copy.deepcopy(model),
+            args=ORPOConfig(**config(tmp_path / layout, per_device_eval_batch_size=3, **kw)),
+            train_dataset=pairs,
+            eval_dataset=pairs,
+            processing_class=StubTokenizer(),
+            compute_metrics=recorder,
         )
         metrics = t.evaluate()
         assert len(recorder.calls) == 1, layout
@@ -118,8 +136,13 @@ def greedy(model, prompt, max_new, eos):
     """Reference: one prompt at a time, no padding, greedy, cut after the first EOS."""
     model.eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=max_new, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
     return out[: out.index(eos) + 1] if eos in out else out
 
 
@@ -131,11 +154,28 @@ def read_jsonl(path):
 def test_generations_are_written_at_each_evaluation(tok, tmp_path, layout):
     rows = [{"prompt": "name a fruit:", "chosen": w, "rejected": v} for w, v in zip(WORDS[:6], WORDS[6:12])]
     kw = {} if layout == "padded" else {layout: True}
-    args = ORPOConfig(**config(
-        tmp_path, generate_during_eval=True, max_steps=4, eval_strategy="steps", eval_steps=2, logging_steps=2,
-        per_device_train_batch_size=2, per_device_eval_batch_size=3, max_completion_length=5, learning_rate=1e-2, **kw,
-    ))
-    t = ORPOTrainer(model=build_model(len(tok), hidden_size=32), args=args, train_dataset=rows, eval_dataset=rows, processing_class=tok)
+    args = ORPOConfig(
+        **config(
+            tmp_path,
+            generate_during_eval=True,
+            max_steps=4,
+            eval_strategy="steps",
+            eval_steps=2,
+            logging_steps=2,
+            per_device_train_batch_size=2,
+            per_device_eval_batch_size=3,
+            max_completion_length=5,
+            learning_rate=1e-2,
+            **kw,
+        )
+    )
+    t = ORPOTrainer(
+        model=build_model(len(tok), hidden_size=32),
+        args=args,
+        train_dataset=rows,
+        eval_dataset=rows,
+        processing_class=tok,
+    )
     t.train()
     first, last = (read_jsonl(tmp_path / "generations" / f"step-{n}.jsonl") for n in (2, 4))
     assert len(first) == len(last) == 3
@@ -159,9 +199,18 @@ def test_generations_with_lora(tok, tmp_path):
     from peft import LoraConfig
 
     rows = [{"prompt": "hi", "chosen": w, "rejected": v} for w, v in zip(WORDS[:4], WORDS[4:8])]
-    args = ORPOConfig(**config(tmp_path, generate_during_eval=True, per_device_eval_batch_size=2, max_completion_length=3))
+    args = ORPOConfig(
+        **config(tmp_path, generate_during_eval=True, per_device_eval_batch_size=2, max_completion_length=3)
+    )
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False)
-    t = ORPOTrainer(model=build_model(len(tok), hidden_size=32), args=args, train_dataset=rows, eval_dataset=rows, processing_class=tok, peft_config=lora)
+    t = ORPOTrainer(
+        model=build_model(len(tok), hidden_size=32),
+        args=args,
+        train_dataset=rows,
+        eval_dataset=rows,
+        processing_class=tok,
+        peft_config=lora,
+    )
     t.evaluate()
     written = read_jsonl(tmp_path / "generations" / "step-0.jsonl")
     assert len(written) == 2
@@ -181,10 +230,18 @@ def test_generations_go_to_table_reporters_when_installed(tok, tmp_path, monkeyp
 
     fake = types.SimpleNamespace(run=object(), Table=Table, log=lambda d: logged.update(d))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    monkeypatch.setitem(sys.modules, "trackio", types.SimpleNamespace(Table=Table, log=lambda d: logged.update({"trackio": d})))
+    monkeypatch.setitem(
+        sys.modules, "trackio", types.SimpleNamespace(Table=Table, log=lambda d: logged.update({"trackio": d}))
+    )
     rows = [{"prompt": "hi", "chosen": w, "rejected": v} for w, v in zip(WORDS[:4], WORDS[4:8])]
     args = ORPOConfig(**config(tmp_path, generate_during_eval=True, max_completion_length=2))
-    t = ORPOTrainer(model=build_model(len(tok), hidden_size=32), args=args, train_dataset=rows, eval_dataset=rows, processing_class=tok)
+    t = ORPOTrainer(
+        model=build_model(len(tok), hidden_size=32),
+        args=args,
+        train_dataset=rows,
+        eval_dataset=rows,
+        processing_class=tok,
+    )
     t.args.report_to = ["wandb", "trackio"]  # set after init: the reporters' own callbacks are not under test
     written = t.log_generations(t.eval_dataset)
     table = logged["game_log"].dataframe

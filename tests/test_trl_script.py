@@ -30,8 +30,16 @@ def test_trl_user_script_qlora_padding_free(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS * 4))
     out = tmp_path / "out"
     cmd = [
-        sys.executable, str(ROOT / "integration/trl/orpo_qlora.py"), "--config", str(ROOT / "configs/trl/tiny-cpu-orpo.yaml"),
-        "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(data), "--output_dir", str(out),
+        sys.executable,
+        str(ROOT / "integration/trl/orpo_qlora.py"),
+        "--config",
+        str(ROOT / "configs/trl/tiny-cpu-orpo.yaml"),
+        "--model_name_or_path",
+        str(tmp_path / "model"),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

@@ -49,16 +49,34 @@ def test_every_metric_the_trainer_logs_is_documented(tmp_path):
     from orpo_plugin import ORPOConfig, ORPOTrainer
     from orpo_plugin.toy import build_model
 
-    pairs = [{"prompt_input_ids": [1, 5, 6], "chosen_input_ids": [7, 8, 2], "rejected_input_ids": [9, 2]},
-             {"prompt_input_ids": [1, 10], "chosen_input_ids": [11, 2], "rejected_input_ids": [12, 13, 2]}] * 4
+    pairs = [
+        {"prompt_input_ids": [1, 5, 6], "chosen_input_ids": [7, 8, 2], "rejected_input_ids": [9, 2]},
+        {"prompt_input_ids": [1, 10], "chosen_input_ids": [11, 2], "rejected_input_ids": [12, 13, 2]},
+    ] * 4
     logged = set()
     # prefix sharing adds tokens/computed_per_trained; the padded layout logs the rest
     for layout in (dict(packing=True, prefix_sharing=True), dict(packing=False, prefix_sharing=False)):
-        args = ORPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to=[], disable_tqdm=True,
-                          max_steps=2, logging_steps=1, eval_strategy="steps", eval_steps=2, save_strategy="no",
-                          per_device_train_batch_size=4, **layout)
-        t = ORPOTrainer(model=build_model(97, hidden_size=32), args=args, train_dataset=pairs, eval_dataset=pairs,
-                        processing_class=StubTokenizer())
+        args = ORPOConfig(
+            output_dir=str(tmp_path),
+            bf16=False,
+            use_cpu=True,
+            report_to=[],
+            disable_tqdm=True,
+            max_steps=2,
+            logging_steps=1,
+            eval_strategy="steps",
+            eval_steps=2,
+            save_strategy="no",
+            per_device_train_batch_size=4,
+            **layout,
+        )
+        t = ORPOTrainer(
+            model=build_model(97, hidden_size=32),
+            args=args,
+            train_dataset=pairs,
+            eval_dataset=pairs,
+            processing_class=StubTokenizer(),
+        )
         t.train()
         logged |= {k for h in t.state.log_history for k in h}
     assert {"tokens/computed_per_trained", "eval_rewards/accuracies", "nll_loss", "tokens/real"} <= logged

@@ -119,8 +119,13 @@ def make_rows(sizes: Sizes, seed: int = 0) -> list[dict]:
         room = sizes.max_length - lp - margin
         lc = draw_tokens(rng, LENGTHS["response"], sizes.scale, room)
         lr = draw_tokens(rng, LENGTHS["response"], sizes.scale, room)
-        rows.append({"prompt": maker.text(rng, lp) + " ?", "chosen": " " + maker.text(rng, lc),
-                     "rejected": " " + maker.text(rng, lr)})
+        rows.append(
+            {
+                "prompt": maker.text(rng, lp) + " ?",
+                "chosen": " " + maker.text(rng, lc),
+                "rejected": " " + maker.text(rng, lr),
+            }
+        )
     return rows
 
 
@@ -130,12 +135,16 @@ def length_stats(dataset) -> dict:
     for part in ("prompt", "chosen", "rejected"):
         lens = sorted(len(x) for x in dataset[f"{part}_input_ids"])
         out[part] = dict(median=lens[len(lens) // 2], p90=lens[int(0.9 * (len(lens) - 1))], max=lens[-1])
-    pairs = [2 * len(p) + len(c) + len(r) for p, c, r in zip(
-        dataset["prompt_input_ids"], dataset["chosen_input_ids"], dataset["rejected_input_ids"])]
+    pairs = [
+        2 * len(p) + len(c) + len(r)
+        for p, c, r in zip(dataset["prompt_input_ids"], dataset["chosen_input_ids"], dataset["rejected_input_ids"])
+    ]
     out["real_tokens"] = sum(pairs)
-    out["attention_context"] = sum(n * (n + 1) // 2 for p, c, r in zip(
-        dataset["prompt_input_ids"], dataset["chosen_input_ids"], dataset["rejected_input_ids"])
-        for n in (len(p) + len(c), len(p) + len(r)))
+    out["attention_context"] = sum(
+        n * (n + 1) // 2
+        for p, c, r in zip(dataset["prompt_input_ids"], dataset["chosen_input_ids"], dataset["rejected_input_ids"])
+        for n in (len(p) + len(c), len(p) + len(r))
+    )
     return out
 
 
@@ -206,13 +215,27 @@ class Guard:
 def make_trainer(method, model, dataset, tok, sizes, cuda, out, max_steps, accumulation, callbacks=(), extra=None):
     cfg = shipped_config()
     fields = dict(
-        output_dir=out, learning_rate=float(cfg["learning_rate"]), max_length=sizes.max_length, report_to=[],
-        save_strategy="no", logging_steps=10**6, disable_tqdm=True, gradient_checkpointing=True,
-        gradient_checkpointing_kwargs=dict(cfg["gradient_checkpointing_kwargs"]), seed=0, data_seed=0, bf16=cuda,
-        use_cpu=not cuda, max_steps=max_steps, beta=float(cfg["beta"]),
+        output_dir=out,
+        learning_rate=float(cfg["learning_rate"]),
+        max_length=sizes.max_length,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs=dict(cfg["gradient_checkpointing_kwargs"]),
+        seed=0,
+        data_seed=0,
+        bf16=cuda,
+        use_cpu=not cuda,
+        max_steps=max_steps,
+        beta=float(cfg["beta"]),
         per_device_train_batch_size=int(cfg["per_device_train_batch_size"]),
-        gradient_accumulation_steps=accumulation, optim=cfg["optim"] if cuda else "adamw_torch",
-        max_grad_norm=float(cfg["max_grad_norm"]), lr_scheduler_type="constant", dataloader_num_workers=0,
+        gradient_accumulation_steps=accumulation,
+        optim=cfg["optim"] if cuda else "adamw_torch",
+        max_grad_norm=float(cfg["max_grad_norm"]),
+        lr_scheduler_type="constant",
+        dataloader_num_workers=0,
     )
     if method == "trl":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -226,10 +249,17 @@ def make_trainer(method, model, dataset, tok, sizes, cuda, out, max_steps, accum
             layout = dict(packing=True, packing_max_tokens=int(cfg["packing_max_tokens"]) * sizes.max_length // 2048)
         if method == "prefix_sharing":
             layout["prefix_sharing"] = True
-        args = ORPOConfig(chunked_loss=True, nll_on_prompt=bool(cfg["nll_on_prompt"]), **layout, **(extra or {}),
-                          **fields)
-    trainer = ORPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok,
-                          peft_config=proof.lora(), callbacks=list(callbacks))
+        args = ORPOConfig(
+            chunked_loss=True, nll_on_prompt=bool(cfg["nll_on_prompt"]), **layout, **(extra or {}), **fields
+        )
+    trainer = ORPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=proof.lora(),
+        callbacks=list(callbacks),
+    )
     common.silence_printer(trainer)
     return trainer
 
@@ -247,9 +277,19 @@ def measure(method, model, rows, tok, sizes, cuda, out, deadline, accumulation, 
         if cuda:
             gc.collect()
             torch.cuda.empty_cache()
-        trainer = make_trainer(base, model, Dataset.from_list(rows), tok, sizes, cuda, out,
-                               max_steps=sizes.warmup + sizes.steps, accumulation=accumulation,
-                               callbacks=[guard.callback()], extra=extra)
+        trainer = make_trainer(
+            base,
+            model,
+            Dataset.from_list(rows),
+            tok,
+            sizes,
+            cuda,
+            out,
+            max_steps=sizes.warmup + sizes.steps,
+            accumulation=accumulation,
+            callbacks=[guard.callback()],
+            extra=extra,
+        )
         trainer.__class__ = _metered_class(type(trainer), meter)
         meter.pending = []
         if cuda:
@@ -280,8 +320,15 @@ def measure(method, model, rows, tok, sizes, cuda, out, deadline, accumulation, 
     return trainer_entry, model
 
 
-COUNTED_KEYS = ("pred_pos", "input_ids", "real_tokens", "unshared_tokens", "num_pairs", "chosen_attention_mask",
-                "rejected_attention_mask")
+COUNTED_KEYS = (
+    "pred_pos",
+    "input_ids",
+    "real_tokens",
+    "unshared_tokens",
+    "num_pairs",
+    "chosen_attention_mask",
+    "rejected_attention_mask",
+)
 
 
 def _metered_class(cls, meter):
@@ -316,8 +363,9 @@ def first_step_loss(method, model, rows, tok, sizes, cuda, out, extra=None):
     """Loss and gradient (flattened, float32) of one training step on a fresh, seeded adapter."""
     from datasets import Dataset
 
-    trainer = make_trainer(method, model, Dataset.from_list(rows), tok, sizes, cuda, out, max_steps=1,
-                           accumulation=1, extra=extra)
+    trainer = make_trainer(
+        method, model, Dataset.from_list(rows), tok, sizes, cuda, out, max_steps=1, accumulation=1, extra=extra
+    )
     trainer.__class__ = proof.capture(type(trainer))
     trainer.train()
     loss, grads = trainer.captured
@@ -331,16 +379,24 @@ def first_step_loss(method, model, rows, tok, sizes, cuda, out, extra=None):
 def ladder_rows(length: int, seed: int = 0) -> list[dict]:
     maker, rng = common.TextMaker(seed), random.Random(seed)
     q = length // 8
-    return [{"prompt": maker.text(rng, 2 * q - 4) + " ?", "chosen": " " + maker.text(rng, 3 * q - 4),
-             "rejected": " " + maker.text(rng, 3 * q - 4)}]
+    return [
+        {
+            "prompt": maker.text(rng, 2 * q - 4) + " ?",
+            "chosen": " " + maker.text(rng, 3 * q - 4),
+            "rejected": " " + maker.text(rng, 3 * q - 4),
+        }
+    ]
 
 
 def run_ladder(model, tok, sizes, cuda, out, deadline):
     """The longest pair each method trains one step on under the cap (None: not reached, 'skipped': no time)."""
     from datasets import Dataset
 
-    methods = {"trl": ("trl", {}), "ours": ("prefix_sharing", {}),
-               "ours+offloading": ("prefix_sharing", {"activation_offloading": True})}
+    methods = {
+        "trl": ("trl", {}),
+        "ours": ("prefix_sharing", {}),
+        "ours+offloading": ("prefix_sharing", {"activation_offloading": True}),
+    }
     result = {m: {} for m in methods}
     failed = set()
     for length in sizes.ladder:
@@ -360,8 +416,18 @@ def run_ladder(model, tok, sizes, cuda, out, deadline):
                     torch.cuda.reset_peak_memory_stats()
                 local = Sizes(sizes.dry)
                 local.max_length = length
-                trainer = make_trainer(method, model, Dataset.from_list(ladder_rows(length)), tok, local, cuda, out,
-                                       max_steps=1, accumulation=1, extra=extra)
+                trainer = make_trainer(
+                    method,
+                    model,
+                    Dataset.from_list(ladder_rows(length)),
+                    tok,
+                    local,
+                    cuda,
+                    out,
+                    max_steps=1,
+                    accumulation=1,
+                    extra=extra,
+                )
                 trainer.train()
                 entry = {"status": "ok", "seconds": time.perf_counter() - t0}
                 if cuda:
@@ -406,21 +472,42 @@ def summarise(results: dict, flops_per_token: float, rate: float) -> list[dict]:
         tps = [m["tokens_per_s"] for m in ok]
         med = statistics.median(tps)
         peaks = [m["peak_gib"] for m in ok if "peak_gib" in m]
-        rows.append(dict(
-            method=method, runs=len(ok), steps=[m["steps"] for m in ok], tokens_per_s=med,
-            spread=(max(tps) - min(tps)) / med if med else float("nan"), runs_tps=tps,
-            vs_trl=med / trl_tps if trl_tps else None, peak_gib=max(peaks) if peaks else None,
-            pad_fraction=statistics.mean(m["pad_fraction"] for m in ok),
-            mfu=flops_per_token * med / rate if rate else None, attention=ok[0].get("attention"),
-            error=errors[0] if errors else None,
-        ))
+        rows.append(
+            dict(
+                method=method,
+                runs=len(ok),
+                steps=[m["steps"] for m in ok],
+                tokens_per_s=med,
+                spread=(max(tps) - min(tps)) / med if med else float("nan"),
+                runs_tps=tps,
+                vs_trl=med / trl_tps if trl_tps else None,
+                peak_gib=max(peaks) if peaks else None,
+                pad_fraction=statistics.mean(m["pad_fraction"] for m in ok),
+                mfu=flops_per_token * med / rate if rate else None,
+                attention=ok[0].get("attention"),
+                error=errors[0] if errors else None,
+            )
+        )
     return rows
 
 
-LABELS = {"trl": "TRL ORPOTrainer", "padded": "orpo_plugin padded", "packing": "orpo_plugin packing",
-          "prefix_sharing": "orpo_plugin packing + prefix sharing", "packing+liger": "orpo_plugin packing + Liger"}
-COLUMNS = ["method", "runs x timed steps", "real tokens/s (median)", "spread", "vs TRL", "peak GiB", "pad fraction",
-           "MFU"]
+LABELS = {
+    "trl": "TRL ORPOTrainer",
+    "padded": "orpo_plugin padded",
+    "packing": "orpo_plugin packing",
+    "prefix_sharing": "orpo_plugin packing + prefix sharing",
+    "packing+liger": "orpo_plugin packing + Liger",
+}
+COLUMNS = [
+    "method",
+    "runs x timed steps",
+    "real tokens/s (median)",
+    "spread",
+    "vs TRL",
+    "peak GiB",
+    "pad fraction",
+    "MFU",
+]
 
 
 def render(summary, meta: dict, cuda: bool) -> str:
@@ -431,13 +518,18 @@ def render(summary, meta: dict, cuda: bool) -> str:
         if r.get("tokens_per_s") is None:
             cells.append([LABELS.get(r["method"], r["method"]), f"error: {r.get('error')}", "", "", "", "", "", ""])
             continue
-        cells.append([
-            LABELS.get(r["method"], r["method"]), f"{r['runs']} x {'/'.join(str(s) for s in r['steps'])}",
-            f"{r['tokens_per_s']:.0f}", f"{100 * r['spread']:.1f} %",
-            "n/a" if r["vs_trl"] is None else f"{r['vs_trl']:.2f}x",
-            "n/a (CPU)" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}",
-            f"{r['pad_fraction']:.3f}", "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %",
-        ])
+        cells.append(
+            [
+                LABELS.get(r["method"], r["method"]),
+                f"{r['runs']} x {'/'.join(str(s) for s in r['steps'])}",
+                f"{r['tokens_per_s']:.0f}",
+                f"{100 * r['spread']:.1f} %",
+                "n/a" if r["vs_trl"] is None else f"{r['vs_trl']:.2f}x",
+                "n/a (CPU)" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}",
+                f"{r['pad_fraction']:.3f}",
+                "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %",
+            ]
+        )
     lines.append(common.table(COLUMNS, cells))
     if meta.get("liger_parity"):
         lines += ["", f"Liger parity (one step, packing with vs without Liger): {meta['liger_parity']}"]
@@ -469,9 +561,10 @@ def _measure_plan(plan, results, model, rows, tok, sizes, cuda, work, end, accum
     for i, method in enumerate(plan):
         share = (end - time.perf_counter()) / (len(plan) - i)
         extra = {"use_liger_kernel": True} if method == "packing+liger" else None
-        entry, model = measure(method, model, rows, tok, sizes, cuda, work, time.perf_counter() + share,
-                               accumulation, extra=extra)
-        log(f"{method}: {({k: v for k, v in entry.items() if k != 'step_wall'})}")
+        entry, model = measure(
+            method, model, rows, tok, sizes, cuda, work, time.perf_counter() + share, accumulation, extra=extra
+        )
+        log(f"{method}: { ({k: v for k, v in entry.items() if k != 'step_wall'}) }")
         results[method].append(entry)
     return model
 
@@ -481,11 +574,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")
     p.add_argument("--dry-run", action="store_true", help="on CPU at tiny sizes (float32, no memory cap)")
-    p.add_argument("--accumulation", type=int, default=1,
-                   help="micro-batches per optimizer step (the shipped config has 4; see the module docstring)")
-    p.add_argument("--part", choices=["all", "main", "ladder"], default="all",
-                   help="the main table, the long-pair ladder, or both (the ladder gets the time the table leaves; "
-                   "--part ladder gives it a call of its own)")
+    p.add_argument(
+        "--accumulation",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step (the shipped config has 4; see the module docstring)",
+    )
+    p.add_argument(
+        "--part",
+        choices=["all", "main", "ladder"],
+        default="all",
+        help="the main table, the long-pair ladder, or both (the ladder gets the time the table leaves; "
+        "--part ladder gives it a call of its own)",
+    )
     opts = p.parse_args(argv)
     cuda = not opts.dry_run
     if cuda and not torch.cuda.is_available():
@@ -501,8 +602,10 @@ def main(argv=None) -> int:
 
     from orpo_plugin.data import prepare_dataset
 
-    versions = (f"torch {torch.__version__}, transformers {transformers.__version__}, orpo_plugin "
-                f"{common.library_revision()}, python {sys.version.split()[0]}")
+    versions = (
+        f"torch {torch.__version__}, transformers {transformers.__version__}, orpo_plugin "
+        f"{common.library_revision()}, python {sys.version.split()[0]}"
+    )
     log(versions)
     if cuda:
         total = torch.cuda.get_device_properties(0).total_memory
@@ -518,17 +621,31 @@ def main(argv=None) -> int:
     stats = length_stats(prepared)
     log(f"lengths {stats}")
     config_kw = dict(sizes.model)
-    config = LlamaConfig(max_position_embeddings=max(8192, 2 * max(sizes.ladder)), rope_theta=500000.0,
-                         rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-                         **config_kw)
-    flops_per_token = model_flops(config.to_dict(), stats["real_tokens"], stats["attention_context"]) / stats[
-        "real_tokens"]
+    config = LlamaConfig(
+        max_position_embeddings=max(8192, 2 * max(sizes.ladder)),
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **config_kw,
+    )
+    flops_per_token = (
+        model_flops(config.to_dict(), stats["real_tokens"], stats["attention_context"]) / stats["real_tokens"]
+    )
     cfg = shipped_config()
     work = tempfile.mkdtemp(prefix="orpo-bench-")
     methods = list(METHODS) + (["packing+liger"] if cuda and liger_available() else [])
     results: dict[str, list] = {m: [] for m in methods} if opts.part != "ladder" else {}
-    meta = dict(device=device, versions=versions, lengths=stats, matmul_flops=rate, flops_per_token=flops_per_token,
-                accumulation=opts.accumulation)
+    meta = dict(
+        device=device,
+        versions=versions,
+        lengths=stats,
+        matmul_flops=rate,
+        flops_per_token=flops_per_token,
+        accumulation=opts.accumulation,
+    )
     with tempfile.TemporaryDirectory(prefix="orpo-8b-") as path:
         t0 = time.perf_counter()
         proof.write_random_checkpoint(config, path, cuda)
@@ -545,27 +662,43 @@ def main(argv=None) -> int:
         if opts.part == "ladder" or (opts.part == "all" and liger_start - time.perf_counter() >= LADDER_MIN_S):
             meta["ladder"], model = run_ladder(model, tok, sizes, cuda, work, liger_start)
         elif opts.part == "all":
-            meta["ladder_note"] = "the ladder had no time left in this call: bash benchmarks/gpu/run.sh bench OUT --part ladder"
+            meta["ladder_note"] = (
+                "the ladder had no time left in this call: bash benchmarks/gpu/run.sh bench OUT --part ladder"
+            )
         if liger:
             try:
                 ref, model = first_step_loss("packing", model, rows, tok, sizes, cuda, work)  # before any patch
-                lig, model = first_step_loss("packing", model, rows, tok, sizes, cuda, work,
-                                             extra={"use_liger_kernel": True})
+                lig, model = first_step_loss(
+                    "packing", model, rows, tok, sizes, cuda, work, extra={"use_liger_kernel": True}
+                )
                 loss_rel, grad_rel = proof.compare(lig, ref)
                 tol = proof.TOLERANCE["bf16"]
                 ok = loss_rel <= tol["loss"] and grad_rel <= tol["grad"]
-                meta["liger_parity"] = (f"{'pass' if ok else 'FAIL'}: loss rel. diff {loss_rel:.2e} (<= {tol['loss']:g}), "
-                                        f"grad rel. diff {grad_rel:.2e} (<= {tol['grad']:g}); measured after the other "
-                                        "methods, twice in a row (its patches cannot be undone in-process)")
+                meta["liger_parity"] = (
+                    f"{'pass' if ok else 'FAIL'}: loss rel. diff {loss_rel:.2e} (<= {tol['loss']:g}), "
+                    f"grad rel. diff {grad_rel:.2e} (<= {tol['grad']:g}); measured after the other "
+                    "methods, twice in a row (its patches cannot be undone in-process)"
+                )
             except Exception as err:  # noqa: BLE001
                 meta["liger_parity"] = f"error: {type(err).__name__}: {err}"
                 traceback.print_exc()
-            model = _measure_plan(["packing+liger"] * sizes.repeats, results, model, rows, tok, sizes, cuda, work,
-                                  deadline, opts.accumulation)
+            model = _measure_plan(
+                ["packing+liger"] * sizes.repeats,
+                results,
+                model,
+                rows,
+                tok,
+                sizes,
+                cuda,
+                work,
+                deadline,
+                opts.accumulation,
+            )
     summary = summarise(results, flops_per_token, rate)
     meta["setup"] = (
-        f"Llama-3-8B shapes {sizes.model}" + (" (dry run: tiny shapes)" if not cuda else "") +
-        f", random weights, nf4 + double quantization, LoRA r=16 all linear, gradient checkpointing, "
+        f"Llama-3-8B shapes {sizes.model}"
+        + (" (dry run: tiny shapes)" if not cuda else "")
+        + f", random weights, nf4 + double quantization, LoRA r=16 all linear, gradient checkpointing, "
         f"{'bf16' if cuda else 'float32'}, optimizer {cfg['optim'] if cuda else 'adamw_torch (dry run)'}, "
         f"micro-batch {cfg['per_device_train_batch_size']} pairs (padded methods), packing rows of "
         f"{int(cfg['packing_max_tokens']) * sizes.max_length // 2048} tokens, accumulation {opts.accumulation}. "

@@ -50,13 +50,52 @@ RULES = (
     ("optimizer", ("adam", "optimizer", "optim", "multi_tensor", "_foreach", "clip_grad", "l2norm")),
     ("4-bit dequant", ("dequant", "kdequantize", "bitsandbytes", "bnb", "4bit", "nf4", "gemv_4bit")),
     ("attention", ("flash", "fmha", "attention", "attn", "sdpa", "varlen", "flex")),
-    ("loss head", ("log_softmax", "logsoftmax", "softmax", "logsumexp", "cross_entropy", "nll_loss", "gather",
-                   "scatter", "index_add", "index_select")),
-    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmul", "aten::mm", "aten::addmm", "aten::bmm",
-                "aten::linear", "sm90", "sm80", "ampere", "hopper", "wgmma", "splitk")),
+    (
+        "loss head",
+        (
+            "log_softmax",
+            "logsoftmax",
+            "softmax",
+            "logsumexp",
+            "cross_entropy",
+            "nll_loss",
+            "gather",
+            "scatter",
+            "index_add",
+            "index_select",
+        ),
+    ),
+    (
+        "matmul",
+        (
+            "gemm",
+            "xmma",
+            "cutlass",
+            "nvjet",
+            "cublas",
+            "matmul",
+            "aten::mm",
+            "aten::addmm",
+            "aten::bmm",
+            "aten::linear",
+            "sm90",
+            "sm80",
+            "ampere",
+            "hopper",
+            "wgmma",
+            "splitk",
+        ),
+    ),
 )
-SYNC_NAMES = ("aten::_local_scalar_dense", "aten::nonzero", "cudastreamsynchronize", "cudadevicesynchronize",
-              "cudaeventsynchronize", "memcpy dtoh", "memcpy d2h")
+SYNC_NAMES = (
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "cudastreamsynchronize",
+    "cudadevicesynchronize",
+    "cudaeventsynchronize",
+    "memcpy dtoh",
+    "memcpy d2h",
+)
 
 
 def classify(name: str) -> str:
@@ -141,8 +180,18 @@ def profile_method(method, model, rows, tok, sizes, cuda, out, warmup: int, step
     if cuda:
         gc.collect()
         torch.cuda.empty_cache()
-    trainer = bench.make_trainer(method, model, Dataset.from_list(rows), tok, sizes, cuda, out,
-                                 max_steps=warmup + steps, accumulation=1, callbacks=[Window()])
+    trainer = bench.make_trainer(
+        method,
+        model,
+        Dataset.from_list(rows),
+        tok,
+        sizes,
+        cuda,
+        out,
+        max_steps=warmup + steps,
+        accumulation=1,
+        callbacks=[Window()],
+    )
     try:
         trainer.train()
         result = reduce_profile(state["prof"], state["wall"], steps, cuda)
@@ -161,8 +210,11 @@ def render(results: dict, meta: str, device: str) -> str:
         if "error" in r:
             rows.append([bench.LABELS[method], f"error: {r['error']}"] + [""] * (len(head) - 2))
             continue
-        rows.append([bench.LABELS[method], f"{r['step_s']:.3f}"] + [f"{100 * r['share'][c]:.1f}" for c in CATEGORIES]
-                    + [f"{r['device_reads_per_step']:.1f}"])
+        rows.append(
+            [bench.LABELS[method], f"{r['step_s']:.3f}"]
+            + [f"{100 * r['share'][c]:.1f}" for c in CATEGORIES]
+            + [f"{r['device_reads_per_step']:.1f}"]
+        )
     lines.append(common.table(head, rows))
     return "\n".join(lines) + "\n"
 
@@ -190,8 +242,16 @@ def main(argv=None) -> int:
         device = "CPU dry run (tiny model, float32): CPU operator times, NOT a GPU profile"
     tok = common.build_tokenizer(seed=1, vocab_size=sizes.vocab)
     rows = bench.make_rows(sizes)
-    config = LlamaConfig(max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **sizes.model)
+    config = LlamaConfig(
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **sizes.model,
+    )
     work = tempfile.mkdtemp(prefix="orpo-profile-")
     results = {}
     with tempfile.TemporaryDirectory(prefix="orpo-8b-") as path:
@@ -199,15 +259,20 @@ def main(argv=None) -> int:
         model = proof.load_qlora_base(path, cuda)
         for method in METHODS:
             try:
-                results[method], model = profile_method(method, model, rows, tok, sizes, cuda, work,
-                                                        warmup=sizes.warmup, steps=opts.steps)
+                results[method], model = profile_method(
+                    method, model, rows, tok, sizes, cuda, work, warmup=sizes.warmup, steps=opts.steps
+                )
             except Exception as err:  # noqa: BLE001 - reported in the table
-                results[method] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+                results[method] = {
+                    "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+                }
                 traceback.print_exc()
             bench.log(f"profile {method}: {results[method]}")
-    meta = (f"{common.library_revision()}, torch {torch.__version__}; bench.py's setup ({sizes.pairs} pairs, "
-            f"max_length {sizes.max_length}, micro-batch of the shipped config, accumulation 1); {sizes.warmup} "
-            f"warm-up steps, then {opts.steps} profiled steps per method. Shares of the profiled steps' wall time.")
+    meta = (
+        f"{common.library_revision()}, torch {torch.__version__}; bench.py's setup ({sizes.pairs} pairs, "
+        f"max_length {sizes.max_length}, micro-batch of the shipped config, accumulation 1); {sizes.warmup} "
+        f"warm-up steps, then {opts.steps} profiled steps per method. Shares of the profiled steps' wall time."
+    )
     text = render(results, meta, device)
     with open(os.path.join(opts.out_dir, "PROFILE.md"), "w") as f:
         f.write(text)

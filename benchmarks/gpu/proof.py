@@ -43,22 +43,56 @@ import torch  # noqa: E402
 PARITY_BUDGET_S = 200  # on the GPU: cells past this are reported as skipped, so QLoRA keeps its time
 TOLERANCE = {"bf16": dict(loss=1e-2, grad=5e-2), "fp32": dict(loss=1e-4, grad=1e-4)}
 MEMORY_LIMIT_GIB = 20.0
-LAYOUTS = {"padding_free": dict(padding_free=True), "packing": dict(packing=True), "prefix_sharing": dict(prefix_sharing=True)}
+LAYOUTS = {
+    "padding_free": dict(padding_free=True),
+    "packing": dict(packing=True),
+    "prefix_sharing": dict(prefix_sharing=True),
+}
 
 
 class Sizes:
     def __init__(self, dry: bool):
         self.dry = dry
         self.parity_pairs, self.parity_max_length = (6, 48) if dry else (16, 256)
-        self.parity_model = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, head_dim=8) if dry else \
-            dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=4, head_dim=32)
+        self.parity_model = (
+            dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+            )
+            if dry
+            else dict(
+                hidden_size=256,
+                intermediate_size=688,
+                num_hidden_layers=4,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                head_dim=32,
+            )
+        )
         self.window = 8 if dry else 32
-        self.qlora_model = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, vocab_size=1024) if dry else \
-            dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256)
+        self.qlora_model = (
+            dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=1024,
+            )
+            if dry
+            else dict(
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                vocab_size=128256,
+            )
+        )
         self.qlora_max_length = 64 if dry else 2048
         self.qlora_pairs = 4 if dry else 16
         self.padded_batch = 2
@@ -80,8 +114,15 @@ def sync(cuda: bool) -> None:
 def parity_model(kind: str, sizes: Sizes, vocab: int, cuda: bool):
     import transformers
 
-    common_kw = dict(vocab_size=vocab, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                     tie_word_embeddings=False, **sizes.parity_model)
+    common_kw = dict(
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **sizes.parity_model,
+    )
     if kind == "llama":
         config = transformers.LlamaConfig(**common_kw)
         cls = transformers.LlamaForCausalLM
@@ -98,8 +139,10 @@ def capture(trainer_cls):
     class Capture(trainer_cls):
         def training_step(self, model, inputs, *args, **kwargs):
             loss = super().training_step(model, inputs, *args, **kwargs)
-            self.captured = (loss.item(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
-                                           if p.grad is not None})
+            self.captured = (
+                loss.item(),
+                {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None},
+            )
             return loss
 
     return Capture
@@ -111,13 +154,29 @@ def parity_step(kind, rows, tok, sizes, cuda, out, **fields):
     from orpo_plugin import ORPOConfig, ORPOTrainer
 
     args = ORPOConfig(
-        output_dir=out, per_device_train_batch_size=len(rows), max_steps=1, learning_rate=1e-4, bf16=cuda,
-        use_cpu=not cuda, report_to=[], logging_steps=1, save_strategy="no", seed=0, data_seed=0,
-        max_length=sizes.parity_max_length, disable_tqdm=True, gradient_checkpointing=True,
-        packing_max_tokens=4 * len(rows) * sizes.parity_max_length, **fields,
+        output_dir=out,
+        per_device_train_batch_size=len(rows),
+        max_steps=1,
+        learning_rate=1e-4,
+        bf16=cuda,
+        use_cpu=not cuda,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+        max_length=sizes.parity_max_length,
+        disable_tqdm=True,
+        gradient_checkpointing=True,
+        packing_max_tokens=4 * len(rows) * sizes.parity_max_length,
+        **fields,
     )
-    trainer = capture(ORPOTrainer)(model=parity_model(kind, sizes, len(tok), cuda), args=args,
-                                   train_dataset=Dataset.from_list(rows), processing_class=tok)
+    trainer = capture(ORPOTrainer)(
+        model=parity_model(kind, sizes, len(tok), cuda),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+    )
     trainer.train()
     return trainer.captured, trainer.attention_override
 
@@ -208,11 +267,18 @@ def write_random_checkpoint(config, path: str, cuda: bool) -> None:
 def load_qlora_base(path: str, cuda: bool):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
+    )
     return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=quant, dtype=torch.bfloat16 if cuda else torch.float32,
-        device_map={"": 0} if cuda else {"": "cpu"}, attn_implementation="sdpa",
+        path,
+        quantization_config=quant,
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        device_map={"": 0} if cuda else {"": "cpu"},
+        attn_implementation="sdpa",
     )
 
 
@@ -234,9 +300,21 @@ def qlora_trainer(method, model, rows, tok, sizes, cuda, out, max_steps=-1):
     from datasets import Dataset
 
     common_fields = dict(
-        output_dir=out, learning_rate=1e-4, max_length=sizes.qlora_max_length, report_to=[], save_strategy="no",
-        logging_steps=1000, disable_tqdm=True, gradient_checkpointing=True, seed=0, data_seed=0, bf16=cuda,
-        use_cpu=not cuda, num_train_epochs=1, max_steps=max_steps, beta=0.1,
+        output_dir=out,
+        learning_rate=1e-4,
+        max_length=sizes.qlora_max_length,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1000,
+        disable_tqdm=True,
+        gradient_checkpointing=True,
+        seed=0,
+        data_seed=0,
+        bf16=cuda,
+        use_cpu=not cuda,
+        num_train_epochs=1,
+        max_steps=max_steps,
+        beta=0.1,
     )
     if method == "trl":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -247,8 +325,9 @@ def qlora_trainer(method, model, rows, tok, sizes, cuda, out, max_steps=-1):
 
         layout = dict(packing=True, packing_max_tokens=2 * sizes.qlora_max_length) if method == "packing" else {}
         args = ORPOConfig(per_device_train_batch_size=sizes.padded_batch, chunked_loss=True, **layout, **common_fields)
-    return ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                       peft_config=lora())
+    return ORPOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=lora()
+    )
 
 
 def run_qlora(sizes, cuda, out) -> dict:
@@ -258,13 +337,31 @@ def run_qlora(sizes, cuda, out) -> dict:
     # long pairs: word counts that put prompt + response near max_length tokens
     maker, rng = common.TextMaker(1), random.Random(3)
     scale = sizes.qlora_max_length // 4
-    rows = [{"prompt": maker.text(rng, int(scale * (0.3 + 0.4 * rng.random()))) + " ?",
-             "chosen": " " + maker.text(rng, int(scale * (0.4 + 0.6 * rng.random()))),
-             "rejected": " " + maker.text(rng, int(scale * (0.4 + 0.6 * rng.random())))} for _ in range(sizes.qlora_pairs)]
-    config = LlamaConfig(max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **sizes.qlora_model)
-    result = dict(config={k: v for k, v in sizes.qlora_model.items()}, max_length=sizes.qlora_max_length,
-                  pairs=len(rows), packing_max_tokens=2 * sizes.qlora_max_length, padded_batch=sizes.padded_batch)
+    rows = [
+        {
+            "prompt": maker.text(rng, int(scale * (0.3 + 0.4 * rng.random()))) + " ?",
+            "chosen": " " + maker.text(rng, int(scale * (0.4 + 0.6 * rng.random()))),
+            "rejected": " " + maker.text(rng, int(scale * (0.4 + 0.6 * rng.random()))),
+        }
+        for _ in range(sizes.qlora_pairs)
+    ]
+    config = LlamaConfig(
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **sizes.qlora_model,
+    )
+    result = dict(
+        config={k: v for k, v in sizes.qlora_model.items()},
+        max_length=sizes.qlora_max_length,
+        pairs=len(rows),
+        packing_max_tokens=2 * sizes.qlora_max_length,
+        padded_batch=sizes.padded_batch,
+    )
     with tempfile.TemporaryDirectory(prefix="orpo-8b-") as path:
         t0 = time.perf_counter()
         write_random_checkpoint(config, path, cuda)
@@ -283,12 +380,15 @@ def run_qlora(sizes, cuda, out) -> dict:
             entry = {}
             warmup = method.endswith("-warmup")
             try:
-                trainer = qlora_trainer(method.removesuffix("-warmup"), model, rows, tok, sizes, cuda, out,
-                                        max_steps=2 if warmup else -1)
+                trainer = qlora_trainer(
+                    method.removesuffix("-warmup"), model, rows, tok, sizes, cuda, out, max_steps=2 if warmup else -1
+                )
                 if method == "packing":
                     ds = trainer.train_dataset
-                    real_tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(
-                        ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"]))
+                    real_tokens = sum(
+                        2 * len(p) + len(c) + len(r)
+                        for p, c, r in zip(ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"])
+                    )
                     result["real_tokens"] = real_tokens
                     result["attention"] = trainer.attention_override
                 if cuda:
@@ -317,30 +417,48 @@ def run_qlora(sizes, cuda, out) -> dict:
 def table(parity, qlora, cuda, meta) -> str:
     device = torch.cuda.get_device_name(0) if cuda else "CPU (dry run, tiny models, float32: not GPU figures)"
     tol = TOLERANCE["bf16" if cuda else "fp32"]
-    lines = [f"# GPU proof: {device}", "", meta, "",
-             f"## a. Parity vs padded, one training step, gradient checkpointing on ({'bf16' if cuda else 'float32'})", "",
-             f"Tolerances: relative loss difference <= {tol['loss']:g}, relative L2 gradient difference <= {tol['grad']:g}.",
-             "Mistral has a sliding window shorter than its sequences. auto = the backend attention_backend='auto' picks.", "",
-             "| model | backend | layout | auto | status | loss rel. diff | grad rel. diff | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPU proof: {device}",
+        "",
+        meta,
+        "",
+        f"## a. Parity vs padded, one training step, gradient checkpointing on ({'bf16' if cuda else 'float32'})",
+        "",
+        f"Tolerances: relative loss difference <= {tol['loss']:g}, relative L2 gradient difference <= {tol['grad']:g}.",
+        "Mistral has a sliding window shorter than its sequences. auto = the backend attention_backend='auto' picks.",
+        "",
+        "| model | backend | layout | auto | status | loss rel. diff | grad rel. diff | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in parity:
-        cells = (f"{r['loss_rel']:.2e} | {r['grad_rel']:.2e}" if "loss_rel" in r else f"{r.get('detail', '')} | ")
-        lines.append(f"| {r['model']} | {r['backend']} | {r['layout']} | {'yes' if r['auto'] else ''} | {r['status']} | "
-                     f"{cells} | {r['seconds']:.1f} |")
+        cells = f"{r['loss_rel']:.2e} | {r['grad_rel']:.2e}" if "loss_rel" in r else f"{r.get('detail', '')} | "
+        lines.append(
+            f"| {r['model']} | {r['backend']} | {r['layout']} | {'yes' if r['auto'] else ''} | {r['status']} | "
+            f"{cells} | {r['seconds']:.1f} |"
+        )
     q = qlora
-    lines += ["", "## b. QLoRA, Llama-3-8B shapes" + (" (dry run: tiny shapes)" if not cuda else ""), "",
-              f"Config {q.get('config')}; random weights, nf4 + double quantization, LoRA r=16 on all linear layers, "
-              f"gradient checkpointing on; {q.get('pairs')} pairs of up to {q.get('max_length')} tokens, "
-              f"{q.get('real_tokens')} real tokens (the prompt counted with each response); packing budget "
-              f"{q.get('packing_max_tokens')} tokens per row (attention: {q.get('attention')}); padded methods: "
-              f"{q.get('padded_batch')} pairs per batch; each method timed over one epoch after 2 untimed warm-up steps. "
-              f"Peak = torch.cuda.max_memory_allocated over train(), reset "
-              f"after loading; limit {MEMORY_LIMIT_GIB:g} GiB.", "",
-              "| method | steps | seconds | real tokens/s | vs TRL | vs our padded | peak GiB | < 20 GiB |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## b. QLoRA, Llama-3-8B shapes" + (" (dry run: tiny shapes)" if not cuda else ""),
+        "",
+        f"Config {q.get('config')}; random weights, nf4 + double quantization, LoRA r=16 on all linear layers, "
+        f"gradient checkpointing on; {q.get('pairs')} pairs of up to {q.get('max_length')} tokens, "
+        f"{q.get('real_tokens')} real tokens (the prompt counted with each response); packing budget "
+        f"{q.get('packing_max_tokens')} tokens per row (attention: {q.get('attention')}); padded methods: "
+        f"{q.get('padded_batch')} pairs per batch; each method timed over one epoch after 2 untimed warm-up steps. "
+        f"Peak = torch.cuda.max_memory_allocated over train(), reset "
+        f"after loading; limit {MEMORY_LIMIT_GIB:g} GiB.",
+        "",
+        "| method | steps | seconds | real tokens/s | vs TRL | vs our padded | peak GiB | < 20 GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     base_trl = q.get("trl", {}).get("tokens_per_s")
     base_pad = q.get("padded", {}).get("tokens_per_s")
-    for method, label in (("packing", "orpo_plugin packing"), ("padded", "orpo_plugin padded"), ("trl", "TRL ORPOTrainer")):
+    for method, label in (
+        ("packing", "orpo_plugin packing"),
+        ("padded", "orpo_plugin padded"),
+        ("trl", "TRL ORPOTrainer"),
+    ):
         e = q.get(method, {})
         if "error" in e:
             lines.append(f"| {label} | error: {e['error']} | | | | | | |")
@@ -372,8 +490,10 @@ def main(argv=None) -> int:
     sizes = Sizes(opts.dry_run)
     import transformers
 
-    meta = (f"torch {torch.__version__}, transformers {transformers.__version__}, orpo_plugin "
-            f"{common.library_revision()}, python {sys.version.split()[0]}")
+    meta = (
+        f"torch {torch.__version__}, transformers {transformers.__version__}, orpo_plugin "
+        f"{common.library_revision()}, python {sys.version.split()[0]}"
+    )
     log(meta)
     work = tempfile.mkdtemp(prefix="orpo-proof-")
     t0 = time.perf_counter()

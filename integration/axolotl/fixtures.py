@@ -51,8 +51,13 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
 
 # ChatML's and Llama 3's turn markers, added to the tiny tokenizer as special tokens (one id each)
 TEMPLATE_TOKENS = [
-    "<|im_start|>", "<|im_end|>",
-    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
 ]
 
 
@@ -82,8 +87,11 @@ def make_type_rows(name: str, n: int, seed: int) -> list[dict]:
         turn = lambda answer, user=user: [user, {"role": "assistant", "content": answer}]  # noqa: E731
         if fn == "default" and module in ("chatml", "llama3"):
             # the prompt/chosen/rejected keys this strategy also accepts: question + *_response, or instruction
-            keys = ("question", "chosen_response", "rejected_response") if module == "chatml" else (
-                "instruction", "chosen", "rejected")
+            keys = (
+                ("question", "chosen_response", "rejected_response")
+                if module == "chatml"
+                else ("instruction", "chosen", "rejected")
+            )
             row = dict(zip(keys, (question, good, bad)), system=system)
         elif fn in ("argilla_chat",):
             row = {"chosen": turn(good), "rejected": turn(bad)}
@@ -97,23 +105,35 @@ def make_type_rows(name: str, n: int, seed: int) -> list[dict]:
             row = {"prompt": question, "chosen": turn(good), "rejected": turn(bad)}
         elif name == "zephyr.nectar":
             worst = sentence()
-            row = {"prompt": question, "answers": [
-                {"answer": good, "rank": 1.0}, {"answer": bad, "rank": 2.0}, {"answer": worst, "rank": 3.0}]}
+            row = {
+                "prompt": question,
+                "answers": [
+                    {"answer": good, "rank": 1.0},
+                    {"answer": bad, "rank": 2.0},
+                    {"answer": worst, "rank": 3.0},
+                ],
+            }
         elif name == "user_defined.default":
             row = {"sys": system, "instruction": question, "good": good, "bad": bad}
         elif name == "passthrough.default":
             row = {"prompt": f"Q: {question}\nA:", "chosen": f" {good}", "rejected": f" {bad}"}
         elif name == "chat_template.default":
             messages = ([{"role": "system", "content": system}] if system else []) + [user]
-            row = {"messages": messages, "chosen": {"role": "assistant", "content": good},
-                   "rejected": {"role": "assistant", "content": bad}}
+            row = {
+                "messages": messages,
+                "chosen": {"role": "assistant", "content": good},
+                "rejected": {"role": "assistant", "content": bad},
+            }
         elif name == "chat_template.default+fields":  # the messages/chosen/rejected columns named otherwise
             answer = {"role": "assistant", "content": bad}
             row = {"conversation": [user], "preferred": turn(good), "dispreferred": answer}
         elif name == "chat_template.default+mappings":  # the message keys and roles named otherwise
             said = lambda who, text: {"from": who, "value": text}  # noqa: E731
-            row = {"messages": ([said("system", system)] if system else []) + [said("human", question)],
-                   "chosen": said("gpt", good), "rejected": said("gpt", bad)}
+            row = {
+                "messages": ([said("system", system)] if system else []) + [said("human", question)],
+                "chosen": said("gpt", good),
+                "rejected": said("gpt", bad),
+            }
         elif name == "chat_template.argilla":
             row = {"chosen": turn(good), "rejected": turn(bad)}
             if system:
@@ -129,24 +149,40 @@ def make_type_rows(name: str, n: int, seed: int) -> list[dict]:
 # the other kind is dropped (the plugin stops when that happens, see ORPOPlugin.load_datasets). So: two entries.
 TYPE_FIELD_OPTIONS = {
     "chat_template.default+fields": {
-        "field_messages": "conversation", "field_chosen": "preferred", "field_rejected": "dispreferred",
+        "field_messages": "conversation",
+        "field_chosen": "preferred",
+        "field_rejected": "dispreferred",
     },
     "chat_template.default+mappings": {
-        "ds_type": "json", "message_property_mappings": {"role": "from", "content": "value"},
+        "ds_type": "json",
+        "message_property_mappings": {"role": "from", "content": "value"},
         "roles": {"user": ["human"], "assistant": ["gpt"], "system": ["system"]},
     },
 }
 # user_defined.default: the mapping under `type:` for the rows above
 USER_DEFINED_TYPE = {
-    "field_prompt": "instruction", "field_system": "sys", "field_chosen": "good", "field_rejected": "bad",
-    "prompt_format": "{system}\nQ: {prompt}\nA:", "chosen_format": " {chosen}", "rejected_format": " {rejected}",
+    "field_prompt": "instruction",
+    "field_system": "sys",
+    "field_chosen": "good",
+    "field_rejected": "bad",
+    "prompt_format": "{system}\nQ: {prompt}\nA:",
+    "chosen_format": " {chosen}",
+    "rejected_format": " {rejected}",
 }
 TYPE_FIXTURES = (
-    "chat_template.argilla", "chat_template.argilla_chat", "chat_template.default", "chat_template.default+fields",
+    "chat_template.argilla",
+    "chat_template.argilla_chat",
+    "chat_template.default",
+    "chat_template.default+fields",
     "chat_template.default+mappings",
-    *(f"{m}.{f}" for m in ("chatml", "llama3") for f in ("default", "argilla_chat", "icr", "intel", "prompt_pairs",
-                                                       "ultra")),
-    "zephyr.nectar", "user_defined.default", "passthrough.default",
+    *(
+        f"{m}.{f}"
+        for m in ("chatml", "llama3")
+        for f in ("default", "argilla_chat", "icr", "intel", "prompt_pairs", "ultra")
+    ),
+    "zephyr.nectar",
+    "user_defined.default",
+    "passthrough.default",
 )
 
 
@@ -171,7 +207,12 @@ def write_fixtures(out: Path, rows: int = 32, seed: int = 0) -> dict[str, str]:
     tokenizer = build_tokenizer(corpus, vocab_size=512)
     tokenizer.add_tokens(TEMPLATE_TOKENS, special_tokens=True)
     model = build_model(
-        len(tokenizer), hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position_embeddings=512,
+        len(tokenizer),
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=512,
         seed=seed,
     )
     model_dir = out / "model"

@@ -70,9 +70,16 @@ def reference(path: str) -> dict:
     tokenized, stats = prepare_dataset(data, tokenizer, max_length=seq_len)
     ids = [[row[c] for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")] for row in tokenized]
     return {
-        "path": path, "texts": texts, "ids": ids, "per_dataset": per_dataset,
-        "stats": {"kept": stats.kept, "rows": stats.rows, "dropped": dict(stats.dropped),
-                  "truncated": stats.truncated_responses + stats.truncated_prompts},
+        "path": path,
+        "texts": texts,
+        "ids": ids,
+        "per_dataset": per_dataset,
+        "stats": {
+            "kept": stats.kept,
+            "rows": stats.rows,
+            "dropped": dict(stats.dropped),
+            "truncated": stats.truncated_responses + stats.truncated_prompts,
+        },
     }
 
 

@@ -32,8 +32,10 @@ class RecordTrainData(BasePlugin):
         tokenizer = trainer.processing_class
         whitespace = [i for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip()]
         tokens = {
-            "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
-            "end_of_turn": sorted(end_of_turn_ids(tokenizer)), "whitespace": whitespace,
+            "bos": tokenizer.bos_token_id,
+            "eos": tokenizer.eos_token_id,
+            "end_of_turn": sorted(end_of_turn_ids(tokenizer)),
+            "whitespace": whitespace,
             "trainer": type(trainer).__name__,
         }
         (out / "received_tokens.json").write_text(json.dumps(tokens))

@@ -22,7 +22,14 @@ from .varlen import ORPO_FLASH_FEATURES, orpo_flash_attention, orpo_varlen_atten
 BACKENDS = {"flash_attn": FLASH_NAME, "torch_varlen": VARLEN_NAME, "flex": FLEX_NAME, "sdpa": ATTENTION_NAME}
 BACKEND_CHOICES = ("auto", *BACKENDS)
 # Implementations whose packed-sequence handling transformers provides from position_ids alone.
-NATIVE_PACKED = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
+NATIVE_PACKED = (
+    "sdpa",
+    "eager",
+    "flex_attention",
+    "flash_attention_2",
+    "flash_attention_3",
+    "kernels-community/flash-attn",
+)
 
 
 def backend_features() -> dict:
@@ -81,16 +88,23 @@ def choose_backend(model, forced: str = "auto", cuda: bool = True) -> tuple:
     if forced not in BACKEND_CHOICES:
         raise ValueError(f"attention_backend must be one of {BACKEND_CHOICES}, got {forced!r}")
     needs = model_features(model)
-    available = backend_features() if cuda else {"flash_attn": None, "torch_varlen": None, "flex": None,
-                                                   "sdpa": ORPO_SDPA_FEATURES}
+    available = (
+        backend_features()
+        if cuda
+        else {"flash_attn": None, "torch_varlen": None, "flex": None, "sdpa": ORPO_SDPA_FEATURES}
+    )
     if forced != "auto":
         features = available[forced]
         if features is None:
-            why = {
-                "flash_attn": "the flash-attn package does not import",
-                "torch_varlen": "this torch has no usable torch.nn.attention.varlen.varlen_attn",
-                "flex": "this torch has no flex_attention",
-            }[forced] if cuda else "it needs a CUDA model (flex_attention has no backward on CPU)"
+            why = (
+                {
+                    "flash_attn": "the flash-attn package does not import",
+                    "torch_varlen": "this torch has no usable torch.nn.attention.varlen.varlen_attn",
+                    "flex": "this torch has no flex_attention",
+                }[forced]
+                if cuda
+                else "it needs a CUDA model (flex_attention has no backward on CPU)"
+            )
             raise ValueError(f"attention_backend={forced!r} cannot run: {why}; use attention_backend='auto' or 'sdpa'")
         missing = sorted(needs - set(features))
         if missing:
@@ -127,9 +141,7 @@ def pick_attention(
         )
     forced = attention_backend != "auto"
     cuda = on_cuda(base, use_cpu)
-    picks_kernel = impl in ("sdpa", "eager", ATTENTION_NAME) and (
-        layout == "prefix_sharing" or varlen_attention
-    )
+    picks_kernel = impl in ("sdpa", "eager", ATTENTION_NAME) and (layout == "prefix_sharing" or varlen_attention)
     if forced or (cuda and picks_kernel):
         backend, name, why = choose_backend(base, attention_backend, cuda)
         return register(name), f"attention_backend={backend}: {why}"
@@ -150,9 +162,7 @@ def pick_attention(
         return register(), f"{impl} model"
     if impl in NATIVE_PACKED or impl == ATTENTION_NAME:
         return None, f"{impl} model, packed sequences from position_ids"
-    raise ValueError(
-        f"padding_free/packing needs attn_implementation in {NATIVE_PACKED}; this model uses {impl!r}"
-    )
+    raise ValueError(f"padding_free/packing needs attn_implementation in {NATIVE_PACKED}; this model uses {impl!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

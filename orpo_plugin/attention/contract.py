@@ -26,8 +26,18 @@ FEATURES = {
 }
 # Keywords that do not change attention (layout keywords are read by the paths themselves).
 _INERT = {
-    "position_ids", "cache_position", "use_cache", "output_attentions", "output_router_logits", "output_hidden_states",
-    "return_dict", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "prefix_segments",
+    "position_ids",
+    "cache_position",
+    "use_cache",
+    "output_attentions",
+    "output_router_logits",
+    "output_hidden_states",
+    "return_dict",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+    "prefix_segments",
     "kernel_options",
 }
 # Where each feature can run with a padding-free row (shown in refusals and the table in docs/layouts.md).

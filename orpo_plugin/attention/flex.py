@@ -42,8 +42,8 @@ def _packed_tables(cu: torch.Tensor, total: int, device):
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         pair[a:b] = i
         position[a:b] = torch.arange(b - a)
-    pair[bounds[-1]:] = len(bounds)  # tokens past the last sequence (padding) only see each other
-    position[bounds[-1]:] = torch.arange(total - bounds[-1])
+    pair[bounds[-1] :] = len(bounds)  # tokens past the last sequence (padding) only see each other
+    position[bounds[-1] :] = torch.arange(total - bounds[-1])
     return pair.to(device), torch.ones(total, dtype=torch.long, device=device), position.to(device)
 
 
@@ -103,6 +103,13 @@ def orpo_flex_attention(module, query, key, value, attention_mask, **kwargs):
     else:
         mask = packed_block_mask(cu, query.shape[2], query.device, f.window)
     return flex_attention_forward(
-        module, query, key, value, mask, scaling=f.scaling, softcap=f.softcap, s_aux=f.sinks,
+        module,
+        query,
+        key,
+        value,
+        mask,
+        scaling=f.scaling,
+        softcap=f.softcap,
+        s_aux=f.sinks,
         kernel_options=kwargs.get("kernel_options"),
     )

@@ -143,8 +143,14 @@ def _bucket_attention(q, k, v, bucket: _Bucket, f: Features, training: bool) -> 
     dropout = f.dropout if training else 0.0
     if f.softcap is None and f.sinks is None:
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if plain_causal else bucket.mask(f.window), is_causal=plain_causal,
-            dropout_p=dropout, scale=f.scaling, enable_gqa=gqa,
+            q,
+            k,
+            v,
+            attn_mask=None if plain_causal else bucket.mask(f.window),
+            is_causal=plain_causal,
+            dropout_p=dropout,
+            scale=f.scaling,
+            enable_gqa=gqa,
         )
     # Soft-capping and sinks change the logits or the softmax: computed explicitly, as the eager kernels do.
     if gqa:
@@ -184,7 +190,9 @@ def orpo_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
             qb.view(b.n, b.mq, *q.shape[1:]).transpose(1, 2),  # [n, H, Mq, D]
             kb.view(b.n, b.mk, *k.shape[1:]).transpose(1, 2),
             vb.view(b.n, b.mk, *v.shape[1:]).transpose(1, 2),
-            b, f, training,
+            b,
+            f,
+            training,
         ).transpose(1, 2)  # [n, Mq, H, D]
         pieces.append(res.reshape(b.n * b.mq, *res.shape[2:]))
     out = torch.cat(pieces).index_select(0, plan.out_index)  # real outputs, back in row order

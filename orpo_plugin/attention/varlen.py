@@ -40,13 +40,28 @@ def varlen_layout(segments: torch.Tensor, device=None):
     cu_q = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     cu_k = torch.tensor([0] + k_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     index = torch.tensor(kv_index, dtype=torch.long)
-    return (index.to(device, non_blocking=True), cu_q.to(device, non_blocking=True), cu_k.to(device, non_blocking=True),
-            max(q_lens), max(k_lens))
+    return (
+        index.to(device, non_blocking=True),
+        cu_q.to(device, non_blocking=True),
+        cu_k.to(device, non_blocking=True),
+        max(q_lens),
+        max(k_lens),
+    )
 
 
 def varlen_reference(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
-    causal=True, window_size=(-1, -1), softcap=0.0,
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=True,
+    window_size=(-1, -1),
+    softcap=0.0,
 ):
     """The flash-attention varlen contract on any device (q/k/v as [tokens, heads, dim]), causal bottom-right.
 
@@ -108,7 +123,9 @@ def _flash_kernel():
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError as err:  # pragma: no cover - needs CUDA
-        raise ImportError("orpo_flash (and prefix_sharing with flash_attention_2) needs the flash-attn package") from err
+        raise ImportError(
+            "orpo_flash (and prefix_sharing with flash_attention_2) needs the flash-attn package"
+        ) from err
     return flash_attn_varlen_func
 
 
@@ -144,8 +161,20 @@ def torch_varlen_kernel(varlen_attn=None):
     if not windowed and "is_causal" not in params:
         return None
 
-    def kernel(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=True,
-               window_size=(-1, -1), softcap=0.0):
+    def kernel(
+        q,
+        k,
+        v,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        dropout_p=0.0,
+        softmax_scale=None,
+        causal=True,
+        window_size=(-1, -1),
+        softcap=0.0,
+    ):
         if dropout_p or softcap or not causal:
             raise ValueError(f"{VARLEN_NAME} computes causal attention without dropout or soft-capping")
         kw = {}
@@ -211,8 +240,18 @@ def _varlen_attention(path, kernel, supported, module, query, key, value, kwargs
     window = (-1, -1) if f.window is None else (f.window - 1, f.window - 1)  # right side is cut by causal
     training = bool(getattr(module, "training", False)) if module is not None else False
     out = kernel(
-        q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=f.dropout if training else 0.0, softmax_scale=f.scaling,
-        causal=True, window_size=window, softcap=f.softcap or 0.0,
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        dropout_p=f.dropout if training else 0.0,
+        softmax_scale=f.scaling,
+        causal=True,
+        window_size=window,
+        softcap=f.softcap or 0.0,
     )
     return out[None], None
 
@@ -222,8 +261,9 @@ def orpo_flash_attention(module, query, key, value, attention_mask, kernel=None,
 
     `kernel` replaces flash_attn_varlen_func (same calling convention), e.g. `varlen_reference` on a CPU.
     """
-    return _varlen_attention(FLASH_NAME, kernel or _flash_kernel(), ORPO_FLASH_FEATURES, module, query, key, value,
-                             kwargs)
+    return _varlen_attention(
+        FLASH_NAME, kernel or _flash_kernel(), ORPO_FLASH_FEATURES, module, query, key, value, kwargs
+    )
 
 
 def orpo_varlen_attention(module, query, key, value, attention_mask, kernel=None, **kwargs):

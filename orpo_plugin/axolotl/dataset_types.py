@@ -36,8 +36,8 @@ OUTPUT_FIELDS = ("prompt", "chosen", "rejected")
 ONE_EXCHANGE = frozenset({"chatml.argilla_chat", "llama3.argilla_chat", "chatml.ultra", "llama3.ultra"})
 # types whose transform reads a `system` field, filled with `default_system_message` where a row has none
 SYSTEM_FIELD_TYPES = frozenset(
-    {"chat_template.argilla"} | {f"{m}.{f}" for m in ("chatml", "llama3") for f in ("default", "icr", "intel",
-                                                                                   "prompt_pairs", "ultra")}
+    {"chat_template.argilla"}
+    | {f"{m}.{f}" for m in ("chatml", "llama3") for f in ("default", "icr", "intel", "prompt_pairs", "ultra")}
 )
 MULTI_TURN_TYPES = "chat_template.argilla_chat, chat_template.default (rl: dpo types) or chat_template.argilla"
 
@@ -186,7 +186,10 @@ def check_dropped_keys(written: list | None, entries: list, cfg) -> None:
         if dropped:
             LOG.warning(
                 "datasets[%d] (%s): Axolotl's %s dataset schema has no %s; these keys are ignored, as under rl: dpo",
-                i, raw.get("path"), type_name(written_type), ", ".join(dropped),
+                i,
+                raw.get("path"),
+                type_name(written_type),
+                ", ".join(dropped),
             )
 
 
@@ -384,7 +387,8 @@ def check_argilla_row(sample, index: int, error) -> dict | None:
     want = ["user", "assistant"] * (len(chosen) // 2)
     if len(chosen) < 2 or len(chosen) % 2 or roles != want:
         raise error(
-            index, "chosen",
+            index,
+            "chosen",
             f"has the turns {roles}; chat_template.argilla needs user and assistant turns in turn, ending with the "
             "chosen answer (e.g. [user, assistant])",
         )
@@ -394,7 +398,8 @@ def check_argilla_row(sample, index: int, error) -> dict | None:
     earlier = rejected[:-1]
     if earlier and [(m["role"], m["content"]) for m in earlier] != [(m["role"], m["content"]) for m in chosen[:-1]]:
         raise error(
-            index, "rejected",
+            index,
+            "rejected",
             "has turns before its answer that differ from chosen's; the pair shares one conversation (give the same "
             "turns, or the rejected answer alone)",
         )
@@ -403,7 +408,8 @@ def check_argilla_row(sample, index: int, error) -> dict | None:
             raise error(index, field, f"must be a string, got {type(sample[field]).__name__}")
     if "prompt" in sample and sample["prompt"] is None:
         raise error(
-            index, "prompt",
+            index,
+            "prompt",
             "is null in this row while the dataset has a prompt column (Axolotl's argilla transform would use it as "
             "the user's turn); give every row a prompt or none",
         )
@@ -418,7 +424,8 @@ def check_argilla_row(sample, index: int, error) -> dict | None:
         if said in {users[-1].strip(), "\n".join(users).strip(), " ".join(users).strip()}:
             return {k: v for k, v in sample.items() if k != "prompt"}
         raise error(
-            index, "prompt",
+            index,
+            "prompt",
             f"is {sample['prompt'][:60]!r} but the conversation's user turns say {[u[:40] for u in users]}; Axolotl's "
             "chat_template.argilla transform would put the prompt text in place of every user turn. Give the prompt "
             "as the last user turn (or all of them), or drop the prompt column",
@@ -435,7 +442,8 @@ def check_one_exchange(sample, index: int, error, type_: str) -> None:
         if isinstance(value, list) and len(value) > 2:
             roles = [m.get("role") if hasattr(m, "get") else type(m).__name__ for m in value]
             raise error(
-                index, field,
+                index,
+                field,
                 f"is a conversation of {len(value)} messages ({roles}); Axolotl's {type_} reads only its first "
                 f"exchange (messages 0 and 1), so the later turns would be lost. Use a type that takes multi-turn "
                 f"rows: {MULTI_TURN_TYPES}",
@@ -453,7 +461,8 @@ def _messages(value, index: int, field: str, error) -> list[dict]:
             if not isinstance(message.get(key), str):
                 got = message.get(key)
                 raise error(
-                    index, f"{field}[{k}].{key}",
+                    index,
+                    f"{field}[{k}].{key}",
                     "is missing" if got is None else f"must be a string, got {type(got).__name__}",
                 )
     return value

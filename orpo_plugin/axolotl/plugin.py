@@ -180,8 +180,11 @@ def axolotl_trainer_class():
             schedule = getattr(self.orpo_plugin, "schedule", None) or {}
             if self._packed_epochs and schedule.get("warmup_steps") is None and self.lr_scheduler is None:
                 ratio = schedule.get("warmup_ratio")
-                steps = max(int(ratio * num_training_steps), 0) if ratio is not None else min(
-                    int(0.03 * num_training_steps), 100)
+                steps = (
+                    max(int(ratio * num_training_steps), 0)
+                    if ratio is not None
+                    else min(int(0.03 * num_training_steps), 100)
+                )
                 self.args.warmup_steps = 2 if steps == 1 else steps
             return super().create_scheduler(num_training_steps, optimizer)
 

@@ -72,17 +72,27 @@ class DemoSettings:
 
     def __post_init__(self):
         """Refuse settings that could only fail later, after the model has loaded and been measured."""
-        for name in ("train_prompts", "held_out_prompts", "steps", "pairs_per_step", "max_new_tokens",
-                     "generation_batch_size"):
+        for name in (
+            "train_prompts",
+            "held_out_prompts",
+            "steps",
+            "pairs_per_step",
+            "max_new_tokens",
+            "generation_batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.diversity_prompts >= 2:  # fewer: no diversity measurement
             if self.diversity_samples < 2:
-                raise ValueError(f"diversity_samples must be at least 2 (PID compares a prompt's samples), got "
-                                 f"{self.diversity_samples}; diversity_prompts 0 turns the measurement off")
+                raise ValueError(
+                    f"diversity_samples must be at least 2 (PID compares a prompt's samples), got "
+                    f"{self.diversity_samples}; diversity_prompts 0 turns the measurement off"
+                )
             if self.held_out_prompts < 2:
-                raise ValueError(f"held_out_prompts must be at least 2 with diversity_prompts >= 2 (AID compares "
-                                 f"prompts), got {self.held_out_prompts}")
+                raise ValueError(
+                    f"held_out_prompts must be at least 2 with diversity_prompts >= 2 (AID compares "
+                    f"prompts), got {self.held_out_prompts}"
+                )
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -132,7 +142,9 @@ def load_model(path: str, settings: DemoSettings):
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"],
         )
         kwargs["device_map"] = {"": 0}
@@ -169,10 +181,13 @@ class Measurer:
         self.tokenizer = tokenizer
         self.items = held_out
         self.settings = settings
-        pairs, stats = prepare_dataset([it.row() for it in held_out], tokenizer, max_length=settings.max_length,
-                                       name="held-out")
+        pairs, stats = prepare_dataset(
+            [it.row() for it in held_out], tokenizer, max_length=settings.max_length, name="held-out"
+        )
         if stats.kept != len(held_out) or stats.truncated_responses or stats.truncated_prompts:
-            raise ValueError(f"held-out pairs must all be kept whole to be matched with their prompts: {stats.summary()}")
+            raise ValueError(
+                f"held-out pairs must all be kept whole to be matched with their prompts: {stats.summary()}"
+            )
         self.pairs = pairs
         self.prompt_ids = [list(p) for p in pairs["prompt_input_ids"]]
         n = min(settings.diversity_prompts, len(held_out))
@@ -214,8 +229,15 @@ class Measurer:
         from ..generation import decode_completions, generate
 
         s = self.settings
-        out = generate(model, self.tokenizer, self.prompt_ids, s.max_new_tokens, batch_size=s.generation_batch_size,
-                       desc=f"Greedy answers ({label})", progress=not s.quiet)
+        out = generate(
+            model,
+            self.tokenizer,
+            self.prompt_ids,
+            s.max_new_tokens,
+            batch_size=s.generation_batch_size,
+            desc=f"Greedy answers ({label})",
+            progress=not s.quiet,
+        )
         ends = turn_end_ids(self.tokenizer)
         ended = [bool(a[0]) and a[0][-1] in ends for a in out]
         return [a[0] for a in decode_completions(self.tokenizer, out, strip=True)], ended
@@ -226,9 +248,17 @@ class Measurer:
 
         s = self.settings
         prompts = [self.prompt_ids[i] for i in self.diversity_index]
-        samples = generate(model, self.tokenizer, prompts, s.max_new_tokens, batch_size=s.generation_batch_size,
-                           num_samples=s.diversity_samples, seed=s.seed, desc=f"Sampling ({label})",
-                           progress=not s.quiet)
+        samples = generate(
+            model,
+            self.tokenizer,
+            prompts,
+            s.max_new_tokens,
+            batch_size=s.generation_batch_size,
+            num_samples=s.diversity_samples,
+            seed=s.seed,
+            desc=f"Sampling ({label})",
+            progress=not s.quiet,
+        )
         samples = decode_completions(self.tokenizer, samples, strip=True)
         flat = [t for group in samples for t in group]
         emb = self.embedder().encode(flat, progress=False).reshape(len(prompts), s.diversity_samples, -1)
@@ -272,13 +302,20 @@ def train(model, tokenizer, rows: list[dict], settings: DemoSettings, output_dir
     if s.lora or s.load_in_4bit:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                                 task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     with warnings.catch_warnings():  # transformers' notice that gradient_checkpointing is renamed, on every demo run
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
         args = training_config(s, output_dir, mode, rows, tokenizer)
-    trainer = ORPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
-                          peft_config=peft_config, callbacks=[MetricsFileCallback(), LogpsPlotCallback()])
+    trainer = ORPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[MetricsFileCallback(), LogpsPlotCallback()],
+    )
     _quiet_progress(trainer)
     start = time.time()
     trainer.train()
@@ -323,8 +360,9 @@ def longest_pair(rows: list[dict], tokenizer) -> int:
     from ..data import prepare_dataset
 
     pairs, _ = prepare_dataset(rows, tokenizer, name="demo")
-    return max(len(f["prompt_input_ids"]) + max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"]))
-               for f in pairs)
+    return max(
+        len(f["prompt_input_ids"]) + max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) for f in pairs
+    )
 
 
 def learning_rate(s: DemoSettings) -> float:
@@ -423,22 +461,35 @@ def _run(settings: DemoSettings) -> dict:
     say = (lambda *a: None) if s.quiet else (lambda *a: print(*a, flush=True))
     if not torch.cuda.is_available():
         torch.set_num_threads(cpu_threads(s.threads, busy))
-        say(f"torch runs on {torch.get_num_threads()} CPU thread(s) (other processes kept {busy:.1f} cores busy at "
-            "the start)")
+        say(
+            f"torch runs on {torch.get_num_threads()} CPU thread(s) (other processes kept {busy:.1f} cores busy at "
+            "the start)"
+        )
     torch.manual_seed(s.seed)
     os.makedirs(s.output_dir, exist_ok=True)
     metrics_path = os.path.join(s.output_dir, "metrics.jsonl")
-    for stale in ("metrics.jsonl", os.path.join("sft", "metrics.jsonl"), os.path.join("prob_ratio", "metrics.jsonl"),
-                  "compare_sft.png", "report.md",
-                  "demo_result.json"):
+    for stale in (
+        "metrics.jsonl",
+        os.path.join("sft", "metrics.jsonl"),
+        os.path.join("prob_ratio", "metrics.jsonl"),
+        "compare_sft.png",
+        "report.md",
+        "demo_result.json",
+    ):
         if os.path.exists(os.path.join(s.output_dir, stale)):
             os.remove(os.path.join(s.output_dir, stale))
     timings = {}
 
     from .. import pretrained
 
-    say(f"[1/5] loading {s.model}" + (" (the first run converts its GGUF file into a checkpoint folder, once)"
-                                      if s.model in pretrained.MODELS else ""))
+    say(
+        f"[1/5] loading {s.model}"
+        + (
+            " (the first run converts its GGUF file into a checkpoint folder, once)"
+            if s.model in pretrained.MODELS
+            else ""
+        )
+    )
     t = time.time()
     path = resolve_model(s.model)
     model, tokenizer = load_model(path, s)
@@ -451,8 +502,10 @@ def _run(settings: DemoSettings) -> dict:
     measurer = Measurer(tokenizer, held_items, s)
     if s.diversity_prompts >= 2:
         measurer.embedder()  # fail now, not after training, when the embedder is missing
-    say(f"      {len(train_items)} training prompts, {len(held_items)} held-out prompts "
-        f"({len(instructions.KINDS)} instruction kinds, questions never seen in training)")
+    say(
+        f"      {len(train_items)} training prompts, {len(held_items)} held-out prompts "
+        f"({len(instructions.KINDS)} instruction kinds, questions never seen in training)"
+    )
 
     say("[2/5] measuring the model before training")
     before = measurer.measure(model, "before", with_diversity=s.diversity_prompts >= 2)
@@ -475,8 +528,10 @@ def _run(settings: DemoSettings) -> dict:
     del trainer, trained, model
 
     comparisons = {}
-    for mode, wanted, what in (("sft", s.compare_sft, "SFT on chosen only"),
-                               ("prob_ratio", s.compare_prob_ratio, "the probability ratio in place of the odds ratio")):
+    for mode, wanted, what in (
+        ("sft", s.compare_sft, "SFT on chosen only"),
+        ("prob_ratio", s.compare_prob_ratio, "the probability ratio in place of the odds ratio"),
+    ):
         if not wanted:
             continue
         say(f"[4{'b' if mode == 'sft' else 'c'}/5] the same data with {what}: {s.steps} steps")
@@ -562,8 +617,20 @@ def settings_from_args(args) -> DemoSettings:
     Raises ValueError for settings that could only fail later (see DemoSettings.__post_init__)."""
     import torch
 
-    names = ("model", "output_dir", "seed", "steps", "train_prompts", "held_out_prompts", "pairs_per_step",
-             "learning_rate", "beta", "diversity_prompts", "diversity_samples", "embedder")
+    names = (
+        "model",
+        "output_dir",
+        "seed",
+        "steps",
+        "train_prompts",
+        "held_out_prompts",
+        "pairs_per_step",
+        "learning_rate",
+        "beta",
+        "diversity_prompts",
+        "diversity_samples",
+        "embedder",
+    )
     kw = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     for flag in ("compare_sft", "compare_prob_ratio", "lora", "load_in_4bit", "save_model", "quiet"):
         kw[flag] = bool(getattr(args, flag, False))

@@ -24,22 +24,44 @@ def headline_rows(result: dict) -> list[tuple[str, str, str]]:
     b, a = result["before"], result["after"]
     rows = [
         ("held-out preference accuracy", f"{b['preference']['accuracy']:.3f}", f"{a['preference']['accuracy']:.3f}"),
-        ("held-out log-odds margin (chosen - rejected)", f"{b['preference']['log_odds_margin']:+.3f}",
-         f"{a['preference']['log_odds_margin']:+.3f}"),
-        ("mean log-prob, chosen / rejected", f"{b['preference']['logps_chosen']:.2f} / {b['preference']['logps_rejected']:.2f}",
-         f"{a['preference']['logps_chosen']:.2f} / {a['preference']['logps_rejected']:.2f}"),
-        ("greedy answers that obey the instruction (checker)", _pct(b["checker"]["pass_rate"]),
-         _pct(a["checker"]["pass_rate"])),
-        ("greedy answers that end their turn (" + result.get("turn_end", "end of turn") + ")",
-         _pct(b["ended_turn"]), _pct(a["ended_turn"])),
-        ("greedy answers that contain the right answer", _pct(b["checker"]["answer_mentioned"]),
-         _pct(a["checker"]["answer_mentioned"])),
+        (
+            "held-out log-odds margin (chosen - rejected)",
+            f"{b['preference']['log_odds_margin']:+.3f}",
+            f"{a['preference']['log_odds_margin']:+.3f}",
+        ),
+        (
+            "mean log-prob, chosen / rejected",
+            f"{b['preference']['logps_chosen']:.2f} / {b['preference']['logps_rejected']:.2f}",
+            f"{a['preference']['logps_chosen']:.2f} / {a['preference']['logps_rejected']:.2f}",
+        ),
+        (
+            "greedy answers that obey the instruction (checker)",
+            _pct(b["checker"]["pass_rate"]),
+            _pct(a["checker"]["pass_rate"]),
+        ),
+        (
+            "greedy answers that end their turn (" + result.get("turn_end", "end of turn") + ")",
+            _pct(b["ended_turn"]),
+            _pct(a["ended_turn"]),
+        ),
+        (
+            "greedy answers that contain the right answer",
+            _pct(b["checker"]["answer_mentioned"]),
+            _pct(a["checker"]["answer_mentioned"]),
+        ),
     ]
     if "diversity" in b and "diversity" in a:
         rows += [
-            ("PID (same-prompt similarity of samples, lower = more diverse)", f"{b['diversity']['pid']:.3f}",
-             f"{a['diversity']['pid']:.3f}"),
-            ("AID (cross-prompt similarity of samples)", f"{b['diversity']['aid']:.3f}", f"{a['diversity']['aid']:.3f}"),
+            (
+                "PID (same-prompt similarity of samples, lower = more diverse)",
+                f"{b['diversity']['pid']:.3f}",
+                f"{a['diversity']['pid']:.3f}",
+            ),
+            (
+                "AID (cross-prompt similarity of samples)",
+                f"{b['diversity']['aid']:.3f}",
+                f"{a['diversity']['aid']:.3f}",
+            ),
         ]
     return rows
 
@@ -116,10 +138,14 @@ def _sft_lines(result: dict) -> list[str]:
     s_rej, o_rej = s_after["preference"]["logps_rejected"], o_after["preference"]["logps_rejected"]
     raised = s_rej > before["logps_rejected"]
     lines.append(
-        "The seed's claim, measured: SFT " + ("raised" if raised else "did not raise")
+        "The seed's claim, measured: SFT "
+        + ("raised" if raised else "did not raise")
         + f" the held-out rejected log-prob ({before['logps_rejected']:.2f} -> {s_rej:.2f}); ORPO "
-        + ("separated chosen from rejected more than SFT" if o_after["preference"]["log_odds_margin"]
-           > s_after["preference"]["log_odds_margin"] else "did not separate them more than SFT")
+        + (
+            "separated chosen from rejected more than SFT"
+            if o_after["preference"]["log_odds_margin"] > s_after["preference"]["log_odds_margin"]
+            else "did not separate them more than SFT"
+        )
         + f" (rejected {o_rej:.2f} after ORPO)."
     )
     return lines
@@ -133,13 +159,29 @@ def runs_rows(result: dict) -> list[tuple[str, ...]]:
         runs.append(("SFT on chosen", result["sft"]["after"]))
     if result.get("prob_ratio"):
         runs.append(("probability ratio", result["prob_ratio"]["after"]))
-    return [(name, f"{m['preference']['accuracy']:.3f}", f"{m['preference']['log_odds_margin']:+.2f}",
-             f"{m['preference']['logps_chosen']:.2f}", f"{m['preference']['logps_rejected']:.2f}",
-             _pct(m["checker"]["pass_rate"]), _pct(m["ended_turn"])) for name, m in runs]
+    return [
+        (
+            name,
+            f"{m['preference']['accuracy']:.3f}",
+            f"{m['preference']['log_odds_margin']:+.2f}",
+            f"{m['preference']['logps_chosen']:.2f}",
+            f"{m['preference']['logps_rejected']:.2f}",
+            _pct(m["checker"]["pass_rate"]),
+            _pct(m["ended_turn"]),
+        )
+        for name, m in runs
+    ]
 
 
-RUNS_HEADER = ("run", "accuracy", "log-odds margin", "log-prob chosen", "log-prob rejected", "obeys (checker)",
-               "ends its turn")
+RUNS_HEADER = (
+    "run",
+    "accuracy",
+    "log-odds margin",
+    "log-prob chosen",
+    "log-prob rejected",
+    "obeys (checker)",
+    "ends its turn",
+)
 
 
 # ----------------------------------------------------------------------------------------------- figures
@@ -161,15 +203,21 @@ def plot_pass_rates(result: dict, path: str) -> str:
     for j, (name, measured, color) in enumerate(series):
         by_kind = measured["checker"]["pass_rate_by_kind"]
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(kinds))]
-        ax.bar(xs, [100 * by_kind.get(k, 0) for k in kinds], width, label=f"{name} ({_pct(measured['checker']['pass_rate'])})",
-               color=color)
+        ax.bar(
+            xs,
+            [100 * by_kind.get(k, 0) for k in kinds],
+            width,
+            label=f"{name} ({_pct(measured['checker']['pass_rate'])})",
+            color=color,
+        )
     ax.set_xticks(range(len(kinds)))
     ax.set_xticklabels(kinds, rotation=20, ha="right")
     ax.set_ylabel("% greedy answers obeying")
     ax.set_ylim(0, 125)
     ax.set_yticks(range(0, 101, 20))
-    ax.set_title(f"{model_name(result)}, held-out prompts: greedy answers that follow the format instruction",
-                 fontsize=10)
+    ax.set_title(
+        f"{model_name(result)}, held-out prompts: greedy answers that follow the format instruction", fontsize=10
+    )
     ax.legend(loc="upper center", ncol=len(series), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -220,10 +268,15 @@ def markdown(result: dict, figures: dict[str, str]) -> str:
     ]
     lines += [f"| {m} | {b} | {a} |" for m, b, a in headline_rows(result)]
     sft = result.get("sft")
-    lines += ["", "Per instruction kind: held-out preference accuracy, and the share of greedy answers that obey the "
-              "instruction" + (" (last column: after SFT on chosen instead)" if sft else "") + ":", "",
-              "| instruction | accuracy before | accuracy after | obeys before | obeys after |" + (" obeys after SFT |" if sft else ""),
-              "|---|---|---|---|---|" + ("---|" if sft else "")]
+    lines += [
+        "",
+        "Per instruction kind: held-out preference accuracy, and the share of greedy answers that obey the "
+        "instruction" + (" (last column: after SFT on chosen instead)" if sft else "") + ":",
+        "",
+        "| instruction | accuracy before | accuracy after | obeys before | obeys after |"
+        + (" obeys after SFT |" if sft else ""),
+        "|---|---|---|---|---|" + ("---|" if sft else ""),
+    ]
     for kind in instructions.KINDS:
         if kind not in result["before"]["checker"]["pass_rate_by_kind"]:
             continue
@@ -237,38 +290,58 @@ def markdown(result: dict, figures: dict[str, str]) -> str:
         lines.append(row)
     if "pass_rates" in figures:
         lines += ["", f"![pass rates]({os.path.basename(figures['pass_rates'])})"]
-    lines += ["", "## Answers side by side (held-out prompts, greedy; [ok] = obeys the instruction)", "",
-              "| instruction | prompt | before | after |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Answers side by side (held-out prompts, greedy; [ok] = obeys the instruction)",
+        "",
+        "| instruction | prompt | before | after |",
+        "|---|---|---|---|",
+    ]
     for kind, prompt, before, after in side_by_side(result, per_kind=2, width=110):
         lines.append(f"| {kind} | {_md_cell(prompt)} | {_md_cell(before)} | {_md_cell(after)} |")
     if "diversity" in result["before"]:
         d = result["before"]["diversity"]
-        lines += ["", f"PID/AID: {d['num_samples']} samples (temperature 1) for each of {d['num_prompts']} held-out "
-                  "prompts, embedded by the packaged all-MiniLM-L6-v2; cosine similarity, lower is more diverse."]
+        lines += [
+            "",
+            f"PID/AID: {d['num_samples']} samples (temperature 1) for each of {d['num_prompts']} held-out "
+            "prompts, embedded by the packaged all-MiniLM-L6-v2; cosine similarity, lower is more diverse.",
+        ]
     lines += ["", "## Training curves", ""]
     comp = compare_lines(result)
     if comp:
-        lines += [("SFT on the chosen answers only vs ORPO" if result.get("sft") else "The probability ratio vs ORPO")
-                  + ", same data, same steps, same start. The seed's claims: SFT raises the rejected log-prob along "
-                  "with the chosen one, while ORPO separates them; the probability ratio (the ORPO paper's ablation) "
-                  "pushes the rejected answers down too hard. Measured here:", ""]
+        lines += [
+            ("SFT on the chosen answers only vs ORPO" if result.get("sft") else "The probability ratio vs ORPO")
+            + ", same data, same steps, same start. The seed's claims: SFT raises the rejected log-prob along "
+            "with the chosen one, while ORPO separates them; the probability ratio (the ORPO paper's ablation) "
+            "pushes the rejected answers down too hard. Measured here:",
+            "",
+        ]
         lines += [f"- {c}" for c in comp]
         lines.append("")
     if len(runs_rows(result)) > 2:
-        lines += ["Every run on the held-out prompts (same data, steps, learning rate and beta; SFT: beta 0; "
-                  "probability ratio: -log sigmoid(log P(chosen) - log P(rejected)) in place of the odds ratio, the "
-                  "ORPO paper's ablation):", "", "| " + " | ".join(RUNS_HEADER) + " |",
-                  "|" + "---|" * len(RUNS_HEADER)]
+        lines += [
+            "Every run on the held-out prompts (same data, steps, learning rate and beta; SFT: beta 0; "
+            "probability ratio: -log sigmoid(log P(chosen) - log P(rejected)) in place of the odds ratio, the "
+            "ORPO paper's ablation):",
+            "",
+            "| " + " | ".join(RUNS_HEADER) + " |",
+            "|" + "---|" * len(RUNS_HEADER),
+        ]
         lines += ["| " + " | ".join(r) + " |" for r in runs_rows(result)]
         lines.append("")
     if "training" in figures:
         lines.append(f"![training curves]({os.path.basename(figures['training'])})")
     lines += ["", "## Time", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k.replace('_', ' ')} | {v:.0f} |" for k, v in t.items()]
-    lines += ["", f"Process CPU time {result['cpu_seconds']:.0f} s on {result['torch_threads']} torch thread(s), peak "
-              f"memory (RSS) {result.get('peak_rss_gib', float('nan')):.1f} GiB; other processes kept "
-              f"{result['busy_cores_at_start']:.1f} cores busy at the start (sharing the cores makes the wall times "
-              "longer).", "", f"Settings: `{_settings_line(s)}`."]
+    lines += [
+        "",
+        f"Process CPU time {result['cpu_seconds']:.0f} s on {result['torch_threads']} torch thread(s), peak "
+        f"memory (RSS) {result.get('peak_rss_gib', float('nan')):.1f} GiB; other processes kept "
+        f"{result['busy_cores_at_start']:.1f} cores busy at the start (sharing the cores makes the wall times "
+        "longer).",
+        "",
+        f"Settings: `{_settings_line(s)}`.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -311,12 +384,21 @@ def terminal(result: dict) -> str:
     if len(runs_rows(result)) > 2:
         widths = [max(len(r[i]) for r in [RUNS_HEADER, *runs_rows(result)]) for i in range(len(RUNS_HEADER))]
         out += ["", "Held-out, every run:"]
-        out += ["  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                for r in [RUNS_HEADER, *runs_rows(result)]]
+        out += [
+            "  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in [RUNS_HEADER, *runs_rows(result)]
+        ]
     t = result["timings"]
-    out += ["", f"total {t['total']:.0f} s (training {t['train_orpo']:.0f} s"
-            + (f", SFT training {t['train_sft']:.0f} s" if "train_sft" in t else "")
-            + (f", probability-ratio training {t['train_prob_ratio']:.0f} s" if "train_prob_ratio" in t else "") + ")"]
-    out.append("wrote " + ", ".join(os.path.basename(p) for p in result["files"].values())
-               + f", metrics.jsonl and demo_result.json to {result['settings']['output_dir']}")
+    out += [
+        "",
+        f"total {t['total']:.0f} s (training {t['train_orpo']:.0f} s"
+        + (f", SFT training {t['train_sft']:.0f} s" if "train_sft" in t else "")
+        + (f", probability-ratio training {t['train_prob_ratio']:.0f} s" if "train_prob_ratio" in t else "")
+        + ")",
+    ]
+    out.append(
+        "wrote "
+        + ", ".join(os.path.basename(p) for p in result["files"].values())
+        + f", metrics.jsonl and demo_result.json to {result['settings']['output_dir']}"
+    )
     return "\n".join(out)

@@ -178,8 +178,10 @@ def compare_sft(
 
 def format_compare(result: dict) -> str:
     """The comparison table: held-out accuracy and margin, training log-probs first -> last."""
-    header = (f"{'':5} {'held-out acc':>12} {'log-odds margin':>15} {'chosen logp':>17} {'rejected logp':>17} "
-              f"{'final margin':>12}")
+    header = (
+        f"{'':5} {'held-out acc':>12} {'log-odds margin':>15} {'chosen logp':>17} {'rejected logp':>17} "
+        f"{'final margin':>12}"
+    )
     lines = [header, "-" * len(header)]
     for mode, run in result["runs"].items():
         a, f, la = run["after"], run["first"], run["last"]
@@ -200,14 +202,18 @@ def compare_main(args) -> int:
     steps = getattr(args, "steps", None) or 60
     result = compare_sft(output_dir=args.output_dir, steps=steps, seed=args.seed)
     print()
-    print(f"SFT on chosen vs ORPO, {steps} steps each on the same data "
-          f"(held-out: {result['runs']['orpo']['after']['pairs']} pairs never seen in training):")
+    print(
+        f"SFT on chosen vs ORPO, {steps} steps each on the same data "
+        f"(held-out: {result['runs']['orpo']['after']['pairs']} pairs never seen in training):"
+    )
     print(format_compare(result))
     sft, orpo = result["runs"]["sft"], result["runs"]["orpo"]
     for mode, run in (("SFT", sft), ("ORPO", orpo)):
         moved = "raised" if run["last"]["rejected"] > run["first"]["rejected"] else "lowered"
-        print(f"{mode} {moved} the rejected log-prob ({run['first']['rejected']:.2f} -> {run['last']['rejected']:.2f}) "
-              f"while the chosen one went {run['first']['chosen']:.2f} -> {run['last']['chosen']:.2f}.")
+        print(
+            f"{mode} {moved} the rejected log-prob ({run['first']['rejected']:.2f} -> {run['last']['rejected']:.2f}) "
+            f"while the chosen one went {run['first']['chosen']:.2f} -> {run['last']['chosen']:.2f}."
+        )
     print(f"wrote {result['plot']} and compare_sft.json to {args.output_dir}")
     return 0 if orpo["final_margin"] > sft["final_margin"] else 1
 
@@ -224,8 +230,10 @@ def main(args) -> int:
     print(f"held-out preference accuracy (log odds chosen > rejected), {a['pairs']} pairs never seen in training:")
     print(f"  before ORPO: {b['accuracy']:.3f}   (log-odds margin {b['log_odds_margin']:+.3f})")
     print(f"  after  ORPO: {a['accuracy']:.3f}   (log-odds margin {a['log_odds_margin']:+.3f})")
-    print(f"trained {result['steps']} steps in {result['train_seconds']:.0f} s; wrote model, metrics.jsonl and "
-          f"logps.png to {args.output_dir}")
+    print(
+        f"trained {result['steps']} steps in {result['train_seconds']:.0f} s; wrote model, metrics.jsonl and "
+        f"logps.png to {args.output_dir}"
+    )
     if a["accuracy"] < 0.9:
         print("warning: held-out accuracy after training is below 0.9")
         return 1

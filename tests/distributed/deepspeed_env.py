@@ -50,8 +50,13 @@ def _marker() -> str:
     import torch
 
     return json.dumps(
-        {"deepspeed": DEEPSPEED_SPEC, "python": sys.version.split()[0], "torch": torch.__version__,
-         "parent_sites": _parent_sites(), "version": 1},
+        {
+            "deepspeed": DEEPSPEED_SPEC,
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "parent_sites": _parent_sites(),
+            "version": 1,
+        },
         sort_keys=True,
     )
 
@@ -74,7 +79,9 @@ def _build(venv: Path) -> None:
     python = venv / "bin" / "python"
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     # the test interpreter's packages after the venv's own; addsitedir also reads their .pth files (editable installs)
     lines = [f"import site; site.addsitedir({p!r})" for p in _parent_sites()]
@@ -99,8 +106,9 @@ def deepspeed_python() -> Path:
         marker = venv / MARKER
         if not (marker.exists() and marker.read_text() == want):
             if venv.exists() and not (venv / BUILT).exists():
-                raise DeepSpeedUnavailable(f"{venv} exists and was not built by this helper; remove it or set "
-                                           "ORPO_DEEPSPEED_VENV elsewhere")
+                raise DeepSpeedUnavailable(
+                    f"{venv} exists and was not built by this helper; remove it or set ORPO_DEEPSPEED_VENV elsewhere"
+                )
             _build(venv)
             marker.write_text(want)  # last, so a venv with a marker is complete
     return venv / "bin" / "python"

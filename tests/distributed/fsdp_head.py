@@ -37,8 +37,10 @@ def batch(seed):
     def ids(lo, hi):
         return [rng.randrange(3, VOCAB) for _ in range(rng.randint(lo, hi))]
 
-    feats = [{"prompt_input_ids": ids(2, 6), "chosen_input_ids": ids(2, 7), "rejected_input_ids": ids(2, 7)}
-             for _ in range(4)]
+    feats = [
+        {"prompt_input_ids": ids(2, 6), "chosen_input_ids": ids(2, 7), "rejected_input_ids": ids(2, 7)}
+        for _ in range(4)
+    ]
     return PreferenceCollator(0, "padded")(feats)
 
 

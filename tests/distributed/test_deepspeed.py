@@ -70,11 +70,27 @@ def launch(tiny, ds_python, stage, names, tmp):
     two = tmp / "two"
     runs = [ds_args(tiny, RUNS[name][0], two / name, **RUNS[name][1]) for name in names]
     (tmp / "runs.json").write_text(json.dumps(runs))
-    cmd = [str(ds_python), "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS[stage]),
-           "--num_processes", "2", "--main_process_port", str(free_port()),
-           str(ROOT / "tests/distributed/deepspeed_cpu.py"), str(tmp / "runs.json"), str(tmp / "info.json")]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT)}
+    cmd = [
+        str(ds_python),
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS[stage]),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "tests/distributed/deepspeed_cpu.py"),
+        str(tmp / "runs.json"),
+        str(tmp / "info.json"),
+    ]
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     run = run_two_processes(cmd, env)
     (tmp / "deepspeed.log").write_text(run.stdout + run.stderr)
     if run.returncode != 0:

@@ -48,18 +48,35 @@ TIMEOUT = 240  # seconds per launch; a rank that hangs fails here
 
 def base_args(tiny, data, out, **kw):
     args = {
-        "model_name_or_path": str(tiny / "model"), "dataset_name": str(tiny / data), "output_dir": str(out),
-        "max_steps": 3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 48,
-        "learning_rate": 1e-2, "lr_scheduler_type": "constant", "bf16": False, "use_cpu": True, "report_to": "none",
-        "save_strategy": "no", "logging_steps": 1, "disable_tqdm": True, "seed": 0,
+        "model_name_or_path": str(tiny / "model"),
+        "dataset_name": str(tiny / data),
+        "output_dir": str(out),
+        "max_steps": 3,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "max_length": 48,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
+        "bf16": False,
+        "use_cpu": True,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "seed": 0,
     }
     args.update(kw)
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
 # evaluation with generations after every step (the eval set is the training file)
-GENERATE = dict(eval_strategy="steps", eval_steps=1, generate_during_eval=True, per_device_eval_batch_size=1,
-                max_completion_length=4)
+GENERATE = dict(
+    eval_strategy="steps",
+    eval_steps=1,
+    generate_during_eval=True,
+    per_device_eval_batch_size=1,
+    max_completion_length=4,
+)
 
 
 def read_jsonl(path):
@@ -97,15 +114,26 @@ def run_two_processes(cmd, env) -> subprocess.CompletedProcess:
             pytest.fail(f"2-process run did not finish in {TIMEOUT}s:\n{(err.stderr or b'')[-3000:]}")
         if run.returncode == 0 or attempt == 2 or not _KILLED.search(run.stdout + run.stderr):
             return run
-        print(f"2-process run: a worker was killed by a signal; launching once more:\n{run.stderr[-1500:]}",
-              file=sys.stderr)
+        print(
+            f"2-process run: a worker was killed by a signal; launching once more:\n{run.stderr[-1500:]}",
+            file=sys.stderr,
+        )
     return run
 
 
 def launch(launcher_args, script, log):
     """`accelerate launch <launcher_args> --num_processes 2 ... <script...>` (the script and its flags come last)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--num_processes", "2",
-           "--main_process_port", str(free_port()), *script]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launcher_args,
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        *script,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     run = run_two_processes(cmd, env)
     Path(log).write_text(run.stdout + run.stderr)
@@ -173,20 +201,56 @@ def test_two_processes_equal_one_process_per_step(tiny, tmp_path, monkeypatch):
     # --- 1 process, same global batch per step.
     one = tmp_path / "one"
     for layout, extra in (("padded", {}), ("padding_free", {"padding_free": True})):
-        assert cli.main(["train", *base_args(tiny, "batch8.jsonl", one / layout, per_device_train_batch_size=4,
-                                             gradient_accumulation_steps=2, **extra)]) == 0
+        assert (
+            cli.main(
+                [
+                    "train",
+                    *base_args(
+                        tiny,
+                        "batch8.jsonl",
+                        one / layout,
+                        per_device_train_batch_size=4,
+                        gradient_accumulation_steps=2,
+                        **extra,
+                    ),
+                ]
+            )
+            == 0
+        )
     import orpo_plugin.trainer
 
     monkeypatch.setattr(orpo_plugin.trainer, "ORPOTrainer", FixedGroups.trainer())
-    assert cli.main(["train", *base_args(tiny, "packed.jsonl", one / "packing", **{**packed_kw,
-                                         "gradient_accumulation_steps": 2})]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                *base_args(tiny, "packed.jsonl", one / "packing", **{**packed_kw, "gradient_accumulation_steps": 2}),
+            ]
+        )
+        == 0
+    )
     packing_groups = FixedGroups.groups
     assert len(FixedGroups.single_rank_groups) % 2 == 1, "test data must give an odd number of groups"
     assert len(packing_groups) >= 2 * 3, "3 steps must stay inside epoch 0"
     sizes = [len(g) for g in packing_groups]
     assert len(set(sizes)) > 1, "the ranks' micro-batches should differ in size"
-    assert cli.main(["train", *base_args(tiny, "single.jsonl", one / "single", packing=True, max_steps=2,
-                                         gradient_accumulation_steps=2, **GENERATE)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                *base_args(
+                    tiny,
+                    "single.jsonl",
+                    one / "single",
+                    packing=True,
+                    max_steps=2,
+                    gradient_accumulation_steps=2,
+                    **GENERATE,
+                ),
+            ]
+        )
+        == 0
+    )
     assert FixedGroups.groups == [[0], [0]]  # the single pair, once per rank
 
     for name in ("padded", "padding_free", "packing", "single"):

@@ -38,16 +38,34 @@ from orpo_plugin import cli
 FSDP = {
     "fsdp": "full_shard auto_wrap",
     "fsdp_config": json.dumps(
-        {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "reshard_after_forward": True,
-         "state_dict_type": "SHARDED_STATE_DICT"}
+        {
+            "fsdp_version": 2,
+            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+            "reshard_after_forward": True,
+            "state_dict_type": "SHARDED_STATE_DICT",
+        }
     ),
 }
 CHECKPOINTING = {"gradient_checkpointing": True}
 LORA = {"use_peft": True, "lora_r": 8, "lora_alpha": 16, "lora_target_modules": "all-linear"}
 PACKED = dict(packing=True, packing_max_tokens=104, per_device_train_batch_size=1)
-METRICS = ["loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-           "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "nll_loss", "log_odds_ratio",
-           "log_odds_chosen", "tokens/real", "tokens/padding_fraction"]
+METRICS = [
+    "loss",
+    "grad_norm",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "nll_loss",
+    "log_odds_ratio",
+    "log_odds_chosen",
+    "tokens/real",
+    "tokens/padding_fraction",
+]
 
 
 def fsdp_args(tiny, data, out, **kw):
@@ -64,7 +82,9 @@ def assert_same_steps(got, want, name, upto=None, skip=()):
     assert keys and all(s in got for s in keys), f"{name}: steps {sorted(got)} vs {keys}"
     for s in keys:
         for m in [m for m in METRICS if m not in skip] + [k for k in want[s] if k.startswith("tokens/computed")]:
-            assert got[s][m] == pytest.approx(want[s][m], rel=1e-5, abs=1e-5), f"{name} step {s} {m}: {got[s][m]} vs {want[s][m]}"
+            assert got[s][m] == pytest.approx(want[s][m], rel=1e-5, abs=1e-5), (
+                f"{name} step {s} {m}: {got[s][m]} vs {want[s][m]}"
+            )
     losses = [want[s]["loss"] for s in keys]
     assert len(set(round(x, 6) for x in losses)) == len(losses), f"{name}: the loss should change every step"
 
@@ -81,28 +101,63 @@ def fsdp_runs(tiny, tmp_path_factory):
         "prefix_sharing": fsdp_args(tiny, "packed.jsonl", two / "prefix_sharing", prefix_sharing=True, **PACKED),
         "lora": fsdp_args(tiny, "batch8.jsonl", two / "lora", padding_free=True, **dense, **LORA),
         # checkpoint at step 2 (sharded, torch.distributed.checkpoint), then resume to step 4
-        "first_half": fsdp_args(tiny, "packed.jsonl", two / "resumed", max_steps=2, save_strategy="steps",
-                                save_steps=2, **PACKED),
-        "resumed": fsdp_args(tiny, "packed.jsonl", two / "resumed", max_steps=4,
-                             resume_from_checkpoint=str(two / "resumed" / "checkpoint-2"), **PACKED),
+        "first_half": fsdp_args(
+            tiny, "packed.jsonl", two / "resumed", max_steps=2, save_strategy="steps", save_steps=2, **PACKED
+        ),
+        "resumed": fsdp_args(
+            tiny,
+            "packed.jsonl",
+            two / "resumed",
+            max_steps=4,
+            resume_from_checkpoint=str(two / "resumed" / "checkpoint-2"),
+            **PACKED,
+        ),
     }
     (tmp / "runs.json").write_text(json.dumps(list(runs.values())))
-    launch(["--multi_gpu"], [str(ROOT / "tests/distributed/fsdp_cpu.py"), str(tmp / "runs.json"), str(tmp / "info.json")],
-           tmp / "fsdp.log")
+    launch(
+        ["--multi_gpu"],
+        [str(ROOT / "tests/distributed/fsdp_cpu.py"), str(tmp / "runs.json"), str(tmp / "info.json")],
+        tmp / "fsdp.log",
+    )
     assert json.loads((tmp / "info.json").read_text()) == {"world_size": 2, "backend": "gloo"}
 
     # 1 process, no sharding, the same global batch per step
     for name, extra in (("padded", {}), ("lora", dict(padding_free=True, **LORA))):
-        assert cli.main(["train", *base_args(tiny, "batch8.jsonl", one / name, per_device_train_batch_size=4,
-                                             **{**dense, **CHECKPOINTING, **extra})]) == 0
+        assert (
+            cli.main(
+                [
+                    "train",
+                    *base_args(
+                        tiny,
+                        "batch8.jsonl",
+                        one / name,
+                        per_device_train_batch_size=4,
+                        **{**dense, **CHECKPOINTING, **extra},
+                    ),
+                ]
+            )
+            == 0
+        )
     import orpo_plugin.trainer
 
     original = orpo_plugin.trainer.ORPOTrainer
     orpo_plugin.trainer.ORPOTrainer = FixedGroups.trainer()
     try:
         for name, extra in (("packing", {}), ("prefix_sharing", {"prefix_sharing": True})):
-            assert cli.main(["train", *base_args(tiny, "packed.jsonl", one / name, **{**PACKED, **CHECKPOINTING, **extra,
-                                                 "gradient_accumulation_steps": 2})]) == 0
+            assert (
+                cli.main(
+                    [
+                        "train",
+                        *base_args(
+                            tiny,
+                            "packed.jsonl",
+                            one / name,
+                            **{**PACKED, **CHECKPOINTING, **extra, "gradient_accumulation_steps": 2},
+                        ),
+                    ]
+                )
+                == 0
+            )
             assert len(FixedGroups.groups) >= 2 * 3, "3 steps must stay inside epoch 0"
     finally:
         orpo_plugin.trainer.ORPOTrainer = original
@@ -139,8 +194,17 @@ def test_fsdp2_trainer_resumes_from_a_sharded_checkpoint(fsdp_runs):
 def test_fsdp2_output_layer_everywhere_it_can_be_sharded(tmp_path):
     """Forward redirection: log-probs and every gradient equal the unsharded model's (see tests/distributed/fsdp_head.py)."""
     result = tmp_path / "head.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests/distributed/fsdp_head.py"), str(result)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "tests/distributed/fsdp_head.py"),
+        str(result),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     run = run_two_processes(cmd, env)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]

@@ -44,6 +44,7 @@ class FakeZero3:
         def hook(*_):
             for p in params:
                 p.data = self.full[p]
+
         return hook
 
     def _release(self, params):
@@ -51,15 +52,17 @@ class FakeZero3:
             for p in params:
                 p.data = torch.empty(0, dtype=p.dtype)
             regather = self._gather(params)
-            for t in (output if isinstance(output, tuple) else (output,)):
+            for t in output if isinstance(output, tuple) else (output,):
                 if isinstance(t, torch.Tensor) and t.requires_grad:
                     t.register_hook(lambda g: regather())
+
         return hook
 
     def _take_grad(self, name):
         def hook(p):
             self.grads[name] = self.grads.get(name, 0) + p.grad
             p.grad = None
+
         return hook
 
 
@@ -69,8 +72,10 @@ def batch():
     def ids(lo, hi):
         return [rng.randrange(3, VOCAB) for _ in range(rng.randint(lo, hi))]
 
-    feats = [{"prompt_input_ids": ids(2, 6), "chosen_input_ids": ids(2, 7), "rejected_input_ids": ids(2, 7)}
-             for _ in range(3)]
+    feats = [
+        {"prompt_input_ids": ids(2, 6), "chosen_input_ids": ids(2, 7), "rejected_input_ids": ids(2, 7)}
+        for _ in range(3)
+    ]
     return PreferenceCollator(0, "padding_free")(feats)
 
 

@@ -18,8 +18,7 @@ import sys
 CASES = {
     "padded_bs1": dict(per_device_eval_batch_size=1),
     "padded_bs2": dict(per_device_eval_batch_size=2),
-    "packing_bs2": dict(per_device_eval_batch_size=2, packing=True, generate_during_eval=True,
-                        max_completion_length=4),
+    "packing_bs2": dict(per_device_eval_batch_size=2, packing=True, generate_during_eval=True, max_completion_length=4),
 }
 
 
@@ -34,8 +33,16 @@ def run(folder: str, out: str) -> None:
     for name, fields in CASES.items():
         model = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "model"))
         tok = AutoTokenizer.from_pretrained(os.path.join(folder, "model"))
-        args = ORPOConfig(output_dir=os.path.join(folder, "out-" + name), bf16=False, use_cpu=True, report_to="none",
-                          max_length=48, seed=0, disable_tqdm=True, **fields)
+        args = ORPOConfig(
+            output_dir=os.path.join(folder, "out-" + name),
+            bf16=False,
+            use_cpu=True,
+            report_to="none",
+            max_length=48,
+            seed=0,
+            disable_tqdm=True,
+            **fields,
+        )
         trainer = ORPOTrainer(model, args, train_dataset=rows, eval_dataset=rows, processing_class=tok)
         metrics = trainer.evaluate()
         if trainer.is_world_process_zero():

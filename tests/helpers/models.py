@@ -16,9 +16,19 @@ WINDOW = 4
 
 def _common(vocab: int) -> dict:
     return dict(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, tie_word_embeddings=False, initializer_range=0.2,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
     )
 
 
@@ -27,17 +37,64 @@ def _spec(vocab: int) -> dict:
     mixed = ["sliding_attention", "full_attention"]
     return {
         "llama": ("LlamaConfig", "LlamaForCausalLM", {}, "sdpa"),
-        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=WINDOW, layer_types=mixed, max_window_layers=1), "sdpa"),
+        "qwen2": (
+            "Qwen2Config",
+            "Qwen2ForCausalLM",
+            dict(use_sliding_window=True, sliding_window=WINDOW, layer_types=mixed, max_window_layers=1),
+            "sdpa",
+        ),
         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}, "sdpa"),
-        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[]), "sdpa"),
+        "qwen3_moe": (
+            "Qwen3MoeConfig",
+            "Qwen3MoeForCausalLM",
+            dict(
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=32,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            ),
+            "sdpa",
+        ),
         "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW), "sdpa"),
         "gemma": ("GemmaConfig", "GemmaForCausalLM", {}, "sdpa"),
-        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(sliding_window=WINDOW, layer_types=mixed, attn_logit_softcapping=1.0, final_logit_softcapping=1.0, query_pre_attn_scalar=16), "eager"),
-        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(sliding_window=WINDOW, layer_types=["sliding_attention", "sliding_attention", "full_attention"], num_hidden_layers=3, query_pre_attn_scalar=16), "sdpa"),
+        "gemma2": (
+            "Gemma2Config",
+            "Gemma2ForCausalLM",
+            dict(
+                sliding_window=WINDOW,
+                layer_types=mixed,
+                attn_logit_softcapping=1.0,
+                final_logit_softcapping=1.0,
+                query_pre_attn_scalar=16,
+            ),
+            "eager",
+        ),
+        "gemma3": (
+            "Gemma3TextConfig",
+            "Gemma3ForCausalLM",
+            dict(
+                sliding_window=WINDOW,
+                layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                num_hidden_layers=3,
+                query_pre_attn_scalar=16,
+            ),
+            "sdpa",
+        ),
         "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=WINDOW), "sdpa"),
         "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}, "sdpa"),
-        "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(sliding_window=WINDOW, layer_types=mixed, num_local_experts=4, num_experts_per_tok=2), "eager"),
-        "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(sliding_window=WINDOW, layer_types=mixed, logit_scale=0.5), "sdpa"),
+        "gpt_oss": (
+            "GptOssConfig",
+            "GptOssForCausalLM",
+            dict(sliding_window=WINDOW, layer_types=mixed, num_local_experts=4, num_experts_per_tok=2),
+            "eager",
+        ),
+        "cohere2": (
+            "Cohere2Config",
+            "Cohere2ForCausalLM",
+            dict(sliding_window=WINDOW, layer_types=mixed, logit_scale=0.5),
+            "sdpa",
+        ),
     }
 
 

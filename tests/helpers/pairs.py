@@ -7,6 +7,13 @@ ROWS = [
     {"prompt": "count to three:", "chosen": " one two three", "rejected": " three"},
 ]
 METRICS = [
-    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-    "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "nll_loss",
+    "log_odds_ratio",
+    "log_odds_chosen",
 ]

@@ -22,8 +22,18 @@ def args(config_cls, out, **kw):
     a 268M-parameter model's memory and add seconds per step on 2 cores).
     """
     base = dict(
-        output_dir=str(out), per_device_train_batch_size=8, max_steps=1, learning_rate=1e-4, bf16=False,
-        use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, optim="sgd",
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        max_steps=1,
+        learning_rate=1e-4,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        optim="sgd",
     )
     base.update(kw)
     return config_cls(**base)
@@ -85,8 +95,15 @@ def one_step(trainer_cls, **trainer_kwargs) -> Step:
     test holds one 268M-parameter model at a time."""
     t = capture(trainer_cls)(**trainer_kwargs)
     t.train()
-    step = Step(t.loss, t.logged, t.grads, t.train_dataset, getattr(t, "chunk_size", None), t.model.config,
-                bool(t.args.gradient_checkpointing))
+    step = Step(
+        t.loss,
+        t.logged,
+        t.grads,
+        t.train_dataset,
+        getattr(t, "chunk_size", None),
+        t.model.config,
+        bool(t.args.gradient_checkpointing),
+    )
     del t
     gc.collect()
     return step

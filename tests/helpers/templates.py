@@ -58,22 +58,76 @@ class TemplateCase:
 
 
 CASES = [
-    TemplateCase("llama3", LLAMA3, ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                 "<|end_header_id|>", "<|eot_id|>", "<|pad|>"), "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>",
-                 "<|eot_id|>", prepends_bos=False, appends_eos=False),
-    TemplateCase("gemma", GEMMA, ("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>",
-                 "<pad>", "<end_of_turn>", prepends_bos=False, appends_eos=False),
-    TemplateCase("mistral", MISTRAL, ("<s>", "</s>", "<unk>", "[INST]", "[/INST]", "[SYS]", "[/SYS]"), "<s>", "</s>",
-                 "<unk>", "</s>", prepends_bos=False, appends_eos=False),
-    TemplateCase("phi3", PHI3, ("<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), "<s>",
-                 "<|endoftext|>", "<|endoftext|>", "<|end|>", prepends_bos=True, appends_eos=False),
-    TemplateCase("chatml-think", CHATML_THINK, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>",
-                 "<|endoftext|>", "<|im_end|>", prepends_bos=False, appends_eos=False,
-                 added=("<think>", "</think>")),
-    TemplateCase("chatml-no-bos", CHATML_NO_BOS, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None,
-                 "<|endoftext|>", "<|endoftext|>", "<|im_end|>", prepends_bos=False, appends_eos=False),
-    TemplateCase("plain-turns", PLAIN_TURNS, ("</s>", "<pad>"), None, "</s>", "<pad>", None, prepends_bos=False,
-                 appends_eos=True),
+    TemplateCase(
+        "llama3",
+        LLAMA3,
+        ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|pad|>"),
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|pad|>",
+        "<|eot_id|>",
+        prepends_bos=False,
+        appends_eos=False,
+    ),
+    TemplateCase(
+        "gemma",
+        GEMMA,
+        ("<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"),
+        "<bos>",
+        "<eos>",
+        "<pad>",
+        "<end_of_turn>",
+        prepends_bos=False,
+        appends_eos=False,
+    ),
+    TemplateCase(
+        "mistral",
+        MISTRAL,
+        ("<s>", "</s>", "<unk>", "[INST]", "[/INST]", "[SYS]", "[/SYS]"),
+        "<s>",
+        "</s>",
+        "<unk>",
+        "</s>",
+        prepends_bos=False,
+        appends_eos=False,
+    ),
+    TemplateCase(
+        "phi3",
+        PHI3,
+        ("<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+        "<s>",
+        "<|endoftext|>",
+        "<|endoftext|>",
+        "<|end|>",
+        prepends_bos=True,
+        appends_eos=False,
+    ),
+    TemplateCase(
+        "chatml-think",
+        CHATML_THINK,
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        None,
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|im_end|>",
+        prepends_bos=False,
+        appends_eos=False,
+        added=("<think>", "</think>"),
+    ),
+    TemplateCase(
+        "chatml-no-bos",
+        CHATML_NO_BOS,
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        None,
+        "<|endoftext|>",
+        "<|endoftext|>",
+        "<|im_end|>",
+        prepends_bos=False,
+        appends_eos=False,
+    ),
+    TemplateCase(
+        "plain-turns", PLAIN_TURNS, ("</s>", "<pad>"), None, "</s>", "<pad>", None, prepends_bos=False, appends_eos=True
+    ),
 ]
 
 CORPUS = [
@@ -91,8 +145,12 @@ def build_template_tokenizer(case: TemplateCase):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(case.specials),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=list(case.specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     if case.added:
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in case.added])
@@ -130,8 +188,10 @@ def assert_rendering(tok, got: dict, prompt: list[dict], chosen: list[dict], rej
     renders that prompt differently from a finished turn, e.g. an empty `<think>` block, where the two agree), so
     the generation prompt is never trained as part of a response."""
     generation_prompt = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    agreed = min(_common_chars(generation_prompt, tok.apply_chat_template(prompt + r, tokenize=False))
-                 for r in (chosen, rejected))
+    agreed = min(
+        _common_chars(generation_prompt, tok.apply_chat_template(prompt + r, tokenize=False))
+        for r in (chosen, rejected)
+    )
     want = tok(generation_prompt[:agreed], add_special_tokens=False)["input_ids"]
     if tok.bos_token_id is not None and want[:1] != [tok.bos_token_id]:
         want = [tok.bos_token_id] + want

@@ -60,7 +60,7 @@ def test_the_data_path_tokenizes_demo_rows_as_the_template_renders_them(template
             text = tok.apply_chat_template(row["prompt"] + row[side], tokenize=False)
             ids = pair["prompt_input_ids"] + pair[f"{side}_input_ids"]
             assert ids == tok(text, add_special_tokens=False)["input_ids"], (item.prompt, side)
-            assert pair[f"{side}_input_ids"][-1 - len(newline):] == [end, *newline]
+            assert pair[f"{side}_input_ids"][-1 - len(newline) :] == [end, *newline]
             assert tok.eos_token_id not in pair[f"{side}_input_ids"]
 
 
@@ -68,9 +68,25 @@ def test_the_data_path_tokenizes_demo_rows_as_the_template_renders_them(template
 def demo_run(tmp_path_factory):
     """The command line a user types, with fewer prompts and steps; both comparisons included."""
     out = tmp_path_factory.mktemp("demo_gemma3")
-    argv = ["demo", "--model", "gemma3", "--output_dir", str(out), "--train_prompts", "21", "--held_out_prompts",
-            str(HELD_OUT), "--steps", str(STEPS), "--pairs_per_step", "8", "--diversity_prompts", "0",
-            "--compare-sft", "--compare-prob-ratio"]
+    argv = [
+        "demo",
+        "--model",
+        "gemma3",
+        "--output_dir",
+        str(out),
+        "--train_prompts",
+        "21",
+        "--held_out_prompts",
+        str(HELD_OUT),
+        "--steps",
+        str(STEPS),
+        "--pairs_per_step",
+        "8",
+        "--diversity_prompts",
+        "0",
+        "--compare-sft",
+        "--compare-prob-ratio",
+    ]
     rc = cli.main(argv)
     return rc, out, json.loads((out / "demo_result.json").read_text())
 
@@ -116,8 +132,10 @@ def test_compare_sft_and_prob_ratio_draw_and_tabulate_the_runs(demo_run):
     data = (out / "compare_sft.png").read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) < 200_000
     report = (out / "report.md").read_text()
-    assert "| run | accuracy | log-odds margin | log-prob chosen | log-prob rejected | obeys (checker) | ends its turn |" \
+    assert (
+        "| run | accuracy | log-odds margin | log-prob chosen | log-prob rejected | obeys (checker) | ends its turn |"
         in report
+    )
     for run in ("before training", "ORPO (odds ratio)", "SFT on chosen", "probability ratio"):
         assert f"| {run} |" in report, run
     assert "greedy answers that end their turn (<end_of_turn>)" in report

@@ -22,9 +22,24 @@ STEPS = 3
 def demo_run(tmp_path_factory):
     """The command line a user types, with fewer prompts, steps and samples; SFT comparison included."""
     out = tmp_path_factory.mktemp("demo_real")
-    argv = ["demo", "--output_dir", str(out), "--train_prompts", "42", "--held_out_prompts", "14",
-            "--steps", str(STEPS), "--pairs_per_step", "10", "--diversity_prompts", "3", "--diversity_samples", "2",
-            "--compare-sft"]
+    argv = [
+        "demo",
+        "--output_dir",
+        str(out),
+        "--train_prompts",
+        "42",
+        "--held_out_prompts",
+        "14",
+        "--steps",
+        str(STEPS),
+        "--pairs_per_step",
+        "10",
+        "--diversity_prompts",
+        "3",
+        "--diversity_samples",
+        "2",
+        "--compare-sft",
+    ]
     rc = cli.main(argv)
     return rc, out, json.loads((out / "demo_result.json").read_text())
 
@@ -82,9 +97,21 @@ def test_compare_sft_logged_both_runs(demo_run):
 def test_report_is_complete(demo_run):
     _, out, result = demo_run
     report = (out / "report.md").read_text()
-    for section in ("## Before and after", "held-out preference accuracy", "log-odds margin",
-                    "obey the instruction", "PID", "AID", "## Answers side by side", "## Training curves",
-                    "SFT:", "ORPO:", "## Time", "compare_sft.png", "pass_rates.png"):
+    for section in (
+        "## Before and after",
+        "held-out preference accuracy",
+        "log-odds margin",
+        "obey the instruction",
+        "PID",
+        "AID",
+        "## Answers side by side",
+        "## Training curves",
+        "SFT:",
+        "ORPO:",
+        "## Time",
+        "compare_sft.png",
+        "pass_rates.png",
+    ):
         assert section in report, section
     for kind in instructions.KINDS:
         assert f"| {kind} |" in report

@@ -10,8 +10,28 @@ from test_benchmarks import run  # tests/
 
 
 def test_throughput_smollm2_conversational_pairs(smollm2_path):
-    out = run("throughput.py", "--model", "smollm2", "--layers", "2", "--methods", "trl", "packing+prefix_sharing",
-              "--pairs", "8", "--batch", "2", "--max-length", "128", "--steps", "1", "--warmup", "0", "--repeats", "1")
+    out = run(
+        "throughput.py",
+        "--model",
+        "smollm2",
+        "--layers",
+        "2",
+        "--methods",
+        "trl",
+        "packing+prefix_sharing",
+        "--pairs",
+        "8",
+        "--batch",
+        "2",
+        "--max-length",
+        "128",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+    )
     assert "pretrained SmolLM2-135M-Instruct (llama, its first 2 of 30 layers" in out
     # TRL's extra EOS after ChatML's end of turn is the only tokenization difference, on every response
     assert re.search(r"except for the EOS TRL appends after the template's end of turn \((\d+) of \1 responses", out)
@@ -23,8 +43,21 @@ def test_throughput_smollm2_conversational_pairs(smollm2_path):
 
 
 def test_memory_gemma3_vocabulary(gemma3_path):
-    out = run("memory.py", "--model", "gemma3", "--layers", "1", "--methods", "trl", "ours_packing", "--pairs", "1",
-              "--seq-len", "32", "--force")
+    out = run(
+        "memory.py",
+        "--model",
+        "gemma3",
+        "--layers",
+        "1",
+        "--methods",
+        "trl",
+        "ours_packing",
+        "--pairs",
+        "1",
+        "--seq-len",
+        "32",
+        "--force",
+    )
     assert "vocab 262,144, tied output layer, sliding window 512" in out
     rows = dict(re.findall(r"\| (trl|ours_packing) +\|([^\n]*)\|\n", out))
     assert rows.keys() == {"trl", "ours_packing"}

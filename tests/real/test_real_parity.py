@@ -30,13 +30,22 @@ LAYOUTS = {
 
 SYSTEM = {"role": "system", "content": "Be brief."}  # shorter than the template's default system message
 CHAT_ROWS = [
-    {"prompt": [SYSTEM, user("What is the capital of France?")], "chosen": [assistant("The capital of France is Paris.")],
-     "rejected": [assistant("France is a country in Europe with many cities.")]},
-    {"prompt": [user("Answer in one word: what color is a clear daytime sky?")], "chosen": [assistant("Blue.")],
-     "rejected": [assistant("The sky can look many different colors depending on the time of day.")]},
+    {
+        "prompt": [SYSTEM, user("What is the capital of France?")],
+        "chosen": [assistant("The capital of France is Paris.")],
+        "rejected": [assistant("France is a country in Europe with many cities.")],
+    },
+    {
+        "prompt": [user("Answer in one word: what color is a clear daytime sky?")],
+        "chosen": [assistant("Blue.")],
+        "rejected": [assistant("The sky can look many different colors depending on the time of day.")],
+    },
     {"prompt": [SYSTEM, user("What is 7 times 6?")], "chosen": [assistant("42")], "rejected": [assistant("48")]},
-    {"prompt": [user("Reply in all capital letters: say hello.")], "chosen": [assistant("HELLO!")],
-     "rejected": [assistant("Hello! How can I help you today?")]},
+    {
+        "prompt": [user("Reply in all capital letters: say hello.")],
+        "chosen": [assistant("HELLO!")],
+        "rejected": [assistant("Hello! How can I help you today?")],
+    },
 ]
 
 
@@ -48,8 +57,11 @@ def long_text(n_sentences: int) -> str:
 
 # one pair, past the window (a second, short one would double the padded runs' positions on 2 cores)
 TEXT_ROWS = [
-    {"prompt": long_text(60) + " Which colour is the house number 8?", "chosen": " The house number 8 is black.",
-     "rejected": " It is a very nice house."},
+    {
+        "prompt": long_text(60) + " Which colour is the house number 8?",
+        "chosen": " The house number 8 is black.",
+        "rejected": " It is a very nice house.",
+    },
 ]
 
 WINDOW_MIN = {"gemma3": 512}
@@ -65,8 +77,13 @@ def model_for(path):
 
 
 def run(trainer_cls, config_cls, path, tok, rows, out, **kw):
-    return one_step(trainer_cls, model=model_for(path), args=args(config_cls, out, max_length=1024, **kw),
-                    train_dataset=Dataset.from_list(rows), processing_class=tok)
+    return one_step(
+        trainer_cls,
+        model=model_for(path),
+        args=args(config_cls, out, max_length=1024, **kw),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+    )
 
 
 def assert_same(t, ref, what, rel=2e-4):
@@ -90,8 +107,10 @@ def model_case(request, smollm2_path, gemma3_path, smollm2_tok, gemma3_tok, tmp_
 def test_pairs_are_as_intended(model_case):
     name, _, tok, rows, _, padded = model_case
     ds = padded.train_dataset
-    longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(
-        ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"]))
+    longest = max(
+        len(p) + max(len(c), len(r))
+        for p, c, r in zip(ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"])
+    )
     if name == "gemma3":
         assert longest > WINDOW_MIN[name] + 20  # past the sliding window
         assert padded.config.sliding_window == WINDOW_MIN[name]
@@ -127,8 +146,10 @@ def test_padded_equals_trl(model_case):
     else:  # plain text: TRL's own tokenization, which ours equals there
         theirs = run(TRLTrainer, TRLConfig, path, tok, rows, out)
         for key in ("chosen", "rejected"):
-            ours_ids = [p + r for p, r in zip(padded.train_dataset["prompt_input_ids"],
-                                              padded.train_dataset[f"{key}_input_ids"])]
+            ours_ids = [
+                p + r
+                for p, r in zip(padded.train_dataset["prompt_input_ids"], padded.train_dataset[f"{key}_input_ids"])
+            ]
             assert sorted(ours_ids) == sorted(theirs.train_dataset[f"{key}_input_ids"])
     assert_same(padded, theirs, f"{name} padded vs TRL")
 

@@ -36,8 +36,11 @@ def test_smollm2_documented_formats_pass_without_a_word(smollm2_tok, caplog):
     q, a, b = QUESTIONS[0]
     formats = [
         {"prompt": [user(q)], "chosen": [assistant(a)], "rejected": [assistant(b)]},
-        {"prompt": tok.apply_chat_template([user(q)], tokenize=False, add_generation_prompt=True),
-         "chosen": a + "<|im_end|>\n", "rejected": b + "<|im_end|>\n"},
+        {
+            "prompt": tok.apply_chat_template([user(q)], tokenize=False, add_generation_prompt=True),
+            "chosen": a + "<|im_end|>\n",
+            "rejected": b + "<|im_end|>\n",
+        },
     ]
     with caplog.at_level(logging.WARNING, logger="orpo_plugin"):
         for row in formats:
@@ -49,8 +52,10 @@ def test_smollm2_documented_formats_pass_without_a_word(smollm2_tok, caplog):
 def test_gemma3_response_starting_with_bos_warns(gemma3_tok, caplog):
     tok = gemma3_tok
     assert bos_opens_documents(tok)
-    rows = [{"prompt": "Question: " + q + "\nAnswer:", "chosen": tok.bos_token + " " + a, "rejected": " " + b}
-            for q, a, b in QUESTIONS]
+    rows = [
+        {"prompt": "Question: " + q + "\nAnswer:", "chosen": tok.bos_token + " " + a, "rejected": " " + b}
+        for q, a, b in QUESTIONS
+    ]
     with caplog.at_level(logging.WARNING, logger="orpo_plugin"):
         prepare_dataset(rows, tok)
     (message,) = [r.getMessage() for r in caplog.records if "begins with" in r.getMessage()]

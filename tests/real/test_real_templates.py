@@ -20,18 +20,40 @@ REPO = Path(__file__).resolve().parents[2]
 
 Q = "What is the capital of France?"
 FORMATS = {
-    "conversational": ({"prompt": [user(Q)], "chosen": [assistant("Paris.")], "rejected": [assistant("Rome.")]},
-                       [user(Q)], [assistant("Paris.")], [assistant("Rome.")]),
+    "conversational": (
+        {"prompt": [user(Q)], "chosen": [assistant("Paris.")], "rejected": [assistant("Rome.")]},
+        [user(Q)],
+        [assistant("Paris.")],
+        [assistant("Rome.")],
+    ),
     "with system and history": (
-        {"prompt": [system("Be brief."), user("Hi."), assistant("Hello."), user(Q)], "chosen": [assistant("Paris.")],
-         "rejected": [assistant("Rome.")]},
-        [system("Be brief."), user("Hi."), assistant("Hello."), user(Q)], [assistant("Paris.")], [assistant("Rome.")]),
-    "implicit prompt": ({"chosen": [user(Q), assistant("Paris.")], "rejected": [user(Q), assistant("Rome.")]},
-                        [user(Q)], [assistant("Paris.")], [assistant("Rome.")]),
-    "mixed": ({"prompt": Q, "chosen": [user(Q), assistant("Paris.")], "rejected": [user(Q), assistant("Rome.")]},
-              [user(Q)], [assistant("Paris.")], [assistant("Rome.")]),
-    "argilla": ({"system": "Be brief.", "chosen": [user(Q), assistant("Paris.")], "rejected": [user(Q), assistant("Rome.")]},
-                [system("Be brief."), user(Q)], [assistant("Paris.")], [assistant("Rome.")]),
+        {
+            "prompt": [system("Be brief."), user("Hi."), assistant("Hello."), user(Q)],
+            "chosen": [assistant("Paris.")],
+            "rejected": [assistant("Rome.")],
+        },
+        [system("Be brief."), user("Hi."), assistant("Hello."), user(Q)],
+        [assistant("Paris.")],
+        [assistant("Rome.")],
+    ),
+    "implicit prompt": (
+        {"chosen": [user(Q), assistant("Paris.")], "rejected": [user(Q), assistant("Rome.")]},
+        [user(Q)],
+        [assistant("Paris.")],
+        [assistant("Rome.")],
+    ),
+    "mixed": (
+        {"prompt": Q, "chosen": [user(Q), assistant("Paris.")], "rejected": [user(Q), assistant("Rome.")]},
+        [user(Q)],
+        [assistant("Paris.")],
+        [assistant("Rome.")],
+    ),
+    "argilla": (
+        {"system": "Be brief.", "chosen": [user(Q), assistant("Paris.")], "rejected": [user(Q), assistant("Rome.")]},
+        [system("Be brief."), user(Q)],
+        [assistant("Paris.")],
+        [assistant("Rome.")],
+    ),
 }
 
 
@@ -79,20 +101,35 @@ print(json.dumps({"texts": texts, "ids": [{k: list(r[k]) for k in ("prompt_input
 def test_axolotl_argilla_text_tokenizes_to_the_template_rendering(smollm2_path, smollm2_tok):
     """Axolotl's ORPO argilla transform renders rows to text with the chat template; the trainer then tokenizes
     that text. Run in Axolotl's virtualenv (integration/axolotl/run.sh --venv), on SmolLM2's tokenizer."""
-    build = subprocess.run(["bash", str(REPO / "integration" / "axolotl" / "run.sh"), "--venv"], capture_output=True,
-                           text=True, timeout=3600)
+    build = subprocess.run(
+        ["bash", str(REPO / "integration" / "axolotl" / "run.sh"), "--venv"],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert build.returncode == 0, build.stderr[-3000:]
     python = build.stdout.strip().splitlines()[-1]
-    rows = [{"system": "Be brief.", "chosen": [user(Q), assistant("Paris.")], "rejected": [user(Q), assistant("Rome.")]},
-            {"chosen": [user("Name a fruit."), assistant("An apple.")],
-             "rejected": [user("Name a fruit."), assistant("A hammer.")]}]
+    rows = [
+        {"system": "Be brief.", "chosen": [user(Q), assistant("Paris.")], "rejected": [user(Q), assistant("Rome.")]},
+        {
+            "chosen": [user("Name a fruit."), assistant("An apple.")],
+            "rejected": [user("Name a fruit."), assistant("A hammer.")],
+        },
+    ]
     env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([python, "-c", AXOLOTL_CHECK, str(smollm2_path), json.dumps(rows)], capture_output=True,
-                         text=True, timeout=600, env=env)
+    run = subprocess.run(
+        [python, "-c", AXOLOTL_CHECK, str(smollm2_path), json.dumps(rows)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    expected = [([system("Be brief."), user(Q)], [assistant("Paris.")], [assistant("Rome.")]),
-                ([user("Name a fruit.")], [assistant("An apple.")], [assistant("A hammer.")])]
+    expected = [
+        ([system("Be brief."), user(Q)], [assistant("Paris.")], [assistant("Rome.")]),
+        ([user("Name a fruit.")], [assistant("An apple.")], [assistant("A hammer.")]),
+    ]
     assert len(out["ids"]) == len(out["texts"]) == len(expected), out  # every row kept, none dropped
     for ids, text, (prompt, chosen, rejected) in zip(out["ids"], out["texts"], expected):
         assert text["chosen"].endswith("<|im_end|>\n")  # Axolotl's text ends the turn as the template does

@@ -39,20 +39,34 @@ def test_qlora_with_packing_lowers_the_loss_of_a_fixed_batch(smollm2_path, smoll
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path, quantization_config=quant, dtype=torch.float32,
-                                                 device_map={"": "cpu"})
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        smollm2_path, quantization_config=quant, dtype=torch.float32, device_map={"": "cpu"}
+    )
     assert model.is_loaded_in_4bit
     steps = 4
     trainer = ORPOTrainer(
         model=model,
-        args=args(ORPOConfig, tmp_path, max_steps=steps, learning_rate=2e-3, packing=True, max_length=256,
-                  lr_scheduler_type="constant", optim="adamw_torch"),
+        args=args(
+            ORPOConfig,
+            tmp_path,
+            max_steps=steps,
+            learning_rate=2e-3,
+            packing=True,
+            max_length=256,
+            lr_scheduler_type="constant",
+            optim="adamw_torch",
+        ),
         train_dataset=Dataset.from_list(CHAT_ROWS[:4]),
         processing_class=smollm2_tok,
-        peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                               task_type="CAUSAL_LM"),
+        peft_config=LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        ),
     )
     assert trainer.args.gradient_checkpointing and trainer.args.packing
     trainer.train()
@@ -88,8 +102,19 @@ def test_command_line_train_then_eval_with_no_other_options(smollm2_path, tmp_pa
     assert "float32" in run.stderr  # bf16 left unset on a CPU: float32, said once
 
     report = tmp_path / "eval.json"
-    _cli("eval", "--model", str(out), "--dataset", str(data), "--split", "train", "--output", str(report),
-         "--quiet", cwd=tmp_path)
+    _cli(
+        "eval",
+        "--model",
+        str(out),
+        "--dataset",
+        str(data),
+        "--split",
+        "train",
+        "--output",
+        str(report),
+        "--quiet",
+        cwd=tmp_path,
+    )
     result = json.loads(report.read_text())
     assert result["data"]["pairs"] == result["preference"]["pairs"] == len(rows)
     assert 0.0 <= result["preference"]["accuracy"] <= 1.0
@@ -115,12 +140,13 @@ def test_readme_trl_quick_start_runs_as_written(smollm2_path, tmp_path):
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("**A TRL script**"):]
+    section = readme[readme.index("**A TRL script**") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert "pretrained.checkpoint" in code and "trainer.train()" in code
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=900)
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "out" / "adapter_config.json").is_file()
     assert "Traceback" not in run.stderr

@@ -23,8 +23,13 @@ ROWS = [
 
 
 def step(path, tok, out, **kw):
-    return one_step(ORPOTrainer, model=load(path), args=args(ORPOConfig, out, max_length=128, **kw),
-                    train_dataset=Dataset.from_list(ROWS), processing_class=tok)
+    return one_step(
+        ORPOTrainer,
+        model=load(path),
+        args=args(ORPOConfig, out, max_length=128, **kw),
+        train_dataset=Dataset.from_list(ROWS),
+        processing_class=tok,
+    )
 
 
 def test_chunked_loss_equals_full_logits_at_262k(gemma3_path, gemma3_tok, tmp_path):
@@ -46,5 +51,7 @@ def test_chunked_loss_equals_full_logits_at_262k(gemma3_path, gemma3_tok, tmp_pa
         num = sum(float((ours.grads[k] - full.grads[k]).pow(2).sum()) for k in full.grads)
         den = sum(float(full.grads[k].pow(2).sum()) for k in full.grads)
         assert (num / den) ** 0.5 < 5e-4, f"chunk {chunk}: gradients differ by {(num / den) ** 0.5:.2e} (relative L2)"
-    n = sum(len(p) + len(c) for p, c in zip(full.train_dataset["prompt_input_ids"], full.train_dataset["chosen_input_ids"]))
+    n = sum(
+        len(p) + len(c) for p, c in zip(full.train_dataset["prompt_input_ids"], full.train_dataset["chosen_input_ids"])
+    )
     assert n > 2 * 16, "test precondition: several 16-token chunks"
