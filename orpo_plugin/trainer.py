@@ -416,7 +416,12 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
                 getattr(self.args, "loss_type", "odds_ratio"),
             )
         mode = "train" if model.training else "eval"
-        for k, v in result.sums.items() if (mode == "train" or self._count_eval_sums) else ():
+        counted = mode == "train" or self._count_eval_sums
+        for k, v in result.sums.items():
+            # an uncounted batch (pairs accelerate repeated) adds zeros: every rank then holds the same keys, and
+            # `log` reduces the same tensor on every rank even where all of a rank's eval pairs were repeats
+            if not counted:
+                v = torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0.0
             self._metric_sums[mode][k] = self._metric_sums[mode][k] + v
         loss = result.output.loss
         return (loss, result.sums) if return_outputs else loss
