@@ -6,6 +6,7 @@ Everything is built locally and deterministically from a seed; nothing is downlo
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import platform
@@ -344,6 +345,15 @@ def meminfo_gib(field: str) -> float | None:
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def write_report(out_dir: str, name: str, text: str, record: dict) -> None:
+    """Write a benchmark's markdown table to OUT_DIR/NAME.md and its raw record to OUT_DIR/name.json, then print it."""
+    with open(os.path.join(out_dir, f"{name.upper()}.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    print(text)
 
 
 def table(headers: list[str], rows: list[list]) -> str:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import math
 import os
@@ -709,11 +708,7 @@ def main(argv=None) -> int:
         f"{flops_per_token / 1e9:.2f} GFLOP per real token. Total {time.perf_counter() - start:.0f}s."
     )
     text = render(summary, meta, cuda)
-    with open(os.path.join(opts.out_dir, "BENCH.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(opts.out_dir, "bench.json"), "w") as f:
-        json.dump(dict(meta=meta, cuda=cuda, summary=summary, results=results), f, indent=1, default=str)
-    print(text)
+    common.write_report(opts.out_dir, "bench", text, dict(meta=meta, cuda=cuda, summary=summary, results=results))
     return 1 if any(r.get("error") for r in summary) else 0
 
 

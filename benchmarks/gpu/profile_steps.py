@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import sys
@@ -274,11 +273,7 @@ def main(argv=None) -> int:
         f"warm-up steps, then {opts.steps} profiled steps per method. Shares of the profiled steps' wall time."
     )
     text = render(results, meta, device)
-    with open(os.path.join(opts.out_dir, "PROFILE.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(opts.out_dir, "profile.json"), "w") as f:
-        json.dump(dict(cuda=cuda, device=device, results=results), f, indent=1, default=str)
-    print(text)
+    common.write_report(opts.out_dir, "profile", text, dict(cuda=cuda, device=device, results=results))
     return 1 if any("error" in r for r in results.values()) else 0
 
 
