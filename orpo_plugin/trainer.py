@@ -106,6 +106,12 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
         if model is None:
             raise ValueError("`model` is required (a model object or a name/path to load)")
 
+        # refused here, at start, where they cannot run, before the model is loaded or given an adapter
+        check_activation_offloading(args)
+        liger = liger_kernel_config(args)
+        if liger is not None:
+            args.liger_kernel_config = liger  # the base Trainer applies it when training starts
+
         model_id = model if isinstance(model, str) else None
         if isinstance(model, str):
             model = load_model(model, args)
@@ -143,10 +149,6 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
             tokenizer.pad_token = tokenizer.eos_token
             logger.warning("the tokenizer has no pad token; using its eos token %r for padding", tokenizer.eos_token)
 
-        check_activation_offloading(args)  # refused here, at start, where it cannot run
-        liger = liger_kernel_config(args)
-        if liger is not None:
-            args.liger_kernel_config = liger  # the base Trainer applies it when training starts
         self.attention_override = self._choose_attention(model, args)
         pad_id = args.padding_value if args.padding_value is not None else tokenizer.pad_token_id
         decoder_start = None

@@ -14,7 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_bench_dry_run(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/gpu/bench.py"), str(tmp_path), "--dry-run"],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/gpu/bench.py"),
+            str(tmp_path),
+            "--dry-run",
+            "--parts",
+            "ladder,main,liger,profile",  # all four, run in bench.PARTS' order
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -39,10 +46,16 @@ def test_gpu_bench_dry_run(tmp_path):
         assert ladder[name]["128"]["status"] == "ok", (name, ladder[name])
     # TRL's offloading manager needs an accelerator: refused at start on a CPU, as the trainer says
     assert ladder["ours+offloading"]["128"]["status"].startswith("refused: activation_offloading=True")
+    assert result["meta"]["parts"] == ["main", "profile", "ladder", "liger"]
+    # use_liger_kernel is refused at start on a CPU, before the model is given an adapter
+    assert result["meta"]["liger_refusal"].startswith("refused: ValueError: use_liger_kernel=True needs a CUDA GPU")
+    profile = json.loads((tmp_path / "profile.json").read_text())  # the profile phase, on the same loaded model
+    assert set(profile["results"]) == {"trl", "padded", "packing"}
+    assert all("error" not in r and r["step_s"] > 0 for r in profile["results"].values()), profile["results"]
     lengths = result["meta"]["lengths"]  # a long tail: the 90th percentile well above the median
     assert lengths["chosen"]["p90"] > 1.3 * lengths["chosen"]["median"]
     table = (tmp_path / "BENCH.md").read_text()
-    assert "CPU dry run" in table and "NOT a speed figure" in table
+    assert "CPU dry run" in table and "NOT a speed figure" in table and "PROFILE.md" in table
     header = next(line for line in table.splitlines() if line.startswith("| method"))
     for column in ("real tokens/s", "vs TRL", "peak GiB", "pad fraction", "MFU", "spread"):
         assert column in header

@@ -77,6 +77,27 @@ def test_activation_offloading_is_refused_without_an_accelerator():
         trainer(activation_offloading=True, use_cpu=True)
 
 
+@pytest.mark.parametrize("option", ["use_liger_kernel", "activation_offloading"])
+def test_a_refused_kernel_option_leaves_the_model_without_an_adapter(option):
+    """Refused before the adapter is injected: the caller's model can train with the next config as it was."""
+    if torch.accelerator.current_accelerator() is not None:
+        pytest.skip("this case is about a machine without an accelerator")
+    from peft import LoraConfig
+
+    model = build_model(32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
+    names = sorted(n for n, _ in model.named_modules())
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match=option):
+        ORPOTrainer(
+            model=model,
+            args=args(**{option: True}),
+            train_dataset=Dataset.from_list(PAIRS),
+            processing_class=StubTokenizer(),
+            peft_config=lora,
+        )
+    assert sorted(n for n, _ in model.named_modules()) == names  # no lora_A/lora_B injected
+
+
 def test_activation_offloading_modes_other_than_on_off_are_refused():
     """Axolotl's modes (legacy, disk, hidden_states) reach the same field under the plugin: refused, not run as True."""
     args_ = args()

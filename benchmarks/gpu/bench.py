@@ -29,7 +29,14 @@ The run, as a user with a 24 GB card would set it up (configs/trl/llama-3-8b-qlo
   real sequences of the set.
 - The long-pair ladder (LADDER): one pair of L tokens (prompt L/4, responses 3L/8 each) trained for one step by TRL,
   by ours (packing + prefix sharing) and by ours with activation_offloading; the largest L each trains under the
-  cap. It gets the time the main table leaves (`--part ladder`: a call of its own); what has no time is skipped.
+  cap; what has no time is skipped.
+- Phases (`--parts`, in this order): main (the table), profile (profile_steps.py's table on the same loaded model),
+  ladder, liger (last: its patches cannot be undone). Each later phase asked for keeps RESERVE_S seconds of the
+  budget (`--budget`, ORPO_BENCH_BUDGET_S, 440 s); the main table gets the rest. The report is rewritten after
+  every phase, so a call cut short still returns what it measured. The random checkpoint is written once per
+  machine (`checkpoint_dir`) and reused by the next call on a warm machine. The two GPU calls:
+      run.sh bench "$OUT" --parts main,profile
+      ORPO_BENCH_BUDGET_S=220 run.sh bench "$OUT" --parts ladder,liger
 
 The accumulation: by default 1 micro-batch per optimizer step (`--accumulation`), not the config's 4, so that 20
 timed steps per measurement fit in one 8-minute call; the optimizer step of a LoRA adapter is a small part of a
@@ -67,10 +74,13 @@ CAP_GIB = 24.0
 LENGTHS = dict(prompt=(130, 0.9), response=(300, 0.7))
 LADDER = (2048, 4096, 8192, 16384, 32768)
 METHODS = ("trl", "padded", "packing", "prefix_sharing")
-# The phases of the GPU call, in seconds from the script's start (run.sh gives the script 460 s in all).
-BUDGET_S = 440
-LIGER_RESERVE_S = 70  # parity (2 one-step runs) and 2 short measurements, at the end (see main)
-LADDER_MIN_S = 60  # with --part all, the ladder runs in what the main table left, when at least this much
+# The script's time in seconds from its start: --budget, else ORPO_BENCH_BUDGET_S, else 440 (run.sh gives the
+# script its budget + 20 s, and reads the same variable).
+BUDGET_S = int(os.environ.get("ORPO_BENCH_BUDGET_S", "440"))
+PARTS = ("main", "profile", "ladder", "liger")
+# seconds kept, at the end of the budget, for each later phase when it is asked for (the main table gets the rest)
+RESERVE_S = dict(profile=90, ladder=100, liger=70)
+PROFILE_STEPS = 3
 
 
 class Sizes:
@@ -86,6 +96,49 @@ class Sizes:
         self.repeats = 2
         self.ladder = (128,) if dry else LADDER
         self.budget_s = 10_000 if dry else BUDGET_S
+
+
+def cap_memory(cuda: bool) -> str:
+    """Cap this process at CAP_GIB of the GPU (a consumer card emulated); returns the device's description."""
+    if not cuda:
+        return "CPU dry run (tiny model, float32, no memory cap): NOT a speed figure"
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * 2**30 / total))
+    return f"{torch.cuda.get_device_name(0)} capped at {CAP_GIB:g} GiB"
+
+
+def model_config(sizes: Sizes):
+    """The benchmark's Llama config (Llama-3-8B shapes on the GPU), positions for the longest ladder pair."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        max_position_embeddings=max(8192, 2 * max(LADDER)),
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **sizes.model,
+    )
+
+
+def checkpoint_dir(config, cuda: bool) -> str:
+    """A random-weight checkpoint of `config`, written once per machine (under the temp dir, keyed by the config)
+    and reused by later calls on the same machine (bench.py's parts, profile_steps.py)."""
+    import hashlib
+    import json
+
+    key = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = os.path.join(tempfile.gettempdir(), f"orpo-bench-ckpt-{key}")
+    done = os.path.join(path, "WRITTEN")
+    if not os.path.exists(done):
+        t0 = time.perf_counter()
+        os.makedirs(path, exist_ok=True)
+        proof.write_random_checkpoint(config, path, cuda)
+        open(done, "w").close()
+        log(f"random checkpoint written to {path} in {time.perf_counter() - t0:.0f}s")
+    return path
 
 
 def log(msg: str) -> None:
@@ -532,8 +585,10 @@ def render(summary, meta: dict, cuda: bool) -> str:
     lines.append(common.table(COLUMNS, cells))
     if meta.get("liger_parity"):
         lines += ["", f"Liger parity (one step, packing with vs without Liger): {meta['liger_parity']}"]
-    if meta.get("ladder_note"):
-        lines += ["", meta["ladder_note"]]
+    if meta.get("liger_refusal"):
+        lines += ["", f"use_liger_kernel on this machine: {meta['liger_refusal']}"]
+    if meta.get("profile"):
+        lines += ["", f"The profile of this call is in {meta['profile']}."]
     if meta.get("ladder"):
         lines += ["", "Long-pair ladder (one training step of one pair of L tokens; peak GiB, or why not):", ""]
         lengths = sorted({k for v in meta["ladder"].values() for k in v})
@@ -568,6 +623,14 @@ def _measure_plan(plan, results, model, rows, tok, sizes, cuda, work, end, accum
     return model
 
 
+def parse_parts(text: str) -> list[str]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise SystemExit(f"--parts: {text!r}; choose from {', '.join(PARTS)} (comma-separated)")
+    return [p for p in PARTS if p in parts]  # always in PARTS' order: Liger last (it patches the model for good)
+
+
 def main(argv=None) -> int:
     start = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -580,13 +643,15 @@ def main(argv=None) -> int:
         help="micro-batches per optimizer step (the shipped config has 4; see the module docstring)",
     )
     p.add_argument(
-        "--part",
-        choices=["all", "main", "ladder"],
-        default="all",
-        help="the main table, the long-pair ladder, or both (the ladder gets the time the table leaves; "
-        "--part ladder gives it a call of its own)",
+        "--parts",
+        default="main",
+        help="comma-separated phases, run in this order: main (the table), profile (profile_steps.py's table on "
+        "the same loaded model), ladder (the longest pair), liger (parity and speed of packing + Liger; last, its "
+        "patches stay). Later phases keep RESERVE_S seconds of the budget; the main table gets the rest",
     )
+    p.add_argument("--budget", type=float, default=None, help=f"seconds for the whole script (default {BUDGET_S})")
     opts = p.parse_args(argv)
+    parts = parse_parts(opts.parts)
     cuda = not opts.dry_run
     if cuda and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --dry-run for the CPU version")
@@ -594,10 +659,10 @@ def main(argv=None) -> int:
     common.quiet_logs()
     os.makedirs(opts.out_dir, exist_ok=True)
     sizes = Sizes(opts.dry_run)
-    deadline = start + sizes.budget_s
+    budget = opts.budget if opts.budget is not None else sizes.budget_s
+    deadline = start + budget
     import transformers
     from datasets import Dataset
-    from transformers import LlamaConfig
 
     from orpo_plugin.data import prepare_dataset
 
@@ -605,13 +670,8 @@ def main(argv=None) -> int:
         f"torch {torch.__version__}, transformers {transformers.__version__}, orpo_plugin "
         f"{common.library_revision()}, python {sys.version.split()[0]}"
     )
-    log(versions)
-    if cuda:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * 2**30 / total))
-        device = f"{torch.cuda.get_device_name(0)} capped at {CAP_GIB:g} GiB"
-    else:
-        device = "CPU dry run (tiny model, float32, no memory cap): NOT a speed figure"
+    log(f"{versions}; parts {parts}, budget {budget:.0f}s")
+    device = cap_memory(cuda)
     rate = matmul_rate(cuda)
     log(f"matmul rate {rate / 1e12:.1f} TFLOP/s")
     tok = common.build_tokenizer(seed=1, vocab_size=sizes.vocab)
@@ -619,97 +679,112 @@ def main(argv=None) -> int:
     prepared, _ = prepare_dataset(Dataset.from_list(rows), tokenizer=tok, max_length=sizes.max_length, name="bench")
     stats = length_stats(prepared)
     log(f"lengths {stats}")
-    config_kw = dict(sizes.model)
-    config = LlamaConfig(
-        max_position_embeddings=max(8192, 2 * max(sizes.ladder)),
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        **config_kw,
-    )
+    config = model_config(sizes)
     flops_per_token = (
         model_flops(config.to_dict(), stats["real_tokens"], stats["attention_context"]) / stats["real_tokens"]
     )
     cfg = shipped_config()
     work = tempfile.mkdtemp(prefix="orpo-bench-")
-    methods = list(METHODS) + (["packing+liger"] if cuda and liger_available() else [])
-    results: dict[str, list] = {m: [] for m in methods} if opts.part != "ladder" else {}
+    liger = "liger" in parts and (not cuda or liger_available())
+    methods = (list(METHODS) if "main" in parts else []) + (["packing+liger"] if liger and cuda else [])
+    results: dict[str, list] = {m: [] for m in methods}
     meta = dict(
         device=device,
         versions=versions,
+        parts=parts,
         lengths=stats,
         matmul_flops=rate,
         flops_per_token=flops_per_token,
         accumulation=opts.accumulation,
     )
-    with tempfile.TemporaryDirectory(prefix="orpo-8b-") as path:
-        t0 = time.perf_counter()
-        proof.write_random_checkpoint(config, path, cuda)
-        model = proof.load_qlora_base(path, cuda)
-        log(f"checkpoint written and loaded in nf4 in {time.perf_counter() - t0:.0f}s")
-        liger = "packing+liger" in methods and opts.part != "ladder"
-        # Liger patches the model's modules (and transformers' RoPE function) in place and cannot be undone in this
-        # process: it runs last, after every other method and the ladder, in the time reserved for it
-        liger_start = deadline - (LIGER_RESERVE_S if liger else 0)
-        # the main table: methods alternating, each measured `repeats` times, each measurement with a time guard
-        base_methods = [m for m in methods if m != "packing+liger"]
-        plan = [m for _ in range(sizes.repeats) for m in base_methods] if opts.part != "ladder" else []
-        model = _measure_plan(plan, results, model, rows, tok, sizes, cuda, work, liger_start, opts.accumulation)
-        if opts.part == "ladder" or (opts.part == "all" and liger_start - time.perf_counter() >= LADDER_MIN_S):
-            meta["ladder"], model = run_ladder(model, tok, sizes, cuda, work, liger_start)
-        elif opts.part == "all":
-            meta["ladder_note"] = (
-                "the ladder had no time left in this call: bash benchmarks/gpu/run.sh bench OUT --part ladder"
+    if "liger" in parts and not liger:
+        meta["liger_parity"] = "not run: liger_kernel does not import here (carry its wheel: benchmarks/gpu/wheels.sh)"
+    elif "liger" in parts and not cuda:
+        meta["liger_parity"] = "not run: use_liger_kernel is refused without a GPU (the dry run checks the refusal)"
+
+    def phase_end(phase: str) -> float:
+        """When `phase` must end: the deadline less the reserves of the phases asked for after it."""
+        later = parts[parts.index(phase) + 1 :]
+        return deadline - sum(RESERVE_S[q] for q in later if q in RESERVE_S)
+
+    def report() -> None:  # after every phase, so a call cut short still returns what it measured
+        meta["setup"] = setup_text(sizes, cfg, opts.accumulation, stats, rate, flops_per_token, cuda, start)
+        summary = summarise(results, flops_per_token, rate)
+        text = render(summary, meta, cuda)
+        common.write_report(opts.out_dir, "bench", text, dict(meta=meta, cuda=cuda, summary=summary, results=results))
+
+    t0 = time.perf_counter()
+    model = proof.load_qlora_base(checkpoint_dir(config, cuda), cuda)
+    log(f"checkpoint ready and loaded in nf4 in {time.perf_counter() - t0:.0f}s")
+    if "main" in parts:
+        # methods alternating, each measured `repeats` times, each measurement with a time guard
+        plan = [m for _ in range(sizes.repeats) for m in METHODS]
+        model = _measure_plan(plan, results, model, rows, tok, sizes, cuda, work, phase_end("main"), opts.accumulation)
+        report()
+    if "profile" in parts:
+        import profile_steps
+
+        steps = 2 if not cuda else PROFILE_STEPS
+        profiled, model = profile_steps.profile_methods(model, rows, tok, sizes, cuda, work, steps)
+        pdevice = device if cuda else "CPU dry run (tiny model, float32): CPU operator times, NOT a GPU profile"
+        profile_steps.write(opts.out_dir, profiled, sizes, steps, pdevice, cuda)
+        meta["profile"] = "PROFILE.md"
+    if "ladder" in parts:
+        meta["ladder"], model = run_ladder(model, tok, sizes, cuda, work, phase_end("ladder"))
+        report()
+    if "liger" in parts and not cuda:
+        meta["liger_refusal"] = liger_refusal(model, rows, tok, sizes, work)
+    elif liger:
+        try:
+            ref, model = first_step_loss("packing", model, rows, tok, sizes, cuda, work)  # before any patch
+            lig, model = first_step_loss(
+                "packing", model, rows, tok, sizes, cuda, work, extra={"use_liger_kernel": True}
             )
-        if liger:
-            try:
-                ref, model = first_step_loss("packing", model, rows, tok, sizes, cuda, work)  # before any patch
-                lig, model = first_step_loss(
-                    "packing", model, rows, tok, sizes, cuda, work, extra={"use_liger_kernel": True}
-                )
-                loss_rel, grad_rel = proof.compare(lig, ref)
-                tol = proof.TOLERANCE["bf16"]
-                ok = loss_rel <= tol["loss"] and grad_rel <= tol["grad"]
-                meta["liger_parity"] = (
-                    f"{'pass' if ok else 'FAIL'}: loss rel. diff {loss_rel:.2e} (<= {tol['loss']:g}), "
-                    f"grad rel. diff {grad_rel:.2e} (<= {tol['grad']:g}); measured after the other "
-                    "methods, twice in a row (its patches cannot be undone in-process)"
-                )
-            except Exception as err:  # noqa: BLE001
-                meta["liger_parity"] = f"error: {type(err).__name__}: {err}"
-                traceback.print_exc()
-            model = _measure_plan(
-                ["packing+liger"] * sizes.repeats,
-                results,
-                model,
-                rows,
-                tok,
-                sizes,
-                cuda,
-                work,
-                deadline,
-                opts.accumulation,
+            loss_rel, grad_rel = proof.compare(lig, ref)
+            tol = proof.TOLERANCE["bf16"]
+            ok = loss_rel <= tol["loss"] and grad_rel <= tol["grad"]
+            meta["liger_parity"] = (
+                f"{'pass' if ok else 'FAIL'}: loss rel. diff {loss_rel:.2e} (<= {tol['loss']:g}), "
+                f"grad rel. diff {grad_rel:.2e} (<= {tol['grad']:g}); measured after the other "
+                "phases, twice in a row (its patches cannot be undone in-process)"
             )
+        except Exception as err:  # noqa: BLE001
+            meta["liger_parity"] = f"error: {type(err).__name__}: {err}"
+            traceback.print_exc()
+        plan = ["packing+liger"] * sizes.repeats
+        model = _measure_plan(plan, results, model, rows, tok, sizes, cuda, work, deadline, opts.accumulation)
+    report()
     summary = summarise(results, flops_per_token, rate)
-    meta["setup"] = (
+    return 1 if any(r.get("error") for r in summary) else 0
+
+
+def liger_refusal(model, rows, tok, sizes, work) -> str:
+    """On a CPU: the start-up refusal of use_liger_kernel, as the trainer words it."""
+    from datasets import Dataset
+
+    try:
+        make_trainer(
+            "packing", model, Dataset.from_list(rows), tok, sizes, False, work, 1, 1, extra={"use_liger_kernel": True}
+        )
+    except Exception as err:  # noqa: BLE001
+        return f"refused: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    return "NOT refused"
+
+
+def setup_text(sizes, cfg, accumulation, stats, rate, flops_per_token, cuda, start) -> str:
+    return (
         f"Llama-3-8B shapes {sizes.model}"
         + (" (dry run: tiny shapes)" if not cuda else "")
         + f", random weights, nf4 + double quantization, LoRA r=16 all linear, gradient checkpointing, "
         f"{'bf16' if cuda else 'float32'}, optimizer {cfg['optim'] if cuda else 'adamw_torch (dry run)'}, "
         f"micro-batch {cfg['per_device_train_batch_size']} pairs (padded methods), packing rows of "
-        f"{int(cfg['packing_max_tokens']) * sizes.max_length // 2048} tokens, accumulation {opts.accumulation}. "
+        f"{int(cfg['packing_max_tokens']) * sizes.max_length // 2048} tokens, accumulation {accumulation}. "
         f"{sizes.pairs} pairs, log-normal lengths in tokens {LENGTHS} (x{sizes.scale:g}), capped by max_length "
         f"{sizes.max_length}; realised lengths {stats}. Each method: {sizes.warmup} warm-up steps then up to "
         f"{sizes.steps} timed steps, measured {sizes.repeats} times alternating; spread = (max - min) / median of "
         f"the runs' tokens/s. MFU over a measured matmul rate of {rate / 1e12:.2f} TFLOP/s, model FLOPs "
-        f"{flops_per_token / 1e9:.2f} GFLOP per real token. Total {time.perf_counter() - start:.0f}s."
+        f"{flops_per_token / 1e9:.2f} GFLOP per real token. Total {time.perf_counter() - start:.0f}s so far."
     )
-    text = render(summary, meta, cuda)
-    common.write_report(opts.out_dir, "bench", text, dict(meta=meta, cuda=cuda, summary=summary, results=results))
-    return 1 if any(r.get("error") for r in summary) else 0
 
 
 if __name__ == "__main__":

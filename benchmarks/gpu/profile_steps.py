@@ -231,50 +231,44 @@ def main(argv=None) -> int:
     common.quiet_logs()
     os.makedirs(opts.out_dir, exist_ok=True)
     sizes = bench.Sizes(opts.dry_run)
-    from transformers import LlamaConfig
-
-    if cuda:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, bench.CAP_GIB * 2**30 / total))
-        device = f"{torch.cuda.get_device_name(0)} capped at {bench.CAP_GIB:g} GiB"
-    else:
+    device = bench.cap_memory(cuda)
+    if not cuda:
         device = "CPU dry run (tiny model, float32): CPU operator times, NOT a GPU profile"
     tok = common.build_tokenizer(seed=1, vocab_size=sizes.vocab)
     rows = bench.make_rows(sizes)
-    config = LlamaConfig(
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        **sizes.model,
-    )
+    config = bench.model_config(sizes)
     work = tempfile.mkdtemp(prefix="orpo-profile-")
+    path = bench.checkpoint_dir(config, cuda)
+    model = proof.load_qlora_base(path, cuda)
+    results, model = profile_methods(model, rows, tok, sizes, cuda, work, opts.steps)
+    write(opts.out_dir, results, sizes, opts.steps, device, cuda)
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+def profile_methods(model, rows, tok, sizes, cuda, work, steps: int, methods=METHODS):
+    """Profile each method in turn on `model` (a loaded QLoRA base); returns (results, the base model)."""
     results = {}
-    with tempfile.TemporaryDirectory(prefix="orpo-8b-") as path:
-        proof.write_random_checkpoint(config, path, cuda)
-        model = proof.load_qlora_base(path, cuda)
-        for method in METHODS:
-            try:
-                results[method], model = profile_method(
-                    method, model, rows, tok, sizes, cuda, work, warmup=sizes.warmup, steps=opts.steps
-                )
-            except Exception as err:  # noqa: BLE001 - reported in the table
-                results[method] = {
-                    "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-                }
-                traceback.print_exc()
-            bench.log(f"profile {method}: {results[method]}")
+    for method in methods:
+        try:
+            results[method], model = profile_method(
+                method, model, rows, tok, sizes, cuda, work, warmup=sizes.warmup, steps=steps
+            )
+        except Exception as err:  # noqa: BLE001 - reported in the table
+            results[method] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+            traceback.print_exc()
+        bench.log(f"profile {method}: {results[method]}")
+    return results, model
+
+
+def write(out_dir: str, results: dict, sizes, steps: int, device: str, cuda: bool) -> None:
+    """PROFILE.md and profile.json in `out_dir`."""
     meta = (
         f"{common.library_revision()}, torch {torch.__version__}; bench.py's setup ({sizes.pairs} pairs, "
         f"max_length {sizes.max_length}, micro-batch of the shipped config, accumulation 1); {sizes.warmup} "
-        f"warm-up steps, then {opts.steps} profiled steps per method. Shares of the profiled steps' wall time."
+        f"warm-up steps, then {steps} profiled steps per method. Shares of the profiled steps' wall time."
     )
     text = render(results, meta, device)
-    common.write_report(opts.out_dir, "profile", text, dict(cuda=cuda, device=device, results=results))
-    return 1 if any("error" in r for r in results.values()) else 0
+    common.write_report(out_dir, "profile", text, dict(cuda=cuda, device=device, results=results))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 #
 #   benchmarks/gpu/run.sh [bench|profile|proof] [OUT_DIR [OPTIONS]]   # on the GPU image; OUT_DIR defaults to $OUT,
 #                                                                      # else benchmarks/gpu/out; OPTIONS go to the
-#                                                                      # script (bench: --part ladder, a second call)
+#                                                                      # script (bench: --parts main,profile; then
+#                                                                      # ORPO_BENCH_BUDGET_S=220 ... --parts ladder,liger)
 #   benchmarks/gpu/run.sh [bench|profile|proof] --dry-run [OUT_DIR]   # the same code on CPU at tiny sizes
 #
 # The GPU image lacks trl, datasets, bitsandbytes and a network: their wheels are fetched beforehand into .whl/
@@ -28,7 +29,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then
 fi
 
 OUT_DIR="${1:-${OUT:-benchmarks/gpu/out}}"
-EXTRA=("${@:2}")  # options after OUT_DIR go to the script (bench.py --part ladder, ...)
+EXTRA=("${@:2}")  # options after OUT_DIR go to the script (bench.py --parts ladder,liger, ...)
 shopt -s nullglob
 WHEELS=(.whl/*.whl)
 if [[ ${#WHEELS[@]} -eq 0 ]]; then
@@ -54,5 +55,7 @@ print(f"torch {torch.__version__} cuda {torch.version.cuda}, transformers {trans
       f"datasets {datasets.__version__}, bitsandbytes {bitsandbytes.__version__}", flush=True)
 PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-# 460 s for the script: install and imports fit in the rest of 8 minutes (bench.py budgets its phases within it)
-timeout 460 python "benchmarks/gpu/$SCRIPT.py" "$OUT_DIR" "${EXTRA[@]}"
+# the script's budget (bench.py reads ORPO_BENCH_BUDGET_S too, default 440 s) + 20 s: install and imports fit in
+# the rest of 8 minutes at the default
+export ORPO_BENCH_BUDGET_S="${ORPO_BENCH_BUDGET_S:-440}"
+timeout "$((ORPO_BENCH_BUDGET_S + 20))" python "benchmarks/gpu/$SCRIPT.py" "$OUT_DIR" "${EXTRA[@]}"
