@@ -27,7 +27,8 @@ The run, as a user with a 24 GB card would set it up (configs/trl/llama-3-8b-qlo
   backward 2N; the frozen 4-bit base has no weight gradient; LoRA's own FLOPs and checkpoint recomputation are not
   counted) plus attention, 3 x forward's 4 x layers x heads x head_dim x (causal context) per token, summed over the
   real sequences of the set.
-- The long-pair ladder (LADDER): one pair of L tokens (prompt L/4, responses 3L/8 each) trained for one step by TRL,
+- The long-pair ladder (LADDER): one pair of L tokens (2 x prompt + chosen + rejected: prompt L/8, responses 3L/8
+  each) trained for one step by TRL,
   by ours (packing + prefix sharing) and by ours with activation_offloading; the largest L each trains under the
   cap; what has no time is skipped.
 - Phases (`--parts`, in this order): main (the table), profile (profile_steps.py's table on the same loaded model),
@@ -79,7 +80,7 @@ METHODS = ("trl", "padded", "packing", "prefix_sharing")
 BUDGET_S = int(os.environ.get("ORPO_BENCH_BUDGET_S", "440"))
 PARTS = ("main", "profile", "ladder", "liger")
 # seconds kept, at the end of the budget, for each later phase when it is asked for (the main table gets the rest)
-RESERVE_S = dict(profile=90, ladder=100, liger=70)
+RESERVE_S = dict(profile=100, ladder=100, liger=70)
 PROFILE_STEPS = 3
 
 
@@ -161,10 +162,23 @@ def draw_tokens(rng: random.Random, spec: tuple[float, float], scale: float, cap
     return max(1, min(cap, int(round(median * scale * math.exp(rng.gauss(0.0, sigma))))))
 
 
-def make_rows(sizes: Sizes, seed: int = 0) -> list[dict]:
-    """Plain-text pairs with LENGTHS' log-normal lengths (words of a lexicon the benchmark tokenizer keeps whole)."""
-    maker, rng = common.TextMaker(seed), random.Random(seed + 11)
-    margin = 8  # BOS/EOS and the odd word split in two
+TEXT_SEED = 1  # the benchmark tokenizer's corpus seed (common.build_tokenizer(seed=1)): its words are whole tokens
+
+
+def token_text(tok, maker, rng: random.Random, n_tokens: int) -> str:
+    """Words of the tokenizer's own lexicon, cut at the end of the token that makes `n_tokens` tokens.
+
+    (Words from another lexicon split into 2-3 tokens each, which made the realised lengths 2.5x the drawn ones.)
+    """
+    text = maker.text(rng, n_tokens + 8)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    return text[: enc["offset_mapping"][min(n_tokens, len(enc["input_ids"])) - 1][1]]
+
+
+def make_rows(sizes: Sizes, tok, seed: int = 0) -> list[dict]:
+    """Plain-text pairs whose parts have LENGTHS' log-normal lengths in the benchmark tokenizer's tokens."""
+    maker, rng = common.TextMaker(TEXT_SEED), random.Random(seed + 11)
+    margin = 8  # BOS/EOS and a token merged across a cut
     rows = []
     for _ in range(sizes.pairs):
         lp = draw_tokens(rng, LENGTHS["prompt"], sizes.scale, sizes.max_length // 2)
@@ -173,9 +187,9 @@ def make_rows(sizes: Sizes, seed: int = 0) -> list[dict]:
         lr = draw_tokens(rng, LENGTHS["response"], sizes.scale, room)
         rows.append(
             {
-                "prompt": maker.text(rng, lp) + " ?",
-                "chosen": " " + maker.text(rng, lc),
-                "rejected": " " + maker.text(rng, lr),
+                "prompt": token_text(tok, maker, rng, lp) + " ?",
+                "chosen": " " + token_text(tok, maker, rng, lc),
+                "rejected": " " + token_text(tok, maker, rng, lr),
             }
         )
     return rows
@@ -264,7 +278,9 @@ class Guard:
         return _Cb()
 
 
-def make_trainer(method, model, dataset, tok, sizes, cuda, out, max_steps, accumulation, callbacks=(), extra=None):
+def make_trainer(
+    method, model, dataset, tok, sizes, cuda, out, max_steps, accumulation, callbacks=(), extra=None, micro_batch=None
+):
     cfg = shipped_config()
     fields = dict(
         output_dir=out,
@@ -282,7 +298,7 @@ def make_trainer(method, model, dataset, tok, sizes, cuda, out, max_steps, accum
         use_cpu=not cuda,
         max_steps=max_steps,
         beta=float(cfg["beta"]),
-        per_device_train_batch_size=int(cfg["per_device_train_batch_size"]),
+        per_device_train_batch_size=micro_batch or int(cfg["per_device_train_batch_size"]),
         gradient_accumulation_steps=accumulation,
         optim=cfg["optim"] if cuda else "adamw_torch",
         max_grad_norm=float(cfg["max_grad_norm"]),
@@ -316,7 +332,7 @@ def make_trainer(method, model, dataset, tok, sizes, cuda, out, max_steps, accum
     return trainer
 
 
-def measure(method, model, rows, tok, sizes, cuda, out, deadline, accumulation, extra=None):
+def measure(method, model, rows, tok, sizes, cuda, out, deadline, accumulation, extra=None, micro_batch=None):
     """One measurement: a fresh adapter, warm-up, timed steps. Returns (entry, the base model without the adapter)."""
     from datasets import Dataset
 
@@ -341,6 +357,7 @@ def measure(method, model, rows, tok, sizes, cuda, out, deadline, accumulation, 
             accumulation=accumulation,
             callbacks=[guard.callback()],
             extra=extra,
+            micro_batch=micro_batch,
         )
         trainer.__class__ = _metered_class(type(trainer), meter)
         meter.pending = []
@@ -428,14 +445,15 @@ def first_step_loss(method, model, rows, tok, sizes, cuda, out, extra=None):
 # ---- the ladder ---------------------------------------------------------------------------------------------------
 
 
-def ladder_rows(length: int, seed: int = 0) -> list[dict]:
-    maker, rng = common.TextMaker(seed), random.Random(seed)
+def ladder_rows(length: int, tok, seed: int = 0) -> list[dict]:
+    """One pair of about `length` tokens (2 x prompt + chosen + rejected): prompt length/8, responses 3 length/8."""
+    maker, rng = common.TextMaker(TEXT_SEED), random.Random(seed)
     q = length // 8
     return [
         {
-            "prompt": maker.text(rng, 2 * q - 4) + " ?",
-            "chosen": " " + maker.text(rng, 3 * q - 4),
-            "rejected": " " + maker.text(rng, 3 * q - 4),
+            "prompt": token_text(tok, maker, rng, q - 4) + " ?",
+            "chosen": " " + token_text(tok, maker, rng, 3 * q - 4),
+            "rejected": " " + token_text(tok, maker, rng, 3 * q - 4),
         }
     ]
 
@@ -471,7 +489,7 @@ def run_ladder(model, tok, sizes, cuda, out, deadline):
                 trainer = make_trainer(
                     method,
                     model,
-                    Dataset.from_list(ladder_rows(length)),
+                    Dataset.from_list(ladder_rows(length, tok)),
                     tok,
                     local,
                     cuda,
@@ -534,6 +552,8 @@ def summarise(results: dict, flops_per_token: float, rate: float) -> list[dict]:
                 runs_tps=tps,
                 vs_trl=med / trl_tps if trl_tps else None,
                 peak_gib=max(peaks) if peaks else None,
+                micro_batch=f"{ok[0]['micro_batch']} x {ok[0]['accumulation']}" if "micro_batch" in ok[0] else None,
+                oom_micro_batches=sorted({b for m in runs for b in m.get("oom_micro_batches", [])}, reverse=True),
                 pad_fraction=statistics.mean(m["pad_fraction"] for m in ok),
                 mfu=flops_per_token * med / rate if rate else None,
                 attention=ok[0].get("attention"),
@@ -552,6 +572,7 @@ LABELS = {
 }
 COLUMNS = [
     "method",
+    "micro-batch x accumulation",
     "runs x timed steps",
     "real tokens/s (median)",
     "spread",
@@ -568,11 +589,12 @@ def render(summary, meta: dict, cuda: bool) -> str:
     cells = []
     for r in summary:
         if r.get("tokens_per_s") is None:
-            cells.append([LABELS.get(r["method"], r["method"]), f"error: {r.get('error')}", "", "", "", "", "", ""])
+            cells.append([LABELS.get(r["method"], r["method"]), "", f"error: {r.get('error')}"] + [""] * 6)
             continue
         cells.append(
             [
                 LABELS.get(r["method"], r["method"]),
+                (r["micro_batch"] or "") + (f" (OOM at {r['oom_micro_batches']})" if r["oom_micro_batches"] else ""),
                 f"{r['runs']} x {'/'.join(str(s) for s in r['steps'])}",
                 f"{r['tokens_per_s']:.0f}",
                 f"{100 * r['spread']:.1f} %",
@@ -610,14 +632,42 @@ def render(summary, meta: dict, cuda: bool) -> str:
 # ---- main ---------------------------------------------------------------------------------------------------------
 
 
-def _measure_plan(plan, results, model, rows, tok, sizes, cuda, work, end, accumulation):
-    """Measure each method of `plan` in turn, each given an equal share of the time left before `end`."""
+def _measure_plan(plan, results, model, rows, tok, sizes, cuda, work, end, accumulation, fit):
+    """Measure each method of `plan` in turn, each given an equal share of the time left before `end`.
+
+    `fit` maps a padded method to its micro-batch. TRL starts at the shipped config's; when it runs out of memory
+    under the cap, it is halved (the accumulation doubled: the same pairs per optimizer step) until it fits, and our
+    padded layout then runs at TRL's micro-batch (the same padded batches).
+    """
     for i, method in enumerate(plan):
         share = (end - time.perf_counter()) / (len(plan) - i)
         extra = {"use_liger_kernel": True} if method == "packing+liger" else None
-        entry, model = measure(
-            method, model, rows, tok, sizes, cuda, work, time.perf_counter() + share, accumulation, extra=extra
-        )
+        ooms = []
+        while True:
+            mb = fit.get(method)
+            acc = accumulation * (fit["shipped"] // mb) if mb else accumulation
+            entry, model = measure(
+                method,
+                model,
+                rows,
+                tok,
+                sizes,
+                cuda,
+                work,
+                time.perf_counter() + share,
+                acc,
+                extra=extra,
+                micro_batch=mb,
+            )
+            if method == "trl" and mb > 1 and entry.get("error", "").startswith("OutOfMemoryError"):
+                ooms.append(mb)
+                fit["trl"] = fit["padded"] = mb // 2
+                log(f"trl: out of memory at micro-batch {mb} under the cap; trying {mb // 2}")
+                continue
+            break
+        entry["micro_batch"], entry["accumulation"] = mb or fit["shipped"], acc
+        if ooms:
+            entry["oom_micro_batches"] = ooms
         log(f"{method}: { ({k: v for k, v in entry.items() if k != 'step_wall'}) }")
         results[method].append(entry)
     return model
@@ -675,7 +725,7 @@ def main(argv=None) -> int:
     rate = matmul_rate(cuda)
     log(f"matmul rate {rate / 1e12:.1f} TFLOP/s")
     tok = common.build_tokenizer(seed=1, vocab_size=sizes.vocab)
-    rows = make_rows(sizes)
+    rows = make_rows(sizes, tok)
     prepared, _ = prepare_dataset(Dataset.from_list(rows), tokenizer=tok, max_length=sizes.max_length, name="bench")
     stats = length_stats(prepared)
     log(f"lengths {stats}")
@@ -713,19 +763,24 @@ def main(argv=None) -> int:
         text = render(summary, meta, cuda)
         common.write_report(opts.out_dir, "bench", text, dict(meta=meta, cuda=cuda, summary=summary, results=results))
 
+    shipped = int(cfg["per_device_train_batch_size"])
+    fit = {"shipped": shipped, "trl": shipped, "padded": shipped}  # micro-batches of the padded methods
+    meta["micro_batch"] = fit
     t0 = time.perf_counter()
     model = proof.load_qlora_base(checkpoint_dir(config, cuda), cuda)
     log(f"checkpoint ready and loaded in nf4 in {time.perf_counter() - t0:.0f}s")
     if "main" in parts:
         # methods alternating, each measured `repeats` times, each measurement with a time guard
         plan = [m for _ in range(sizes.repeats) for m in METHODS]
-        model = _measure_plan(plan, results, model, rows, tok, sizes, cuda, work, phase_end("main"), opts.accumulation)
+        model = _measure_plan(
+            plan, results, model, rows, tok, sizes, cuda, work, phase_end("main"), opts.accumulation, fit
+        )
         report()
     if "profile" in parts:
         import profile_steps
 
         steps = 2 if not cuda else PROFILE_STEPS
-        profiled, model = profile_steps.profile_methods(model, rows, tok, sizes, cuda, work, steps)
+        profiled, model = profile_steps.profile_methods(model, rows, tok, sizes, cuda, work, steps, micro_batch=fit)
         pdevice = device if cuda else "CPU dry run (tiny model, float32): CPU operator times, NOT a GPU profile"
         profile_steps.write(opts.out_dir, profiled, sizes, steps, pdevice, cuda)
         meta["profile"] = "PROFILE.md"
@@ -752,7 +807,7 @@ def main(argv=None) -> int:
             meta["liger_parity"] = f"error: {type(err).__name__}: {err}"
             traceback.print_exc()
         plan = ["packing+liger"] * sizes.repeats
-        model = _measure_plan(plan, results, model, rows, tok, sizes, cuda, work, deadline, opts.accumulation)
+        model = _measure_plan(plan, results, model, rows, tok, sizes, cuda, work, deadline, opts.accumulation, fit)
     report()
     summary = summarise(results, flops_per_token, rate)
     return 1 if any(r.get("error") for r in summary) else 0
@@ -777,7 +832,8 @@ def setup_text(sizes, cfg, accumulation, stats, rate, flops_per_token, cuda, sta
         + (" (dry run: tiny shapes)" if not cuda else "")
         + f", random weights, nf4 + double quantization, LoRA r=16 all linear, gradient checkpointing, "
         f"{'bf16' if cuda else 'float32'}, optimizer {cfg['optim'] if cuda else 'adamw_torch (dry run)'}, "
-        f"micro-batch {cfg['per_device_train_batch_size']} pairs (padded methods), packing rows of "
+        f"micro-batch {cfg['per_device_train_batch_size']} pairs for the padded methods (halved for TRL, and ours "
+        "padded with it, while TRL runs out of memory under the cap: the column), packing rows of "
         f"{int(cfg['packing_max_tokens']) * sizes.max_length // 2048} tokens, accumulation {accumulation}. "
         f"{sizes.pairs} pairs, log-normal lengths in tokens {LENGTHS} (x{sizes.scale:g}), capped by max_length "
         f"{sizes.max_length}; realised lengths {stats}. Each method: {sizes.warmup} warm-up steps then up to "

@@ -122,12 +122,14 @@ def reduce_profile(prof, wall_s: float, steps: int, cuda: bool) -> dict:
     by = defaultdict(float)
     unknown = Counter()
     syncs = 0
+    sync_names = Counter()
     intervals = []
     for e in prof.events():
         name = e.name
         low = name.lower()
         if any(s in low for s in SYNC_NAMES):
             syncs += 1
+            sync_names[name] += 1
         is_kernel = e.device_type == torch.autograd.DeviceType.CUDA
         if cuda != is_kernel:
             continue
@@ -150,11 +152,12 @@ def reduce_profile(prof, wall_s: float, steps: int, cuda: bool) -> dict:
         seconds_per_step={c: by[c] / steps for c in CATEGORIES},
         share={c: by[c] / wall_s for c in CATEGORIES},
         device_reads_per_step=syncs / steps,
+        device_reads_by_name={n: c / steps for n, c in sync_names.most_common(8)},
         unknown=[(n, s / steps) for n, s in unknown.most_common(12)],
     )
 
 
-def profile_method(method, model, rows, tok, sizes, cuda, out, warmup: int, steps: int):
+def profile_method(method, model, rows, tok, sizes, cuda, out, warmup: int, steps: int, micro_batch=None):
     from datasets import Dataset
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
@@ -190,11 +193,14 @@ def profile_method(method, model, rows, tok, sizes, cuda, out, warmup: int, step
         max_steps=warmup + steps,
         accumulation=1,
         callbacks=[Window()],
+        micro_batch=micro_batch,
     )
     try:
         trainer.train()
         result = reduce_profile(state["prof"], state["wall"], steps, cuda)
     finally:
+        if "prof" in state and "wall" not in state:  # failed inside the profiled window
+            state["prof"].__exit__(None, None, None)
         model = trainer.model.unload()
         trainer.accelerator.free_memory()
         del trainer
@@ -203,18 +209,24 @@ def profile_method(method, model, rows, tok, sizes, cuda, out, warmup: int, step
 
 def render(results: dict, meta: str, device: str) -> str:
     lines = [f"# Where a step's time goes: {device}", "", meta, ""]
-    head = ["method", "s / step"] + [f"{c} %" for c in CATEGORIES] + ["device reads / step"]
+    head = ["method", "micro-batch", "s / step"] + [f"{c} %" for c in CATEGORIES] + ["device reads / step"]
     rows = []
     for method, r in results.items():
         if "error" in r:
-            rows.append([bench.LABELS[method], f"error: {r['error']}"] + [""] * (len(head) - 2))
+            rows.append([bench.LABELS[method], "", f"error: {r['error']}"] + [""] * (len(head) - 3))
             continue
         rows.append(
-            [bench.LABELS[method], f"{r['step_s']:.3f}"]
+            [bench.LABELS[method], r.get("micro_batch", "rows"), f"{r['step_s']:.3f}"]
             + [f"{100 * r['share'][c]:.1f}" for c in CATEGORIES]
             + [f"{r['device_reads_per_step']:.1f}"]
         )
     lines.append(common.table(head, rows))
+    reads = {m: r["device_reads_by_name"] for m, r in results.items() if r.get("device_reads_by_name")}
+    if reads:
+        lines += ["", "Device reads per step by name (the most frequent):", ""]
+        lines += [
+            f"- {bench.LABELS[m]}: " + ", ".join(f"{n} {c:.1f}" for n, c in by.items()) for m, by in reads.items()
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +247,7 @@ def main(argv=None) -> int:
     if not cuda:
         device = "CPU dry run (tiny model, float32): CPU operator times, NOT a GPU profile"
     tok = common.build_tokenizer(seed=1, vocab_size=sizes.vocab)
-    rows = bench.make_rows(sizes)
+    rows = bench.make_rows(sizes, tok)
     config = bench.model_config(sizes)
     work = tempfile.mkdtemp(prefix="orpo-profile-")
     path = bench.checkpoint_dir(config, cuda)
@@ -245,17 +257,36 @@ def main(argv=None) -> int:
     return 1 if any("error" in r for r in results.values()) else 0
 
 
-def profile_methods(model, rows, tok, sizes, cuda, work, steps: int, methods=METHODS):
-    """Profile each method in turn on `model` (a loaded QLoRA base); returns (results, the base model)."""
+def profile_methods(model, rows, tok, sizes, cuda, work, steps: int, methods=METHODS, micro_batch=None):
+    """Profile each method in turn on `model` (a loaded QLoRA base); returns (results, the base model).
+
+    `micro_batch` maps the padded methods to their micro-batch (bench.py's `fit`); without it TRL starts at the
+    shipped config's and is halved while it runs out of memory, and ours padded follows TRL's.
+    """
+    fit = micro_batch if micro_batch is not None else {}
+    fit.setdefault("shipped", int(bench.shipped_config()["per_device_train_batch_size"]))
     results = {}
     for method in methods:
-        try:
-            results[method], model = profile_method(
-                method, model, rows, tok, sizes, cuda, work, warmup=sizes.warmup, steps=steps
-            )
-        except Exception as err:  # noqa: BLE001 - reported in the table
-            results[method] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
-            traceback.print_exc()
+        while True:
+            mb = fit.get(method, fit["shipped"]) if method in ("trl", "padded") else None
+            try:
+                results[method], model = profile_method(
+                    method, model, rows, tok, sizes, cuda, work, warmup=sizes.warmup, steps=steps, micro_batch=mb
+                )
+                if mb:
+                    results[method]["micro_batch"] = mb
+            except torch.OutOfMemoryError:
+                if method == "trl" and mb > 1:
+                    fit["trl"] = fit["padded"] = mb // 2
+                    bench.log(f"profile trl: out of memory at micro-batch {mb}; trying {mb // 2}")
+                    continue
+                results[method] = {"error": f"OutOfMemoryError at micro-batch {mb}"}
+            except Exception as err:  # noqa: BLE001 - reported in the table
+                results[method] = {
+                    "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+                }
+                traceback.print_exc()
+            break
         bench.log(f"profile {method}: {results[method]}")
     return results, model
 
@@ -264,7 +295,7 @@ def write(out_dir: str, results: dict, sizes, steps: int, device: str, cuda: boo
     """PROFILE.md and profile.json in `out_dir`."""
     meta = (
         f"{common.library_revision()}, torch {torch.__version__}; bench.py's setup ({sizes.pairs} pairs, "
-        f"max_length {sizes.max_length}, micro-batch of the shipped config, accumulation 1); {sizes.warmup} "
+        f"max_length {sizes.max_length}, micro-batch of the shipped config or, for the padded methods, the largest that fit TRL under the cap (column), accumulation 1); {sizes.warmup} "
         f"warm-up steps, then {steps} profiled steps per method. Shares of the profiled steps' wall time."
     )
     text = render(results, meta, device)
