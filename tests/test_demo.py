@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,12 +17,19 @@ from orpo_plugin.demo import toy
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+DEMO_TINY = "orpo-plugin demo --model tiny"  # as docs/demo.md writes it (tests/test_doc_commands.py)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """`orpo-plugin demo --model tiny` with its defaults (the namespace cli.py builds), through demo.main."""
-    out = tmp_path_factory.mktemp("demo")
-    rc = demo.main(argparse.Namespace(model="tiny", output_dir=str(out), steps=120, seed=0, no_packing=False))
-    return rc, out, json.loads((out / "demo_result.json").read_text())
+    """`orpo-plugin demo --model tiny` run as written, in a fresh folder: its output goes to ./orpo-demo."""
+    cwd = tmp_path_factory.mktemp("demo")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
+    run = subprocess.run(["bash", "-c", DEMO_TINY], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    out = cwd / "orpo-demo"
+    return run.returncode, out, json.loads((out / "demo_result.json").read_text())
 
 
 @pytest.fixture(scope="module")
