@@ -194,6 +194,7 @@ class ORPOConfig(BaseConfig):
     _VALID_DICT_FIELDS = list(getattr(BaseConfig, "_VALID_DICT_FIELDS", [])) + ["model_init_kwargs"]
 
     def __post_init__(self):
+        check_no_sequence_split(self.parallelism_config)
         if bf16_left_unset(self) and not self.fp16:
             self.bf16 = self._default_bf16()
         super().__post_init__()
@@ -251,3 +252,30 @@ class ORPOConfig(BaseConfig):
             return self.packing_max_tokens
         max_length = self.max_length or 1024
         return max(max_length * self.per_device_train_batch_size, 2 * max_length)
+
+
+# ParallelismConfig sizes that cut a sequence, or a layer's weights, across ranks
+SPLITTING_SIZES = {
+    "sp_size": "sequence parallelism (Ulysses) splits each sequence across ranks",
+    "cp_size": "context parallelism splits each sequence across ranks",
+    "tp_size": "tensor parallelism splits each layer's weights and the output layer across ranks",
+}
+
+
+def check_no_sequence_split(parallelism_config) -> None:
+    """Refuse an accelerate `ParallelismConfig` that splits sequences or layers across ranks.
+
+    ORPO's log-probabilities are per-sequence means and its NLL a sum over every response token: computed on a shard of
+    a sequence they would be silently wrong. Data parallelism (DDP, FSDP2's `dp_shard_size`, DeepSpeed) is supported.
+    Raises ValueError naming the size that is set.
+    """
+    if parallelism_config is None:
+        return
+    for name, what in SPLITTING_SIZES.items():
+        size = getattr(parallelism_config, name, None) or 1
+        if size > 1:
+            raise ValueError(
+                f"parallelism_config.{name}={size}: {what}, and orpo_plugin does not reduce its per-sequence "
+                f"log-probabilities over such a split yet. Set {name}=1 (data parallelism: DDP, FSDP2, DeepSpeed "
+                "ZeRO; docs/distributed.md)"
+            )

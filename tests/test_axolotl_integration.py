@@ -65,6 +65,7 @@ def test_plugin_keys_validation_names_the_key():
     pydantic = pytest.importorskip("pydantic")
     from orpo_plugin.axolotl.args import ORPOPluginArgs
 
+    ORPOPluginArgs(rl="orpo", context_parallel_size=1, sequence_parallel_degree=None)  # no split: accepted
     ok = ORPOPluginArgs(rl="orpo", orpo_packing=True, orpo_packing_max_tokens=4096, orpo_chunked_loss=False)
     assert ok.orpo_packing is True and ok.orpo_packing_max_tokens == 4096 and ok.orpo_prefix_sharing is None
     for bad, key in [
@@ -77,6 +78,10 @@ def test_plugin_keys_validation_names_the_key():
         (dict(rl="orpo", orpo_max_prompt_length=0), "orpo_max_prompt_length"),
         (dict(rl="orpo", sequence_len=256, orpo_max_prompt_length=256), "orpo_max_prompt_length"),
         (dict(rl="dpo", orpo_truncation_mode="keep_end"), "orpo_truncation_mode"),
+        # a sequence or layer split across GPUs: refused, never a silent run on shards
+        (dict(rl="orpo", context_parallel_size=2), "context_parallel_size: 2"),
+        (dict(rl="orpo", sequence_parallel_degree=4), "sequence_parallel_degree: 4"),
+        (dict(rl="orpo", tensor_parallel_size=2), "tensor_parallel_size: 2"),
     ]:
         with pytest.raises(pydantic.ValidationError, match=key):
             ORPOPluginArgs(**bad)
@@ -533,8 +538,17 @@ def test_shipped_configs_validate(axolotl_python, axolotl_runs, tmp_path):
     bad.write_text(yaml.safe_dump(dict(cfg, orpo_packing_max_tokens=1)))
     wrong_rl = tmp_path / "wrong-rl.yml"
     wrong_rl.write_text(yaml.safe_dump(dict(cfg, rl="dpo")))
+    split = tmp_path / "context-parallel.yml"  # refused by the plugin before Axolotl's flash-attention requirement
+    split.write_text(yaml.safe_dump(dict(cfg, context_parallel_size=2)))
     proc = subprocess.run(
-        [str(axolotl_python), str(HERE / "validate_configs.py"), *map(str, SHIPPED_CONFIGS), str(bad), str(wrong_rl)],
+        [
+            str(axolotl_python),
+            str(HERE / "validate_configs.py"),
+            *map(str, SHIPPED_CONFIGS),
+            str(bad),
+            str(wrong_rl),
+            str(split),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -546,13 +560,14 @@ def test_shipped_configs_validate(axolotl_python, axolotl_runs, tmp_path):
         if line.startswith("{"):
             item = json.loads(line)
             results[item["path"]] = item
-    assert len(results) == len(SHIPPED_CONFIGS) + 2, _tail(proc.stdout + proc.stderr)
+    assert len(results) == len(SHIPPED_CONFIGS) + 3, _tail(proc.stdout + proc.stderr)
     for path in SHIPPED_CONFIGS:
         item = results[str(path)]
         assert item["ok"], f"{path.name}: {item.get('error')}"
         assert item["rl"] == "orpo" and "orpo_plugin.axolotl.ORPOPlugin" in item["plugins"], item
         assert item["orpo"].get("orpo_packing") is True, item
     assert not results[str(bad)]["ok"] and "orpo_packing_max_tokens" in results[str(bad)]["error"]
+    assert not results[str(split)]["ok"] and "context_parallel_size: 2: under rl: orpo" in results[str(split)]["error"]
     assert not results[str(wrong_rl)]["ok"] and "rl: orpo" in results[str(wrong_rl)]["error"]
 
 

@@ -100,6 +100,15 @@ class ORPOPluginArgs(BaseModel):
         rl = getattr(rl, "value", rl)
         if used and rl != "orpo":
             raise ValueError(f"{', '.join(used)}: orpo_plugin's keys need `rl: orpo` (got rl: {rl!r})")
+        if rl == "orpo":
+            for key in ("context_parallel_size", "sequence_parallel_degree", "tensor_parallel_size"):
+                size = data.get(key)
+                if isinstance(size, int) and size > 1:
+                    raise ValueError(
+                        f"{key}: {size}: under rl: orpo, orpo_plugin does not split sequences or layers across GPUs "
+                        f"yet (its per-sequence log-probabilities would be computed on shards); set {key}: 1 or "
+                        "remove it. Data parallelism (DDP, FSDP, DeepSpeed) works."
+                    )
         if data.get("orpo_packing_max_tokens") is not None and data.get("orpo_packing") is False:
             raise ValueError("orpo_packing_max_tokens is set but orpo_packing is false; set orpo_packing: true")
         limit, length = data.get("orpo_max_prompt_length"), data.get("sequence_len")
