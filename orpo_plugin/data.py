@@ -110,7 +110,14 @@ def _check_messages(value: Any, row: int, name: str) -> list[dict[str, str]]:
         if "role" not in msg or "content" not in msg:
             raise ValueError(f"row {row}: field '{name}[{k}]' needs 'role' and 'content' keys, has {sorted(msg)}")
         _check_text(msg["role"], row, f"{name}[{k}].role")
-        _check_text(msg["content"], row, f"{name}[{k}].content")
+        content = msg["content"]
+        if isinstance(content, list) and content and all(isinstance(p, dict) and "type" in p for p in content):
+            kinds = sorted({str(p["type"]) for p in content})
+            raise ValueError(
+                f"row {row}: field '{name}[{k}].content' is a list of {', '.join(kinds)} parts (the vision format): "
+                "orpo_plugin trains on text only for now; give each message's content as a string"
+            )
+        _check_text(content, row, f"{name}[{k}].content")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -482,6 +489,19 @@ def prepare_dataset(
         raise (TypeError if isinstance(err, TypeError) else ValueError)(f"{name} dataset, {message}") from None
 
 
+# columns of vision preference rows (TRL's `images`, and the forms close to it): refused, see _prepare
+VISION_COLUMNS = ("images", "image", "pixel_values", "videos", "video")
+
+
+def _refuse_vision(columns: set[str], name: str) -> None:
+    vision = sorted(columns & set(VISION_COLUMNS))
+    if vision:
+        raise ValueError(
+            f"{name} dataset has a {vision[0]!r} column: orpo_plugin trains on text only for now, and the images would "
+            f"never reach the model (a silent text-only run). Remove the column ({vision[0]!r}) to train on the text alone"
+        )
+
+
 def _prepare(
     dataset,
     tokenizer,
@@ -499,12 +519,14 @@ def _prepare(
     if isinstance(dataset, list):
         if not dataset:
             raise ValueError(f"{name} dataset: no usable pairs left ({NO_ROWS})")
+        _refuse_vision({k for row in dataset if isinstance(row, dict) for k in row}, name)
         dataset = _rows_to_dataset(dataset, tokenizer)
     if not isinstance(dataset, Dataset):
         raise TypeError(f"{name} dataset must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}")
     if len(dataset) == 0:
         raise ValueError(f"{name} dataset: no usable pairs left ({NO_ROWS})")
     columns = set(dataset.column_names)
+    _refuse_vision(columns, name)
     pretokenized = set(COLUMNS) <= columns
     if not pretokenized and not {"chosen", "rejected"} <= columns:
         raise ValueError(

@@ -645,3 +645,31 @@ def test_pairs_that_lose_most_of_their_response_are_warned_about(tiny_tokenizer,
     with caplog.at_level(logging.WARNING, logger="orpo_plugin"):  # nothing cut: nothing said
         prepare_dataset(rows, tiny_tokenizer, max_length=256)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("column", ["images", "image"])
+def test_rows_with_images_are_refused_not_trained_as_text(tiny_tokenizer, column):
+    """Vision preference rows (TRL's `images` column beside the prompt): the images would never reach the model, so
+    the dataset is refused with the column named, as a list of rows and as a datasets.Dataset."""
+    rows = [
+        {"prompt": SKY, "chosen": " Blue.", "rejected": " Green.", column: ["sky.png"]},
+        {"prompt": FIRE, "chosen": " Yes.", "rejected": " No.", column: ["fire.png"]},
+    ]
+    for given in (rows, datasets.Dataset.from_list(rows)):
+        with pytest.raises(ValueError, match=rf"train dataset has a '{column}' column: .*text only"):
+            prepare_dataset(given, tiny_tokenizer, name="train")
+    ds, _ = prepare_dataset([{k: v for k, v in r.items() if k != column} for r in rows], tiny_tokenizer)
+    assert len(ds) == 2  # the same rows without the column train on their text
+
+
+def test_image_parts_in_a_message_are_refused_with_the_row(tiny_tokenizer):
+    """A conversational prompt with an {"type": "image"} part (TRL's vision format) names the row and the field."""
+    image_prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": SKY}]}]
+    rows = [
+        {"prompt": [user(SKY)], "chosen": [assistant("Blue.")], "rejected": [assistant("Green.")]},
+        {"prompt": image_prompt, "chosen": [assistant("Blue.")], "rejected": [assistant("Green.")]},
+    ]
+    with pytest.raises(
+        ValueError, match=r"row 1 \(0-based\): field 'prompt\[0\]\.content' is a list of image, text parts"
+    ):
+        prepare_dataset(rows, tiny_tokenizer)
