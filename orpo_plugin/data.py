@@ -497,7 +497,7 @@ def _refuse_vision(columns: set[str], name: str) -> None:
     vision = sorted(columns & set(VISION_COLUMNS))
     if vision:
         raise ValueError(
-            f"{name} dataset has a {vision[0]!r} column: orpo_plugin trains on text only for now, and the images would "
+            f"{name} dataset has the column {vision[0]!r}: orpo_plugin trains on text only for now, and the images would "
             f"never reach the model (a silent text-only run). Remove the column ({vision[0]!r}) to train on the text alone"
         )
 

@@ -656,7 +656,7 @@ def test_rows_with_images_are_refused_not_trained_as_text(tiny_tokenizer, column
         {"prompt": FIRE, "chosen": " Yes.", "rejected": " No.", column: ["fire.png"]},
     ]
     for given in (rows, datasets.Dataset.from_list(rows)):
-        with pytest.raises(ValueError, match=rf"train dataset has a '{column}' column: .*text only"):
+        with pytest.raises(ValueError, match=rf"train dataset has the column '{column}': .*text only"):
             prepare_dataset(given, tiny_tokenizer, name="train")
     ds, _ = prepare_dataset([{k: v for k, v in r.items() if k != column} for r in rows], tiny_tokenizer)
     assert len(ds) == 2  # the same rows without the column train on their text
