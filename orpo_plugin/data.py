@@ -23,6 +23,7 @@ import json
 import logging
 import re
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -467,29 +468,142 @@ def prepare_dataset(
     """
     if truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
-    try:
-        return _prepare(
-            dataset,
-            tokenizer,
-            max_length,
-            max_completion_length,
-            drop_long_pairs,
-            num_proc,
-            name,
-            max_prompt_length,
-            truncation_mode,
-            encoder_decoder,
+    from datasets import Dataset, Features, Sequence, Value
+
+    with _row_errors_named(name):
+        if isinstance(dataset, list):
+            if not dataset:
+                raise ValueError(f"{name} dataset: no usable pairs left ({NO_ROWS})")
+            _refuse_vision({k for row in dataset if isinstance(row, dict) for k in row}, name)
+            dataset = _rows_to_dataset(dataset, tokenizer)
+        if not isinstance(dataset, Dataset):
+            raise TypeError(
+                f"{name} dataset must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}"
+            )
+        if len(dataset) == 0:
+            raise ValueError(f"{name} dataset: no usable pairs left ({NO_ROWS})")
+        columns = set(dataset.column_names)
+        _refuse_vision(columns, name)
+        pretokenized = set(COLUMNS) <= columns
+        if not pretokenized and not {"chosen", "rejected"} <= columns:
+            raise ValueError(
+                f"{name} dataset needs 'chosen' and 'rejected' columns (and optionally 'prompt'), "
+                f"or pre-tokenized {list(COLUMNS)}; it has {sorted(columns)}"
+            )
+        bos = getattr(tokenizer, "bos_token_id", None)
+        fit_length = None if encoder_decoder else max_length
+        ends = None if pretokenized or encoder_decoder else end_of_turn_ids(tokenizer)
+        pieces = None if encoder_decoder else PieceCheck(tokenizer)  # see rendered.py
+
+        def convert(row, index):
+            if pretokenized:
+                ids = {k: list(row[k]) for k in COLUMNS}
+                for k in ("chosen_input_ids", "rejected_input_ids"):
+                    if not ids[k]:
+                        raise ValueError(f"row {index}: field '{k}' is empty")
+                # cut exactly as text rows are
+                out = fit_pair(
+                    ids["prompt_input_ids"],
+                    [ids["chosen_input_ids"], ids["rejected_input_ids"]],
+                    fit_length,
+                    max_completion_length,
+                    max_prompt_length,
+                    truncation_mode,
+                    bos,
+                )
+                if encoder_decoder and max_prompt_length is not None and fit_length is None:
+                    if len(out["prompt_input_ids"]) > max_prompt_length:
+                        out["prompt_input_ids"] = truncate_prompt(
+                            out["prompt_input_ids"], max_prompt_length, truncation_mode, bos
+                        )
+                        out["prompt_truncated"] = 1
+                texts = None
+            else:
+                prompt, chosen, rejected = row_to_text(dict(row), index, tokenizer)
+                if chosen == rejected:
+                    return {k: [] for k in COLUMNS} | {
+                        "truncated": 0,
+                        "prompt_truncated": 0,
+                        "drop": DROP_IDENTICAL,
+                        "mostly_cut": 0,
+                        "full_length": 0,
+                        "piece": "",
+                    }
+                texts = (chosen, rejected)
+                if encoder_decoder:
+                    out = tokenize_seq2seq_pair(
+                        prompt, chosen, rejected, tokenizer, max_completion_length, max_prompt_length, truncation_mode
+                    )
+                else:
+                    out = tokenize_pair(
+                        prompt,
+                        chosen,
+                        rejected,
+                        tokenizer,
+                        max_length,
+                        max_completion_length,
+                        max_prompt_length,
+                        truncation_mode,
+                        ends,
+                    )
+            if drop_long_pairs and (out["truncated"] or out["prompt_truncated"]) and not out["drop"]:
+                out["drop"] = DROP_TOO_LONG
+            out.setdefault("mostly_cut", 0)
+            out.setdefault("full_length", 0)
+            out["piece"] = pieces(texts, (out["chosen_input_ids"], out["rejected_input_ids"])) if pieces else ""
+            return _final_checks(out, encoder_decoder)
+
+        keep = set(COLUMNS)
+        # explicit types: a write batch made only of dropped pairs would otherwise type the id columns as null
+        features = Features(
+            {
+                **{k: Sequence(Value("int64")) for k in COLUMNS},
+                "truncated": Value("int64"),
+                "prompt_truncated": Value("int64"),
+                "mostly_cut": Value("int64"),
+                "full_length": Value("int64"),
+                "drop": Value("string"),
+                "piece": Value("string"),
+            }
         )
-    except (ValueError, TypeError) as err:  # a row's error: say which dataset, and how its rows are counted
-        message = str(err)
-        if not message.startswith("row "):
-            raise
-        if "(0-based)" not in message.split(":", 1)[0]:
-            message = message.replace(":", " (0-based):", 1)
-        raise (TypeError if isinstance(err, TypeError) else ValueError)(f"{name} dataset, {message}") from None
+        tokenized = dataset.map(
+            convert,
+            with_indices=True,
+            num_proc=num_proc,
+            features=features,
+            remove_columns=[c for c in dataset.column_names if c not in keep],
+            desc=f"Tokenizing {name} pairs",
+        )
+        check_rendered_pieces(tokenized["piece"], name, getattr(tokenizer, "bos_token", None))
+        stats = PrepareStats(rows=len(tokenized))
+        drops = tokenized["drop"]
+        stats.dropped = Counter(d for d in drops if d)
+        for index, reason in enumerate(drops):
+            if reason:
+                stats.first_dropped.setdefault(reason, index)
+        stats.truncated_responses = sum(t for t, d in zip(tokenized["truncated"], drops) if not d)
+        stats.truncated_prompts = sum(t for t, d in zip(tokenized["prompt_truncated"], drops) if not d)
+        stats.mostly_cut = sum(t for t, d in zip(tokenized["mostly_cut"], drops) if not d)
+        stats.full_lengths = [n for n, d in zip(tokenized["full_length"], drops) if not d and n]
+        tokenized = tokenized.filter(lambda d: not d, input_columns="drop", num_proc=num_proc)
+        tokenized = tokenized.remove_columns(
+            ["drop", "truncated", "prompt_truncated", "mostly_cut", "full_length", "piece"]
+        )
+        stats.kept = len(tokenized)
+        if stats.dropped or stats.truncated_responses or stats.truncated_prompts:
+            logger.warning("%s dataset: %s", name, stats.summary())
+        limits = " and ".join(
+            f"{k}={v}" for k, v in (("max_length", fit_length), ("max_completion_length", max_completion_length)) if v
+        )
+        warning = stats.mostly_cut_warning(name, limits or "max_completion_length")
+        if warning:
+            logger.warning(warning)
+        if stats.kept == 0:
+            raise ValueError(f"{name} dataset: no usable pairs left ({stats.summary()})")
+        return tokenized, stats
 
 
-# columns of vision preference rows (TRL's `images`, and the forms close to it): refused, see _prepare
+# columns of vision preference rows (TRL's `images`, and the forms close to it): refused, see prepare_dataset
 VISION_COLUMNS = ("images", "image", "pixel_values", "videos", "video")
 
 
@@ -502,148 +616,18 @@ def _refuse_vision(columns: set[str], name: str) -> None:
         )
 
 
-def _prepare(
-    dataset,
-    tokenizer,
-    max_length,
-    max_completion_length,
-    drop_long_pairs,
-    num_proc,
-    name,
-    max_prompt_length,
-    truncation_mode,
-    encoder_decoder,
-):
-    from datasets import Dataset, Features, Sequence, Value
-
-    if isinstance(dataset, list):
-        if not dataset:
-            raise ValueError(f"{name} dataset: no usable pairs left ({NO_ROWS})")
-        _refuse_vision({k for row in dataset if isinstance(row, dict) for k in row}, name)
-        dataset = _rows_to_dataset(dataset, tokenizer)
-    if not isinstance(dataset, Dataset):
-        raise TypeError(f"{name} dataset must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}")
-    if len(dataset) == 0:
-        raise ValueError(f"{name} dataset: no usable pairs left ({NO_ROWS})")
-    columns = set(dataset.column_names)
-    _refuse_vision(columns, name)
-    pretokenized = set(COLUMNS) <= columns
-    if not pretokenized and not {"chosen", "rejected"} <= columns:
-        raise ValueError(
-            f"{name} dataset needs 'chosen' and 'rejected' columns (and optionally 'prompt'), "
-            f"or pre-tokenized {list(COLUMNS)}; it has {sorted(columns)}"
-        )
-    bos = getattr(tokenizer, "bos_token_id", None)
-    fit_length = None if encoder_decoder else max_length
-    ends = None if pretokenized or encoder_decoder else end_of_turn_ids(tokenizer)
-    pieces = None if encoder_decoder else PieceCheck(tokenizer)  # see rendered.py
-
-    def convert(row, index):
-        if pretokenized:
-            ids = {k: list(row[k]) for k in COLUMNS}
-            for k in ("chosen_input_ids", "rejected_input_ids"):
-                if not ids[k]:
-                    raise ValueError(f"row {index}: field '{k}' is empty")
-            # cut exactly as text rows are
-            out = fit_pair(
-                ids["prompt_input_ids"],
-                [ids["chosen_input_ids"], ids["rejected_input_ids"]],
-                fit_length,
-                max_completion_length,
-                max_prompt_length,
-                truncation_mode,
-                bos,
-            )
-            if encoder_decoder and max_prompt_length is not None and fit_length is None:
-                if len(out["prompt_input_ids"]) > max_prompt_length:
-                    out["prompt_input_ids"] = truncate_prompt(
-                        out["prompt_input_ids"], max_prompt_length, truncation_mode, bos
-                    )
-                    out["prompt_truncated"] = 1
-            texts = None
-        else:
-            prompt, chosen, rejected = row_to_text(dict(row), index, tokenizer)
-            if chosen == rejected:
-                return {k: [] for k in COLUMNS} | {
-                    "truncated": 0,
-                    "prompt_truncated": 0,
-                    "drop": DROP_IDENTICAL,
-                    "mostly_cut": 0,
-                    "full_length": 0,
-                    "piece": "",
-                }
-            texts = (chosen, rejected)
-            if encoder_decoder:
-                out = tokenize_seq2seq_pair(
-                    prompt, chosen, rejected, tokenizer, max_completion_length, max_prompt_length, truncation_mode
-                )
-            else:
-                out = tokenize_pair(
-                    prompt,
-                    chosen,
-                    rejected,
-                    tokenizer,
-                    max_length,
-                    max_completion_length,
-                    max_prompt_length,
-                    truncation_mode,
-                    ends,
-                )
-        if drop_long_pairs and (out["truncated"] or out["prompt_truncated"]) and not out["drop"]:
-            out["drop"] = DROP_TOO_LONG
-        out.setdefault("mostly_cut", 0)
-        out.setdefault("full_length", 0)
-        out["piece"] = pieces(texts, (out["chosen_input_ids"], out["rejected_input_ids"])) if pieces else ""
-        return _final_checks(out, encoder_decoder)
-
-    keep = set(COLUMNS)
-    # explicit types: a write batch made only of dropped pairs would otherwise type the id columns as null
-    features = Features(
-        {
-            **{k: Sequence(Value("int64")) for k in COLUMNS},
-            "truncated": Value("int64"),
-            "prompt_truncated": Value("int64"),
-            "mostly_cut": Value("int64"),
-            "full_length": Value("int64"),
-            "drop": Value("string"),
-            "piece": Value("string"),
-        }
-    )
-    tokenized = dataset.map(
-        convert,
-        with_indices=True,
-        num_proc=num_proc,
-        features=features,
-        remove_columns=[c for c in dataset.column_names if c not in keep],
-        desc=f"Tokenizing {name} pairs",
-    )
-    check_rendered_pieces(tokenized["piece"], name, getattr(tokenizer, "bos_token", None))
-    stats = PrepareStats(rows=len(tokenized))
-    drops = tokenized["drop"]
-    stats.dropped = Counter(d for d in drops if d)
-    for index, reason in enumerate(drops):
-        if reason:
-            stats.first_dropped.setdefault(reason, index)
-    stats.truncated_responses = sum(t for t, d in zip(tokenized["truncated"], drops) if not d)
-    stats.truncated_prompts = sum(t for t, d in zip(tokenized["prompt_truncated"], drops) if not d)
-    stats.mostly_cut = sum(t for t, d in zip(tokenized["mostly_cut"], drops) if not d)
-    stats.full_lengths = [n for n, d in zip(tokenized["full_length"], drops) if not d and n]
-    tokenized = tokenized.filter(lambda d: not d, input_columns="drop", num_proc=num_proc)
-    tokenized = tokenized.remove_columns(
-        ["drop", "truncated", "prompt_truncated", "mostly_cut", "full_length", "piece"]
-    )
-    stats.kept = len(tokenized)
-    if stats.dropped or stats.truncated_responses or stats.truncated_prompts:
-        logger.warning("%s dataset: %s", name, stats.summary())
-    limits = " and ".join(
-        f"{k}={v}" for k, v in (("max_length", fit_length), ("max_completion_length", max_completion_length)) if v
-    )
-    warning = stats.mostly_cut_warning(name, limits or "max_completion_length")
-    if warning:
-        logger.warning(warning)
-    if stats.kept == 0:
-        raise ValueError(f"{name} dataset: no usable pairs left ({stats.summary()})")
-    return tokenized, stats
+@contextmanager
+def _row_errors_named(name: str):
+    """A row's ValueError/TypeError ("row 7: field ...") gets the dataset's name and how rows are counted."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        if not message.startswith("row "):
+            raise
+        if "(0-based)" not in message.split(":", 1)[0]:
+            message = message.replace(":", " (0-based):", 1)
+        raise (TypeError if isinstance(err, TypeError) else ValueError)(f"{name} dataset, {message}") from None
 
 
 _ROW_FIELDS = ("prompt", "chosen", "rejected", "system", *COLUMNS)
