@@ -8,6 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 from helpers.pairs import METRICS, ROWS  # tests/helpers
+from helpers.training import cpu_fields  # tests/helpers
 
 from orpo_plugin import ORPOConfig, ORPOTrainer
 from orpo_plugin.toy import build_tokenizer
@@ -63,23 +64,7 @@ def bart(vocab):
 
 
 def config(**kw):
-    base = dict(
-        output_dir="/tmp/orpo-test-seq2seq",
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=1e-3,
-        bf16=False,
-        use_cpu=True,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        max_length=64,
-        max_completion_length=16,
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    return base
+    return cpu_fields("/tmp/orpo-test-seq2seq", **{"max_completion_length": 16, **kw})
 
 
 def step(trainer, batch):

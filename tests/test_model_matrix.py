@@ -12,6 +12,7 @@ import pytest
 import torch
 from datasets import Dataset
 from helpers.models import MODEL_NAMES, WINDOW, build
+from helpers.training import cpu_fields  # tests/helpers
 
 from orpo_plugin import ORPOConfig, ORPOTrainer
 
@@ -51,22 +52,7 @@ def capture_trainer(base):
 
 
 def args_for(config_cls, **kw):
-    base = dict(
-        output_dir="/tmp/orpo-matrix",
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=1e-3,
-        bf16=False,
-        use_cpu=True,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        max_length=64,
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    return config_cls(**base)
+    return config_cls(**cpu_fields("/tmp/orpo-matrix", **kw))
 
 
 def train_step(name, tok, trainer_cls=ORPOTrainer, config_cls=ORPOConfig, attn=None, **kw):

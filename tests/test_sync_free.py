@@ -18,6 +18,7 @@ import pytest
 import torch
 from datasets import Dataset
 from helpers.stubs import StubTokenizer  # tests/helpers
+from helpers.training import cpu_fields  # tests/helpers
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from orpo_plugin import ORPOConfig, ORPOTrainer
@@ -147,20 +148,14 @@ def test_the_counter_sees_a_device_read_in_our_code(counter):
 def test_training_steps_make_no_device_read_in_orpo_plugin(counter, layout):
     model = build_model(32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
     args = ORPOConfig(
-        output_dir="/tmp/orpo-sync",
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        max_steps=2,
-        learning_rate=1e-3,
-        bf16=False,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-        logging_steps=1,
-        packing_max_tokens=48,
-        **layout,
+        **cpu_fields(
+            "/tmp/orpo-sync",
+            gradient_accumulation_steps=2,
+            max_steps=2,
+            max_length=1024,
+            packing_max_tokens=48,
+            **layout,
+        )
     )
     trainer = counted(ORPOTrainer, counter)(
         model=model, args=args, train_dataset=Dataset.from_list(PAIRS), processing_class=StubTokenizer()

@@ -12,6 +12,7 @@ import torch
 from datasets import Dataset
 from helpers.pairs import METRICS, ROWS  # tests/helpers
 from helpers.stubs import StubTokenizer  # tests/helpers
+from helpers.training import cpu_fields  # tests/helpers
 
 from orpo_plugin import ORPOConfig, ORPOTrainer
 from orpo_plugin.collators import PreferenceCollator
@@ -36,24 +37,8 @@ def tok():
 
 
 def config(**kw):
-    # bf16 off: parity at 1e-5 needs float32, and TRL's config turns an unset bf16 into True (bf16 numerics are
-    # tested in test_numerics.py). Checkpointing is left at its default (on); see test_model_matrix.py for both.
-    base = dict(
-        output_dir="/tmp/orpo-test",
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=1e-3,
-        bf16=False,
-        use_cpu=True,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        max_length=64,
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    return base
+    """Checkpointing at its default (on); test_model_matrix.py runs both."""
+    return cpu_fields("/tmp/orpo-test", **kw)
 
 
 def one_step(trainer_cls, config_cls, model, tok, rows, **kw):
