@@ -110,18 +110,7 @@ def cap_memory(cuda: bool) -> str:
 
 def model_config(sizes: Sizes):
     """The benchmark's Llama config (Llama-3-8B shapes on the GPU), positions for the longest ladder pair."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        max_position_embeddings=max(8192, 2 * max(LADDER)),
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        **sizes.model,
-    )
+    return proof.llama_config(sizes.model, max_positions=max(8192, 2 * max(LADDER)))
 
 
 def checkpoint_dir(config, cuda: bool) -> str:
@@ -281,6 +270,10 @@ class Guard:
 def make_trainer(
     method, model, dataset, tok, sizes, cuda, out, max_steps, accumulation, callbacks=(), extra=None, micro_batch=None
 ):
+    """A fresh trainer (and adapter) of `method` on `model`; on the GPU after freeing what the last one left."""
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
     cfg = shipped_config()
     fields = dict(
         output_dir=out,
@@ -342,9 +335,6 @@ def measure(method, model, rows, tok, sizes, cuda, out, deadline, accumulation, 
     trainer_entry = {}
     trainer = None
     try:
-        if cuda:
-            gc.collect()
-            torch.cuda.empty_cache()
         trainer = make_trainer(
             base,
             model,
@@ -482,7 +472,7 @@ def run_ladder(model, tok, sizes, cuda, out, deadline):
             try:
                 if cuda:
                     gc.collect()
-                    torch.cuda.empty_cache()
+                    torch.cuda.empty_cache()  # before the peak is reset (make_trainer frees again, harmlessly)
                     torch.cuda.reset_peak_memory_stats()
                 local = Sizes(sizes.dry)
                 local.max_length = length
@@ -781,7 +771,7 @@ def main(argv=None) -> int:
 
         steps = 2 if not cuda else PROFILE_STEPS
         profiled, model = profile_steps.profile_methods(model, rows, tok, sizes, cuda, work, steps, micro_batch=fit)
-        pdevice = device if cuda else "CPU dry run (tiny model, float32): CPU operator times, NOT a GPU profile"
+        pdevice = device if cuda else profile_steps.CPU_LABEL
         profile_steps.write(opts.out_dir, profiled, sizes, steps, pdevice, cuda)
         meta["profile"] = "PROFILE.md"
     if "ladder" in parts:

@@ -25,7 +25,6 @@ unknown names fall under "other kernels" and the 12 longest are listed in profil
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import sys
@@ -43,6 +42,7 @@ import proof  # noqa: E402
 import torch  # noqa: E402
 
 METHODS = ("trl", "padded", "packing")
+CPU_LABEL = "CPU dry run (tiny model, float32): CPU operator times, NOT a GPU profile"
 CATEGORIES = ("4-bit dequant", "matmul", "attention", "loss head", "optimizer", "other kernels", "host-side / idle")
 # substrings of kernel/operator names (lower case), first match wins
 RULES = (
@@ -179,9 +179,6 @@ def profile_method(method, model, rows, tok, sizes, cuda, out, warmup: int, step
                 state["wall"] = time.perf_counter() - state["t0"]
                 state["prof"].__exit__(None, None, None)
 
-    if cuda:
-        gc.collect()
-        torch.cuda.empty_cache()
     trainer = bench.make_trainer(
         method,
         model,
@@ -245,7 +242,7 @@ def main(argv=None) -> int:
     sizes = bench.Sizes(opts.dry_run)
     device = bench.cap_memory(cuda)
     if not cuda:
-        device = "CPU dry run (tiny model, float32): CPU operator times, NOT a GPU profile"
+        device = CPU_LABEL
     tok = common.build_tokenizer(seed=1, vocab_size=sizes.vocab)
     rows = bench.make_rows(sizes, tok)
     config = bench.model_config(sizes)

@@ -230,6 +230,22 @@ def run_parity(sizes, cuda, out) -> list[dict]:
 # ---- b. QLoRA on an 8B-shaped model --------------------------------------------------------------------------------
 
 
+def llama_config(model_sizes: dict, max_positions: int = 8192):
+    """A Llama-3-shaped LlamaConfig (rope theta 500k, untied output layer) of `model_sizes` (hidden, layers, ...)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        max_position_embeddings=max_positions,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **model_sizes,
+    )
+
+
 def write_random_checkpoint(config, path: str, cuda: bool) -> None:
     """Random bf16 weights under the model's own parameter names, in safetensors shards, and its config."""
     from safetensors.torch import save_file
@@ -331,8 +347,6 @@ def qlora_trainer(method, model, rows, tok, sizes, cuda, out, max_steps=-1):
 
 
 def run_qlora(sizes, cuda, out) -> dict:
-    from transformers import LlamaConfig
-
     tok = common.build_tokenizer(seed=1, vocab_size=sizes.vocab)
     # long pairs: word counts that put prompt + response near max_length tokens
     maker, rng = common.TextMaker(1), random.Random(3)
@@ -345,16 +359,7 @@ def run_qlora(sizes, cuda, out) -> dict:
         }
         for _ in range(sizes.qlora_pairs)
     ]
-    config = LlamaConfig(
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        **sizes.qlora_model,
-    )
+    config = llama_config(sizes.qlora_model)
     result = dict(
         config={k: v for k, v in sizes.qlora_model.items()},
         max_length=sizes.qlora_max_length,
