@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers.shell import run_as_written  # tests/helpers
 
 from orpo_plugin import demo
 from orpo_plugin.demo import toy
@@ -24,10 +21,7 @@ DEMO_TINY = "orpo-plugin demo --model tiny"  # as docs/demo.md writes it (tests/
 def demo_run(tmp_path_factory):
     """`orpo-plugin demo --model tiny` run as written, in a fresh folder: its output goes to ./orpo-demo."""
     cwd = tmp_path_factory.mktemp("demo")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
-    run = subprocess.run(["bash", "-c", DEMO_TINY], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    run = run_as_written(DEMO_TINY, cwd, timeout=600)
     out = cwd / "orpo-demo"
     return run.returncode, out, json.loads((out / "demo_result.json").read_text())
 

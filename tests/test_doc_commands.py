@@ -10,13 +10,11 @@ command to the test that runs it; that test's file holds the command verbatim. `
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.shell import run_as_written  # tests/helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", "CONTRIBUTING.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
@@ -189,26 +187,19 @@ def workdir(tmp_path):
     return tmp_path
 
 
-def _shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
-    run = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, (command, run.stdout[-2000:], run.stderr[-3000:])
-    return run
-
-
 def test_cli_commands_run_as_written(workdir):
     """README's and docs/training.md's CPU train line (PATH: a local model folder), then the three eval lines of the
     README and docs/evaluation.md on its output, in one folder as a user would run them."""
     assert "PATH" in TRAIN_CPU
-    _shell(TRAIN_CPU.replace("PATH", "model"), workdir)
+    run_as_written(TRAIN_CPU.replace("PATH", "model"), workdir)
     out = workdir / "out"
     assert (out / "adapter_config.json").exists() and (out / "metrics.jsonl").exists()
     assert json.loads((out / "adapter_config.json").read_text())["target_modules"]  # LoRA on the linear layers
-    run = _shell(EVAL_DIVERSITY, workdir)
+    run = run_as_written(EVAL_DIVERSITY, workdir)
     assert "PID/AID" in run.stdout and (workdir / "eval_report.json").exists()
-    _shell(EVAL_REPORT, workdir)
+    run_as_written(EVAL_REPORT, workdir)
     report = json.loads((workdir / "report.json").read_text())
     assert report["data"]["pairs"] == 4 and 0 <= report["preference"]["accuracy"] <= 1
-    run = _shell(EVAL_ADAPTER, workdir)
+    run = run_as_written(EVAL_ADAPTER, workdir)
     adapter_report = json.loads((workdir / "eval_report.json").read_text())
     assert adapter_report["adapter"] == "out" and adapter_report["preference"]["pairs"] == 4
