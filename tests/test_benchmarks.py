@@ -64,3 +64,21 @@ def test_memory_script_runs_for_trl_and_ours():
         "--force",
     )
     assert "| ours_chunked |" in out and "model checkpointing True" in out
+
+
+def test_device_reads_script_names_every_caller():
+    """benchmarks/gpu/device_reads.py (RESULTS.md section 4b): TRL's metric reads are found, ours has none of its own."""
+    out = run("gpu/device_reads.py")
+    blocks, name = {}, None
+    for line in out.splitlines():  # a header per trainer, then its callers (indented)
+        if line.endswith("device reads per step"):
+            name = line.split(":")[0]
+            blocks[name] = []
+        elif name and line.startswith("  "):
+            blocks[name].append(line)
+    assert set(blocks) == {"TRL ORPOTrainer", "orpo_plugin padded", "orpo_plugin packing"}, out
+    assert any("metrics[k] = v.item()" in c for c in blocks["TRL ORPOTrainer"])
+    for name in ("orpo_plugin padded", "orpo_plugin packing"):
+        callers = blocks[name]
+        assert any("transformers/trainer.py" in c for c in callers), callers
+        assert not [c for c in callers if "orpo_plugin/" in c], callers
