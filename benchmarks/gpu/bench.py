@@ -747,11 +747,12 @@ def main(argv=None) -> int:
         later = parts[parts.index(phase) + 1 :]
         return deadline - sum(RESERVE_S[q] for q in later if q in RESERVE_S)
 
-    def report() -> None:  # after every phase, so a call cut short still returns what it measured
+    def report() -> list[dict]:  # after every phase, so a call cut short still returns what it measured
         meta["setup"] = setup_text(sizes, cfg, opts.accumulation, stats, rate, flops_per_token, cuda, start)
         summary = summarise(results, flops_per_token, rate)
         text = render(summary, meta, cuda)
         common.write_report(opts.out_dir, "bench", text, dict(meta=meta, cuda=cuda, summary=summary, results=results))
+        return summary
 
     shipped = int(cfg["per_device_train_batch_size"])
     fit = {"shipped": shipped, "trl": shipped, "padded": shipped}  # micro-batches of the padded methods
@@ -798,8 +799,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
         plan = ["packing+liger"] * sizes.repeats
         model = _measure_plan(plan, results, model, rows, tok, sizes, cuda, work, deadline, opts.accumulation, fit)
-    report()
-    summary = summarise(results, flops_per_token, rate)
+    summary = report()
     return 1 if any(r.get("error") for r in summary) else 0
 
 
