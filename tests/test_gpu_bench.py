@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -113,3 +115,53 @@ def test_trl_is_halved_until_it_fits_and_ours_padded_follows(monkeypatch):
     ]
     assert results["trl"][0]["oom_micro_batches"] == [4, 2] and "oom_micro_batches" not in results["trl"][1]
     assert (results["padded"][0]["micro_batch"], results["padded"][0]["accumulation"]) == (1, 4)
+
+
+def test_liger_parity_dry_run(tmp_path):
+    """benchmarks/gpu/liger_parity.py on CPU: the float32 reference and the bf16 step run in their own processes and
+    are compared; Liger is refused on CPU and the table says so."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/gpu/liger_parity.py"), str(tmp_path), "--dry-run"]
+        + ["--variants", "fp32,bf16,liger"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "liger.json").read_text())["rows"]}
+    assert list(rows) == ["fp32", "bf16", "liger"]
+    assert rows["fp32"]["status"] == rows["bf16"]["status"] == "ok"
+    # bf16 autocast rounds: close to float32, not equal to it
+    assert 0 < rows["bf16"]["loss_vs_fp32"] < 1e-3 and 0 < rows["bf16"]["grad_vs_fp32"] < 5e-2
+    assert set(rows["bf16"]["per_projection_vs_fp32"]) == {"q_proj", "k_proj", "v_proj", "o_proj"} | {
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    assert rows["liger"]["status"].startswith("ValueError: use_liger_kernel=True needs a CUDA GPU")
+
+
+def test_liger_parity_verdict_is_relative_to_plain_bf16():
+    """The verdict compares a Liger variant's error against float32 with plain bf16's, not with a fixed tolerance."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import liger_parity
+
+    torch = __import__("torch")
+    ref = {"a.q_proj.lora_B": torch.ones(4, 4), "a.down_proj.lora_B": torch.ones(4, 4)}
+    shifted = lambda by: {k: v + by for k, v in ref.items()}  # noqa: E731
+    results = {
+        "fp32": {"loss": 1.0, "grads": ref},
+        "bf16": {"loss": 1.0, "grads": shifted(0.08)},  # bf16 alone: 8 % from float32
+        "liger": {"loss": 1.0, "grads": shifted(0.09)},  # 1.125x bf16's error: as exact
+        "liger:rope": {"loss": 1.0, "grads": shifted(0.2)},  # 2.5x: less exact
+    }
+    rows = {r["variant"]: r for r in liger_parity.compare(results)}
+    assert rows["bf16"]["grad_vs_fp32"] == pytest.approx(0.08)
+    assert rows["liger"]["ratio_to_bf16"] == pytest.approx(1.125) and rows["liger"]["verdict"] == "as exact as bf16"
+    assert rows["liger:rope"]["verdict"] == "LESS EXACT than bf16"
+    assert rows["liger"]["grad_vs_bf16"] == pytest.approx(0.01 / 1.08)  # relative to bf16's own gradient
+    assert rows["liger"]["per_projection_vs_fp32"] == {"q_proj": pytest.approx(0.09), "down_proj": pytest.approx(0.09)}

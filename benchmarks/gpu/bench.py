@@ -15,8 +15,9 @@ The run, as a user with a 24 GB card would set it up (configs/trl/llama-3-8b-qlo
 - Every method runs under torch.cuda.set_per_process_memory_fraction equal to 24 GiB (a consumer card emulated).
 - Methods: TRL's ORPOTrainer at the config's micro-batch; ours padded at the same micro-batch; packing (rows of
   packing_max_tokens, the config's 8,192); packing + prefix sharing; packing + Liger kernels where liger_kernel
-  imports (with a one-step parity check against packing), last and twice in a row: Liger patches the model in
-  place, so every other method runs before it.
+  imports (with a one-step difference against packing in bf16; the verdict on Liger's exactness, against float32,
+  is liger_parity.py's), last and twice in a row: Liger patches the model in place, so every other method runs
+  before it.
 - Each method: a fresh adapter, WARMUP untimed steps, then timed optimizer steps; every method measured REPEATS
   times, alternating (A B C D A B C D), spread printed. A per-measurement time guard stops a measurement early (after
   at least 2 timed steps) so the whole call fits (the table says how many steps each timed).
@@ -38,6 +39,7 @@ The run, as a user with a 24 GB card would set it up (configs/trl/llama-3-8b-qlo
   machine (`checkpoint_dir`) and reused by the next call on a warm machine. The two GPU calls:
       run.sh bench "$OUT" --parts main,profile
       ORPO_BENCH_BUDGET_S=220 run.sh bench "$OUT" --parts ladder,liger
+  and Liger's exactness against float32 is a third script, liger_parity.py (run.sh liger).
 
 The accumulation: by default 1 micro-batch per optimizer step (`--accumulation`), not the config's 4, so that 20
 timed steps per measurement fit in one 8-minute call; the optimizer step of a LoRA adapter is a small part of a
@@ -311,7 +313,7 @@ def make_trainer(
         if method == "prefix_sharing":
             layout["prefix_sharing"] = True
         args = ORPOConfig(
-            chunked_loss=True, nll_on_prompt=bool(cfg["nll_on_prompt"]), **layout, **(extra or {}), **fields
+            chunked_loss=True, nll_on_prompt=bool(cfg["nll_on_prompt"]), **layout, **{**fields, **(extra or {})}
         )
     trainer = ORPOTrainer(
         model=model,
@@ -787,12 +789,11 @@ def main(argv=None) -> int:
                 "packing", model, rows, tok, sizes, cuda, work, extra={"use_liger_kernel": True}
             )
             loss_rel, grad_rel = proof.compare(lig, ref)
-            tol = proof.TOLERANCE["bf16"]
-            ok = loss_rel <= tol["loss"] and grad_rel <= tol["grad"]
             meta["liger_parity"] = (
-                f"{'pass' if ok else 'FAIL'}: loss rel. diff {loss_rel:.2e} (<= {tol['loss']:g}), "
-                f"grad rel. diff {grad_rel:.2e} (<= {tol['grad']:g}); measured after the other "
-                "phases, twice in a row (its patches cannot be undone in-process)"
+                f"loss rel. diff {loss_rel:.2e}, grad rel. diff {grad_rel:.2e} against packing without Liger, both "
+                "bf16; measured after the other phases, twice in a row (its patches cannot be undone in-process). "
+                "Not a verdict at 8B: two bf16 runs also differ by bf16 rounding; liger_parity.py (run.sh liger) "
+                "compares each with the step in float32"
             )
         except Exception as err:  # noqa: BLE001
             meta["liger_parity"] = f"error: {type(err).__name__}: {err}"

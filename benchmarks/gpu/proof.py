@@ -280,19 +280,22 @@ def write_random_checkpoint(config, path: str, cuda: bool) -> None:
     config.save_pretrained(path)
 
 
-def load_qlora_base(path: str, cuda: bool):
+def load_qlora_base(path: str, cuda: bool, dtype: torch.dtype | None = None):
+    """The checkpoint at `path` in nf4 (double quantization); unquantized weights and compute in `dtype` (default:
+    bfloat16 on CUDA, float32 on CPU)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
+        bnb_4bit_compute_dtype=dtype,
     )
     return AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=quant,
-        dtype=torch.bfloat16 if cuda else torch.float32,
+        dtype=dtype,
         device_map={"": 0} if cuda else {"": "cpu"},
         attn_implementation="sdpa",
     )

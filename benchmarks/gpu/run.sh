@@ -4,12 +4,13 @@
 #            and the long-pair ladder (benchmarks/gpu/bench.py)
 #   profile  where a step's time goes, per method (benchmarks/gpu/profile_steps.py)
 #   proof    bf16 parity of every attention backend and a small QLoRA run (benchmarks/gpu/proof.py)
+#   liger    use_liger_kernel's loss and gradients against float32, beside plain bf16's (benchmarks/gpu/liger_parity.py)
 #
-#   benchmarks/gpu/run.sh [bench|profile|proof] [OUT_DIR [OPTIONS]]   # on the GPU image; OUT_DIR defaults to $OUT,
+#   benchmarks/gpu/run.sh [bench|profile|proof|liger] [OUT_DIR [OPTIONS]]   # on the GPU image; OUT_DIR defaults to $OUT,
 #                                                                      # else benchmarks/gpu/out; OPTIONS go to the
 #                                                                      # script (bench: --parts main,profile; then
 #                                                                      # ORPO_BENCH_BUDGET_S=220 ... --parts ladder,liger)
-#   benchmarks/gpu/run.sh [bench|profile|proof] --dry-run [OUT_DIR]   # the same code on CPU at tiny sizes
+#   benchmarks/gpu/run.sh [bench|profile|proof|liger] --dry-run [OUT_DIR]   # the same code on CPU at tiny sizes
 #
 # The GPU image lacks trl, datasets, bitsandbytes and a network: their wheels are fetched beforehand into .whl/
 # (benchmarks/gpu/wheels.sh, on a machine with package access) and installed here with --no-index into a temporary
@@ -22,6 +23,7 @@ SCRIPT=bench
 case "${1:-}" in
   bench|proof) SCRIPT="$1"; shift ;;
   profile) SCRIPT=profile_steps; shift ;;
+  liger) SCRIPT=liger_parity; shift ;;
 esac
 if [[ "${1:-}" == "--dry-run" ]]; then
   OUT_DIR="${2:-${TMPDIR:-/tmp}/orpo-gpu-dry-run}"
