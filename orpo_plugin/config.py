@@ -254,20 +254,21 @@ class ORPOConfig(BaseConfig):
         return max(max_length * self.per_device_train_batch_size, 2 * max_length)
 
 
-# ParallelismConfig sizes that cut a sequence, or a layer's weights, across ranks
+# ParallelismConfig sizes that cut a sequence, or a layer's weights, across ranks, and are not supported
 SPLITTING_SIZES = {
-    "sp_size": "sequence parallelism (Ulysses) splits each sequence across ranks",
     "cp_size": "context parallelism splits each sequence across ranks",
     "tp_size": "tensor parallelism splits each layer's weights and the output layer across ranks",
 }
 
 
 def check_no_sequence_split(parallelism_config) -> None:
-    """Refuse an accelerate `ParallelismConfig` that splits sequences or layers across ranks.
+    """Refuse an accelerate `ParallelismConfig` that splits sequences or layers in a way orpo_plugin does not reduce.
 
     ORPO's log-probabilities are per-sequence means and its NLL a sum over every response token: computed on a shard of
-    a sequence they would be silently wrong. Data parallelism (DDP, FSDP2's `dp_shard_size`, DeepSpeed) is supported.
-    Raises ValueError naming the size that is set.
+    a sequence they would be silently wrong. Supported: data parallelism (DDP, FSDP2's `dp_shard_size`, DeepSpeed)
+    and Ulysses sequence parallelism (`sp_size` with `sp_backend="deepspeed"`, whose sums orpo_plugin reduces over the
+    group: sequence_parallel.py; what it cannot run is refused when the trainer starts). Raises ValueError naming the
+    size that is set.
     """
     if parallelism_config is None:
         return
@@ -276,6 +277,6 @@ def check_no_sequence_split(parallelism_config) -> None:
         if size > 1:
             raise ValueError(
                 f"parallelism_config.{name}={size}: {what}, and orpo_plugin does not reduce its per-sequence "
-                f"log-probabilities over such a split yet. Set {name}=1 (data parallelism: DDP, FSDP2, DeepSpeed "
-                "ZeRO; docs/distributed.md)"
+                f"log-probabilities over such a split. Set {name}=1 (data parallelism: DDP, FSDP2, DeepSpeed ZeRO; "
+                "sequence parallelism: sp_size with sp_backend='deepspeed'; docs/distributed.md)"
             )

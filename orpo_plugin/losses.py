@@ -66,11 +66,20 @@ def prob_ratio_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -
 LOSS_TYPES = {"odds_ratio": odds_ratio_terms, "prob_ratio": prob_ratio_terms}
 
 
-def sequence_logps(token_logps: torch.Tensor, seq_index: torch.Tensor, num_sequences: int) -> torch.Tensor:
-    """Mean log-prob per sequence from a flat list of response-token log-probs and their sequence index."""
+def sequence_sums(
+    token_logps: torch.Tensor, seq_index: torch.Tensor, num_sequences: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-prob, token count) per sequence, [num_sequences] each, from a flat list of response-token
+    log-probs and their sequence index."""
     sums = token_logps.new_zeros(num_sequences).index_add(0, seq_index, token_logps)
     # index_add, not bincount: bincount sizes its output from the data, which reads the device (a synchronisation)
     counts = sums.new_zeros(num_sequences).index_add(0, seq_index, sums.new_ones(seq_index.shape))
+    return sums, counts
+
+
+def sequence_logps(token_logps: torch.Tensor, seq_index: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """Mean log-prob per sequence from a flat list of response-token log-probs and their sequence index."""
+    sums, counts = sequence_sums(token_logps, seq_index, num_sequences)
     return sums / counts.clamp(min=1)
 
 

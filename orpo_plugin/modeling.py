@@ -16,7 +16,8 @@ import torch
 
 from ._compat import forward_accepts
 from .chunked import chunked_target_logps, full_target_logps
-from .losses import ORPOOutput, orpo_loss, sequence_logps
+from .losses import ORPOOutput, orpo_loss, sequence_sums
+from .sequence_parallel import group_sum
 from .sharded_head import OutputHead, hidden_then_head, sharded_head_owner, unwrap
 
 # OutputHead and unwrap live in sharded_head.py; they are re-exported here, where the forward's callers look
@@ -143,25 +144,43 @@ def orpo_forward(
     total_nll_tokens: float | None = None,
     logits_in_forward: bool = False,
     loss_type: str = "odds_ratio",
+    sp_group=None,
+    sp_size: int = 1,
 ) -> ForwardResult:
-    """Loss of one micro-batch (normalised by the given totals) and the sums its metrics are made of."""
+    """Loss of one micro-batch (normalised by the given totals) and the sums its metrics are made of.
+
+    Under sequence parallelism (`sp_group`, `sp_size` ranks) the batch is this rank's slice of the row
+    (sequence_parallel.local_batch): the per-sequence sums and counts, the NLL sum and the logit sums are summed over
+    the group (one all-reduce), the gradient flowing to this rank's own share, and the metric sums are divided by
+    `sp_size` so that the reduction over all ranks in `log` counts each row once.
+    """
     token_logps, logit_sums = predicted_logps(model, batch, head, chunk_size, logits_in_forward)
     # No value is read back from the device here (see `_host_count`): masks select by `where`, not by indexing.
     pairs = _host_count(batch, "num_pairs", None)
     seq = batch["pred_seq"]
     # prompt predictions (sequence -1) go to an extra last slot, dropped
     slots = torch.where(seq >= 0, seq, torch.full_like(seq, 2 * pairs))
-    logps = sequence_logps(token_logps, slots, 2 * pairs + 1)[: 2 * pairs]
-    chosen_logps, rejected_logps = logps[:pairs], logps[pairs:]
+    seq_sums, seq_counts = sequence_sums(token_logps, slots, 2 * pairs + 1)
     nll_mask = batch["pred_nll"]
     nll_tokens = _host_count(batch, "nll_tokens", nll_mask)
     nll_sum = -torch.where(nll_mask, token_logps, torch.zeros_like(token_logps)).sum()
+    in_logits_chosen, in_logits_rejected = batch["pred_in_logits_chosen"], batch["pred_in_logits_rejected"]
+    zero = torch.zeros_like(logit_sums)
+    logits_chosen_sum = torch.where(in_logits_chosen, logit_sums, zero).sum().detach()
+    logits_rejected_sum = torch.where(in_logits_rejected, logit_sums, zero).sum().detach()
+    if sp_group is not None:
+        n, dtype = seq_sums.shape[0], seq_sums.dtype
+        parts = [seq_sums, seq_counts, nll_sum[None].to(dtype)]
+        parts += [logits_chosen_sum[None].to(dtype), logits_rejected_sum[None].to(dtype)]
+        total = group_sum(torch.cat(parts), sp_group)  # one all-reduce per micro-batch
+        seq_sums, seq_counts, nll_sum = total[:n], total[n : 2 * n], total[2 * n]
+        logits_chosen_sum, logits_rejected_sum = total[2 * n + 1].detach(), total[2 * n + 2].detach()
+    logps = (seq_sums / seq_counts.clamp(min=1))[: 2 * pairs]
+    chosen_logps, rejected_logps = logps[:pairs], logps[pairs:]
     out = orpo_loss(chosen_logps, rejected_logps, nll_sum, nll_tokens, beta, total_pairs, total_nll_tokens, loss_type)
     vocab = head.vocab_size
-    in_logits_chosen, in_logits_rejected = batch["pred_in_logits_chosen"], batch["pred_in_logits_rejected"]
     with torch.no_grad():
         c, r = chosen_logps.detach().float(), rejected_logps.detach().float()
-        zero = torch.zeros_like(logit_sums)
         # device tensors stay on the device (summed there over the steps, read once per log); counts are host floats
         sums = {
             "pairs": float(pairs),
@@ -172,15 +191,17 @@ def orpo_forward(
             "log_odds_chosen": out.log_odds.detach().float().sum(),
             "nll_sum": nll_sum.detach().float(),
             "nll_tokens": float(nll_tokens),
-            "logits_chosen_sum": torch.where(in_logits_chosen, logit_sums, zero).sum(),
+            "logits_chosen_sum": logits_chosen_sum,
             "logits_chosen_count": float(_host_count(batch, "in_logits_chosen_count", in_logits_chosen)) * vocab,
-            "logits_rejected_sum": torch.where(in_logits_rejected, logit_sums, zero).sum(),
+            "logits_rejected_sum": logits_rejected_sum,
             "logits_rejected_count": float(_host_count(batch, "in_logits_rejected_count", in_logits_rejected)) * vocab,
             "real_tokens": float(batch["real_tokens"]),
             "total_tokens": float(batch["total_tokens"]),
         }
         if "unshared_tokens" in batch:
             sums["unshared_tokens"] = float(batch["unshared_tokens"])
+        if sp_size > 1:  # every rank of the group holds the whole row's sums
+            sums = {k: v / sp_size for k, v in sums.items()}
     return ForwardResult(out, sums)
 
 

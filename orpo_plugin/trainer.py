@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, TrainerCallback, set_seed
 
-from . import attention
+from . import attention, sequence_parallel
 from ._compat import BaseTrainer
 from .bnb_cpu import CPU4BitGuardMixin, cpu_4bit_layers, training_weight_layout
 from .chunked import default_chunk_size
@@ -246,6 +246,16 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
                 logger.warning("chunked_loss: using full logits because %s", self.head.reason)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+        # Ulysses sequence parallelism (accelerate's ParallelismConfig, DeepSpeed): refused at start where it cannot run
+        self.sp_size = sequence_parallel.sp_size(self.accelerator)
+        self._sp_attention: str | None = None  # registered at the first training step (DeepSpeed's groups exist then)
+        if self.sp_size > 1:
+            sequence_parallel.check_supported(self, self.sp_size)
+            sequence_parallel.init_deepspeed_comm()
+            self.data_collator.pad_to_multiple_of = sequence_parallel.pad_multiple(
+                self.data_collator.pad_to_multiple_of, self.sp_size
+            )
+            logger.warning("sequence parallelism: each row is split across %d ranks (DeepSpeed Ulysses)", self.sp_size)
 
     # ------------------------------------------------------------------------------------------ setup helpers
     @staticmethod
@@ -280,6 +290,30 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
 
     # ------------------------------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
+        collator = self.data_collator
+        if self.sp_size > 1:  # rows in the form DeepSpeed's Ulysses loader adapter slices
+            length = sequence_parallel.row_length(self.args, collator.pad_to_multiple_of)
+            self.data_collator = sequence_parallel.SPCollator(collator, self.sp_size, length)
+        try:
+            return self._train_dataloader()
+        finally:
+            self.data_collator = collator
+
+    def _sampler_rank(self) -> tuple[int, int]:
+        """(replicas, rank) of this process's share of the packed groups.
+
+        Under sequence parallelism the ranks of a group take turns: DeepSpeed's loader adapter trains, one after
+        another, the batch of each rank of the group on the whole group. Rank j of data-parallel group d then takes
+        the groups d + dp * j (mod world), so that group d trains groups d, d + dp, d + 2 dp, ... in order: the
+        batches data-parallel rank d would train without sequence parallelism.
+        """
+        world, rank, sp = self.args.world_size, self.args.process_index, self.sp_size
+        if sp == 1:
+            return world, rank
+        dp = world // sp
+        return world, rank // sp + dp * (rank % sp)
+
+    def _train_dataloader(self) -> DataLoader:
         if not self.args.packing:
             return super().get_train_dataloader()
         dataset = self.train_dataset
@@ -293,8 +327,8 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
             self.args.packing_budget(),
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             window=self.args.packing_window,
-            num_replicas=self.args.world_size,
-            rank=self.args.process_index,
+            num_replicas=self._sampler_rank()[0],
+            rank=self._sampler_rank()[1],
         )
         if self._packed_sampler is None:
             self.add_callback(_EpochSetter(sampler))
@@ -376,6 +410,8 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
+        if self.sp_size > 1:  # this rank's slices of the rows, as prediction fields
+            batches = [sequence_parallel.local_batch(b) for b in batches]
         # host counts from the collator: no device read on one process (see modeling._host_count)
         totals = [
             float(sum(int(b["num_pairs"]) for b in batches)),
@@ -403,9 +439,15 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
         if self._verify_head_on_first_step:
             self._verify_head_now(model)
         attention.register_host_layout(inputs)  # attention plans read the collator's host lists, not the device
+        split = bool(inputs.get("sp_local"))  # a slice of the row (sequence parallelism, training)
+        sp_group = None
+        if split:
+            from deepspeed.utils import groups
+
+            sp_group = groups._get_sequence_parallel_group()
         # autocast around the whole computation, not only the model's forward (where accelerate puts it): the
         # output layer applied to the hidden states runs in the precision the model's own head would
-        with attention.attention_implementation(model, self.attention_override), self.accelerator.autocast():
+        with attention.attention_implementation(model, self._attention_for(split)), self.accelerator.autocast():
             result = orpo_forward(
                 model,
                 inputs,
@@ -416,6 +458,8 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
                 total_tokens,
                 self.logits_in_forward,
                 getattr(self.args, "loss_type", "odds_ratio"),
+                sp_group=sp_group,
+                sp_size=self.sp_size if split else 1,
             )
         mode = "train" if model.training else "eval"
         counted = mode == "train" or self._count_eval_sums
@@ -435,8 +479,17 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
             self._verify_head_now(model)
         # Forward and backward under one attention override: gradient checkpointing recomputes the layers during
         # backward, and the recomputation must run the same attention as the forward did.
-        with attention.attention_implementation(model, self.attention_override), self.activation_offload_context:
+        split = bool(inputs.get("sp_local"))
+        with attention.attention_implementation(model, self._attention_for(split)), self.activation_offload_context:
             return super().training_step(model, inputs, *args, **kwargs)
+
+    def _attention_for(self, split: bool) -> str | None:
+        """The attention of a forward: the layout's, wrapped in DeepSpeed's Ulysses all-to-all for a row slice."""
+        if not split:
+            return self.attention_override
+        if self._sp_attention is None:
+            self._sp_attention = sequence_parallel.register_attention(self.attention_override, self.model, self.sp_size)
+        return self._sp_attention
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """TRL's return: the batch's mean chosen and rejected logits as "predictions" and zero labels, so that

@@ -190,9 +190,9 @@ def test_readme_qlora_packing_command_runs_on_cpu(tiny, tmp_path):
     assert (out / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("size", ["sp_size", "cp_size", "tp_size"])
+@pytest.mark.parametrize("size", ["cp_size", "tp_size"])
 def test_a_parallelism_config_that_splits_sequences_is_refused(size, tmp_path):
-    """Ulysses/context/tensor parallelism would compute per-sequence log-probs on shards: refused at config time."""
+    """Context/tensor parallelism would compute per-sequence log-probs on shards: refused at config time."""
     from accelerate import ParallelismConfig
 
     from orpo_plugin.config import check_no_sequence_split
@@ -203,3 +203,5 @@ def test_a_parallelism_config_that_splits_sequences_is_refused(size, tmp_path):
     with pytest.raises(ValueError, match=rf"parallelism_config\.{size}=2"):
         ORPOConfig(output_dir=str(tmp_path), parallelism_config=split, report_to=[])
     check_no_sequence_split(ParallelismConfig(dp_shard_size=2))  # data parallelism only: accepted
+    # Ulysses sequence parallelism is reduced over its group (tests/distributed/test_sequence_parallel.py)
+    check_no_sequence_split(ParallelismConfig(sp_size=2, sp_backend="deepspeed"))

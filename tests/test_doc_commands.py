@@ -110,6 +110,23 @@ ELSEWHERE[
     "-m orpo_plugin.cli train --config configs/trl/<your config>.yaml"
 ] = (_LAUNCH, "two machines of 8 GPUs; tests/distributed launches the same module with 2 CPU processes")
 
+_SP = "tests/distributed/test_sequence_parallel.py::test_sequence_parallel_2_by_data_parallel_2_equals_one_process"
+for _command in (
+    "accelerate launch --config_file configs/accelerate/deepspeed-ulysses.yaml --num_processes 8 "
+    "--parallelism_config_dp_replicate_size 4 -m orpo_plugin.cli train --config configs/trl/<your config>.yaml "
+    "--packing true",
+    "accelerate launch --config_file configs/accelerate/deepspeed-ulysses.yaml --num_processes 8 "
+    "--parallelism_config_sp_size 4 --parallelism_config_dp_replicate_size 2 "
+    "-m orpo_plugin.cli train --config configs/trl/<your config>.yaml --packing true",
+):
+    ELSEWHERE[_command] = (_SP, "8 GPUs and a placeholder config; the test launches the same file with 4 CPU processes")
+ELSEWHERE[
+    "accelerate launch --config_file configs/accelerate/deepspeed-ulysses.yaml --num_machines 2 --num_processes 16 "
+    "--parallelism_config_sp_size 8 --parallelism_config_dp_replicate_size 2 --machine_rank 0 "
+    "--main_process_ip <node 0 address> --main_process_port 29500 "
+    "-m orpo_plugin.cli train --config configs/trl/<your config>.yaml --packing true"
+] = (_SP, "two machines of 8 GPUs; the test launches the same file with 4 CPU processes on one machine")
+
 
 def doc_commands() -> dict[str, list[str]]:
     """{command: [page:line, ...]} for every line of every ```bash block of the pages."""

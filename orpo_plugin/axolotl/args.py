@@ -105,9 +105,11 @@ class ORPOPluginArgs(BaseModel):
                 size = data.get(key)
                 if isinstance(size, int) and size > 1:
                     raise ValueError(
-                        f"{key}: {size}: under rl: orpo, orpo_plugin does not split sequences or layers across GPUs "
-                        f"yet (its per-sequence log-probabilities would be computed on shards); set {key}: 1 or "
-                        "remove it. Data parallelism (DDP, FSDP, DeepSpeed) works."
+                        f"{key}: {size}: under rl: orpo, the Axolotl plugin does not split sequences or layers "
+                        f"across GPUs (its per-sequence log-probabilities would be computed on shards); set {key}: 1 "
+                        "or remove it. Data parallelism (DDP, FSDP, DeepSpeed) works; for long pairs, "
+                        "`orpo-plugin train` under configs/accelerate/deepspeed-ulysses.yaml splits rows "
+                        "(docs/distributed.md)."
                     )
         if data.get("orpo_packing_max_tokens") is not None and data.get("orpo_packing") is False:
             raise ValueError("orpo_packing_max_tokens is set but orpo_packing is false; set orpo_packing: true")
