@@ -36,13 +36,15 @@ VOCAB = 128_256
 CONFIG = ROOT / "configs" / "accelerate" / "deepspeed-ulysses.yaml"
 
 
-def build(folder: Path, tokens: int) -> None:
+def build(folder: Path, tokens: int, hidden: int, layers: int, vocab: int) -> None:
     """The model, tokenizer and one-pair dataset of the run, written to `folder`."""
     from orpo_plugin.toy import build_model, build_tokenizer
 
     words = "apple banana dog cat red blue green saw drill hammer pear plum one two three four five six".split()
     tok = build_tokenizer([" ".join(words)] * 4, vocab_size=300)
-    model = build_model(VOCAB, hidden_size=128, num_layers=2)
+    model = build_model(
+        vocab, hidden_size=hidden, num_layers=layers, num_heads=8, max_position_embeddings=max(2048, tokens)
+    )
     model.save_pretrained(folder / "model")
     tok.save_pretrained(folder / "model")
     rng = random.Random(0)
@@ -60,8 +62,8 @@ def build(folder: Path, tokens: int) -> None:
     (folder / "pair.jsonl").write_text(json.dumps(row) + "\n")
 
 
-def child(folder: Path, tokens: int, result: Path) -> None:
-    """One process (or rank) trains 3 steps on the pair and writes its step peak and first loss."""
+def child(folder: Path, tokens: int, result: Path, opts) -> None:
+    """One process (or rank) trains 2 steps on the pair and writes its second step's peak and its first loss."""
     import resource
 
     import common
@@ -78,7 +80,7 @@ def child(folder: Path, tokens: int, result: Path) -> None:
     losses = []
     args = ORPOConfig(
         output_dir=str(folder / "out"),
-        max_steps=3,
+        max_steps=2,
         per_device_train_batch_size=1,
         max_length=tokens,
         packing=True,
@@ -92,13 +94,20 @@ def child(folder: Path, tokens: int, result: Path) -> None:
         logging_steps=1,
         disable_tqdm=True,
         seed=0,
+        loss_chunk_size=opts.loss_chunk_size,
     )
+    peft = None
+    if opts.lora:
+        from peft import LoraConfig
+
+        peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = ORPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(folder / "model", attn_implementation="sdpa"),
         args=args,
         train_dataset=load_dataset("json", data_files=str(folder / "pair.jsonl"))["train"],
         processing_class=AutoTokenizer.from_pretrained(folder / "model"),
         callbacks=[probe.callback()],
+        peft_config=peft,
     )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -127,17 +136,22 @@ def run(cmd: list[str], env: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=8192, help="tokens of the pair (2 x prompt + chosen + rejected)")
+    p.add_argument("--hidden", type=int, default=1024, help="hidden size (8 heads)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=VOCAB)
+    p.add_argument("--lora", type=int, default=1, help="1: LoRA r=16 on every linear layer (as users train); 0: full")
+    p.add_argument("--loss-chunk-size", type=int, default=512, help="tokens per chunk of the chunked loss")
     p.add_argument("--child", nargs=2, metavar=("FOLDER", "RESULT"), help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.child:
-        child(Path(opts.child[0]), opts.tokens, Path(opts.child[1]))
+        child(Path(opts.child[0]), opts.tokens, Path(opts.child[1]), opts)
         return 0
     sys.path.insert(0, str(ROOT / "tests" / "distributed"))
     import common
     from deepspeed_env import deepspeed_python
 
     folder = Path(tempfile.mkdtemp(prefix="orpo-sp-bench-"))
-    build(folder, opts.tokens)
+    build(folder, opts.tokens, opts.hidden, opts.layers, opts.vocab)
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -149,12 +163,13 @@ def main(argv=None) -> int:
     }
     results = {}
     one = folder / "one.json"
-    run([sys.executable, __file__, "--tokens", str(opts.tokens), "--child", str(folder), str(one)], env)
+    settings = ["--tokens", str(opts.tokens), "--lora", str(opts.lora), "--loss-chunk-size", str(opts.loss_chunk_size)]
+    run([sys.executable, __file__, *settings, "--child", str(folder), str(one)], env)
     results["one process"] = [json.loads(Path(f"{one}.rank0").read_text())]
     two = folder / "sp2.json"
     launch = [str(deepspeed_python()), "-m", "accelerate.commands.launch", "--config_file", str(CONFIG)]
     launch += ["--num_processes", "2", "--main_process_port", str(free_port())]
-    run([*launch, __file__, "--tokens", str(opts.tokens), "--child", str(folder), str(two)], env)
+    run([*launch, __file__, *settings, "--child", str(folder), str(two)], env)
     results["sp 2"] = [json.loads(Path(f"{two}.rank{r}").read_text()) for r in range(2)]
     base = results["one process"][0]
     rows = []
@@ -171,7 +186,9 @@ def main(argv=None) -> int:
             ]
         )
     print(
-        f"One pair of {base['real_tokens']:,.0f} tokens (--tokens {opts.tokens}), vocab {VOCAB:,}, hidden 128, 2 layers, checkpointing on, float32, "
+        f"One pair of {base['real_tokens']:,.0f} tokens (--tokens {opts.tokens}), vocab {opts.vocab:,}, hidden "
+        f"{opts.hidden}, {opts.layers} layers, 8 heads, {'LoRA r=16 all-linear' if opts.lora else 'full fine-tune'}, "
+        f"loss chunks of {opts.loss_chunk_size} tokens, checkpointing on, float32, "
         "CPU (gloo). Step peak = RSS growth in the second optimizer step, the larger rank's.\n"
     )
     print(

@@ -35,6 +35,8 @@ import math
 
 import torch
 
+from .attention.contract import ATTENTION_NAME
+
 NO_PREDICTION = -2  # `sp_seq` at a position that predicts nothing (-1: a prompt token, counted in the NLL only)
 FIELDS = ("sp_seq", "sp_nll", "sp_in_logits_chosen", "sp_in_logits_rejected")
 _PRED = {  # prediction field -> its per-position field
@@ -120,12 +122,32 @@ def check_supported(trainer, sp: int) -> None:
         raise ValueError(
             f"{where}: the model's own attention ({config._attn_implementation}) would take the packed row; "
             "orpo_plugin splits rows only through its own packed-row kernels. Load the model with "
-            "attn_implementation='sdpa' and choose attention_backend (auto picks one)"
+            "attn_implementation='sdpa'"
+        )
+    if trainer.attention_override != ATTENTION_NAME:
+        raise ValueError(
+            f"{where}: attention_backend={trainer.args.attention_backend!r} gives {trainer.attention_override}, which "
+            f"is not verified under sequence parallelism yet; {ATTENTION_NAME} is (tests/distributed/"
+            "test_sequence_parallel.py). Set attention_backend='sdpa'"
         )
     if trainer.logits_in_forward:
         raise ValueError(f"{where}: this model computes its logits inside its forward, which a row slice cannot use")
     if not isinstance(trainer.data_collator, PreferenceCollator):
         raise ValueError(f"{where} needs orpo_plugin's PreferenceCollator, got {type(trainer.data_collator).__name__}")
+
+
+def sp_attention(trainer) -> str | None:
+    """The packed-row kernel to wrap under sequence parallelism: `attention_backend='auto'` picks orpo_sdpa (the one
+    verified under the split) where the model's features allow it; a backend named by the user stays as chosen
+    (and `check_supported` refuses it unless it is sdpa)."""
+    from . import attention
+    from .sharded_head import unwrap
+
+    args = trainer.args
+    if args.attention_backend != "auto" or trainer.attention_override in (None, ATTENTION_NAME):
+        return trainer.attention_override
+    name, _ = attention.pick_attention(unwrap(trainer.model), args.layout, "sdpa", args.use_cpu, args.varlen_attention)
+    return name
 
 
 def init_deepspeed_comm() -> None:

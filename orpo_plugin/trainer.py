@@ -250,6 +250,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
         self.sp_size = sequence_parallel.sp_size(self.accelerator)
         self._sp_attention: str | None = None  # registered at the first training step (DeepSpeed's groups exist then)
         if self.sp_size > 1:
+            self.attention_override = sequence_parallel.sp_attention(self)
             sequence_parallel.check_supported(self, self.sp_size)
             sequence_parallel.init_deepspeed_comm()
             self.data_collator.pad_to_multiple_of = sequence_parallel.pad_multiple(

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_distributed import ROOT, FixedGroups, base_args, free_port, run_two_processes
+from test_distributed import ROOT, FixedGroups, base_args, free_port, logged, run_two_processes
 from test_fsdp import CHECKPOINTING, METRICS, assert_same_steps, steps
 
 from orpo_plugin import cli
@@ -70,7 +70,7 @@ def long_pairs(tiny):
     return "long.jsonl"
 
 
-def launch(tiny, ds_python, data, out, processes, tmp, *launcher):
+def launch(tiny, ds_python, data, out, processes, tmp, *launcher, **extra):
     cmd = [
         str(ds_python),
         "-m",
@@ -85,7 +85,7 @@ def launch(tiny, ds_python, data, out, processes, tmp, *launcher):
         "-m",
         "orpo_plugin.cli",
         "train",
-        *base_args(tiny, data, out, **RUN),
+        *base_args(tiny, data, out, **RUN, **extra),
     ]
     env = {
         **os.environ,
@@ -104,7 +104,7 @@ def launch(tiny, ds_python, data, out, processes, tmp, *launcher):
     return out
 
 
-def one_process(tiny, data, out, world, accumulation):
+def one_process(tiny, data, out, world, accumulation, **extra):
     """1 process on the global grouping of `world` ranks, `accumulation` groups per step: the same batches."""
     import orpo_plugin.trainer
 
@@ -112,7 +112,7 @@ def one_process(tiny, data, out, world, accumulation):
     FixedGroups.world = world
     orpo_plugin.trainer.ORPOTrainer = FixedGroups.trainer()
     try:
-        argv = base_args(tiny, data, out, **{**RUN, "gradient_accumulation_steps": accumulation})
+        argv = base_args(tiny, data, out, **{**RUN, "gradient_accumulation_steps": accumulation, **extra})
         assert cli.main(["train", *argv]) == 0
         return FixedGroups.groups
     finally:
@@ -148,10 +148,22 @@ def check_split(rows):
     assert straddles, "no trained sequence crosses the boundary between the ranks' halves"
 
 
+# evaluation at the last step: under sequence parallelism it runs unsplit (accelerate's sp_disable_in_eval), each
+# rank evaluating its share of whole pairs, as under DDP
+EVAL = dict(eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=2)
+
+
 @pytest.mark.integration
 def test_sequence_parallel_2_equals_one_process(tiny, long_pairs, ds_python, tmp_path):
-    got = launch(tiny, ds_python, long_pairs, tmp_path / "sp2", 2, tmp_path)
-    groups = one_process(tiny, long_pairs, tmp_path / "one", world=2, accumulation=1)
+    got = launch(tiny, ds_python, long_pairs, tmp_path / "sp2", 2, tmp_path, **EVAL)
+    groups = one_process(tiny, long_pairs, tmp_path / "one", world=2, accumulation=1, **EVAL)
+    evals = [[r for r in logged(out) if "eval_loss" in r] for out in (tmp_path / "sp2", tmp_path / "one")]
+    assert len(evals[0]) == len(evals[1]) == 1, evals
+    assert {"eval_loss", "eval_rewards/accuracies", "eval_logps/chosen", "eval_nll_loss"} <= set(evals[1][0])
+    for key, value in evals[1][0].items():
+        # padding differs: under sequence parallelism the collator pads every row to a multiple of sp_size
+        if key.startswith("eval_") and not key.endswith(("_runtime", "per_second", "padding_fraction")):
+            assert evals[0][0][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     check_split(trained_rows(tiny, long_pairs, groups, 3))
     want, got = steps(tmp_path / "one"), steps(got)
     assert "tokens/padding_fraction" in METRICS
@@ -235,7 +247,7 @@ def fake_trainer(layout="padding_free", stage=2, heads=4, kv=2, override="orpo_s
         state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)),
     )
     fields = dict(
-        args=SimpleNamespace(layout=layout),
+        args=SimpleNamespace(layout=layout, attention_backend="torch_varlen" if override == "orpo_varlen" else "auto"),
         is_deepspeed_enabled=True,
         accelerator=accelerator,
         model=model,
@@ -256,6 +268,10 @@ def fake_trainer(layout="padding_free", stage=2, heads=4, kv=2, override="orpo_s
         (dict(heads=3, kv=3), r"3 attention heads and 3 key/value heads.*sp_size must divide"),
         (dict(heads=4, kv=3), r"4 attention heads and 3 key/value heads"),
         (dict(override=None), r"the model's own attention \(sdpa\) would take the packed row"),
+        (
+            dict(override="orpo_varlen"),
+            r"attention_backend='torch_varlen' gives orpo_varlen, which is not verified .* Set",
+        ),
         (
             dict(world=4),
             r"4 processes, but the parallelism config accounts for 2 .* --parallelism_config_dp_replicate_size 2",
