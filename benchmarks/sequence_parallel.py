@@ -1,11 +1,18 @@
 """Per-rank memory of a training step on one long pair: Ulysses sequence parallelism over 2 ranks against 1 process.
 
-    python benchmarks/sequence_parallel.py                  # one pair of 8,192 tokens, vocab 128,256, on CPU
-    python benchmarks/sequence_parallel.py --tokens 16384   # the pair the issue names (about 6 GiB per process here)
+    python benchmarks/sequence_parallel.py                 # one pair of 16,384 tokens (benchmarks/RESULTS.md 3c)
+    python benchmarks/sequence_parallel.py --tokens 8192 --hidden 1024 --layers 4 --vocab 128256 --lora 0 \
+        --loss-chunk-size 0                                # full fine-tune, 128k vocabulary, the default loss chunk
 
-The model: a random-init Llama with a 128,256-row embedding and output layer, hidden 128, 2 layers, 4 heads,
-gradient checkpointing on, float32, chunked loss, packing (the pair in one row). The pair: prompt 1/8 of the
-tokens, chosen and rejected 3/8 each (2 x prompt + chosen + rejected = --tokens), of plain words.
+The model (defaults): a random-init Llama, hidden 512, 8 layers, 8 heads, vocabulary 32,000, LoRA r=16 on every
+linear layer (as users train), gradient checkpointing on, float32, chunked loss in chunks of 512 tokens, packing
+(the pair in one row). The pair: prompt 1/8 of the tokens, chosen and rejected 3/8 each (2 x prompt + chosen +
+rejected = --tokens), of plain words.
+
+What sequence parallelism divides is what grows with the row: the layers' activations. The chunked loss holds one
+chunk of logits whatever the length, and a full fine-tune's weight gradients do not depend on it either; where
+those dominate a step (a tiny model with a 128k vocabulary and the default 512 MiB loss chunk, or a full fine-tune)
+the per-rank peak does not fall (the second command above: RESULTS.md 3c says by how much).
 
 - `one process`: `orpo_plugin.ORPOTrainer` in one process.
 - `sp 2`: the same trainer under `accelerate launch --config_file configs/accelerate/deepspeed-ulysses.yaml
@@ -32,7 +39,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-VOCAB = 128_256
 CONFIG = ROOT / "configs" / "accelerate" / "deepspeed-ulysses.yaml"
 
 
@@ -94,7 +100,7 @@ def child(folder: Path, tokens: int, result: Path, opts) -> None:
         logging_steps=1,
         disable_tqdm=True,
         seed=0,
-        loss_chunk_size=opts.loss_chunk_size,
+        loss_chunk_size=opts.loss_chunk_size or None,
     )
     peft = None
     if opts.lora:
@@ -135,12 +141,14 @@ def run(cmd: list[str], env: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=8192, help="tokens of the pair (2 x prompt + chosen + rejected)")
-    p.add_argument("--hidden", type=int, default=1024, help="hidden size (8 heads)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=VOCAB)
+    p.add_argument("--tokens", type=int, default=16384, help="tokens of the pair (2 x prompt + chosen + rejected)")
+    p.add_argument("--hidden", type=int, default=512, help="hidden size (8 heads)")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32_000)
     p.add_argument("--lora", type=int, default=1, help="1: LoRA r=16 on every linear layer (as users train); 0: full")
-    p.add_argument("--loss-chunk-size", type=int, default=512, help="tokens per chunk of the chunked loss")
+    p.add_argument(
+        "--loss-chunk-size", type=int, default=512, help="tokens per chunk of the chunked loss (0: the default size)"
+    )
     p.add_argument("--child", nargs=2, metavar=("FOLDER", "RESULT"), help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.child:
@@ -188,7 +196,7 @@ def main(argv=None) -> int:
     print(
         f"One pair of {base['real_tokens']:,.0f} tokens (--tokens {opts.tokens}), vocab {opts.vocab:,}, hidden "
         f"{opts.hidden}, {opts.layers} layers, 8 heads, {'LoRA r=16 all-linear' if opts.lora else 'full fine-tune'}, "
-        f"loss chunks of {opts.loss_chunk_size} tokens, checkpointing on, float32, "
+        f"loss chunks of {opts.loss_chunk_size or 'the default'} tokens, checkpointing on, float32, "
         "CPU (gloo). Step peak = RSS growth in the second optimizer step, the larger rank's.\n"
     )
     print(

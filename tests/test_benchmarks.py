@@ -82,3 +82,16 @@ def test_device_reads_script_names_every_caller():
         callers = blocks[name]
         assert any("transformers/trainer.py" in c for c in callers), callers
         assert not [c for c in callers if "orpo_plugin/" in c], callers
+
+
+def test_sequence_parallel_memory_script_runs_both_ways():
+    """benchmarks/sequence_parallel.py (RESULTS.md section 3c) at a tiny size: 1 process and 2 ranks train the same step."""
+    out = run("sequence_parallel.py", "--tokens", "512", "--hidden", "64", "--layers", "2", "--vocab", "1000")
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in out.splitlines()
+        if line.startswith("| one process") or line.startswith("| sp 2")
+    }
+    assert set(rows) == {"one process", "sp 2"}, out
+    assert rows["one process"][0] == "1" and rows["sp 2"][0] == "2"
+    assert rows["one process"][-1] == rows["sp 2"][-1]  # the same first loss
