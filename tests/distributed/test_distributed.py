@@ -290,6 +290,7 @@ def test_shipped_accelerate_configs_load_with_accelerates_loader():
         "fsdp.yaml": (DistributedType.FSDP, None),
         "deepspeed-zero2.yaml": (DistributedType.DEEPSPEED, 2),
         "deepspeed-zero3.yaml": (DistributedType.DEEPSPEED, 3),
+        "deepspeed-ulysses.yaml": (DistributedType.DEEPSPEED, 2),
     }
     assert sorted(p.name for p in folder.glob("*.yaml")) == sorted(expected)
     launch_options = {a.dest for a in launch_command_parser()._actions}
@@ -300,7 +301,7 @@ def test_shipped_accelerate_configs_load_with_accelerates_loader():
         assert config.num_machines == 1 and config.num_processes >= 2 and not config.use_cpu, name
         assert config.mixed_precision == "no", f"{name}: precision must come from the training config"
         # nested keys are not checked by the loader: each must be a `accelerate launch` option
-        for key in [*config.fsdp_config, *config.deepspeed_config]:
+        for key in [*config.fsdp_config, *config.deepspeed_config, *(config.parallelism_config or {})]:
             assert key in launch_options, f"{name}: unknown key {key}"
         if zero_stage is not None:
             assert config.deepspeed_config.get("zero_stage") == zero_stage, name
@@ -314,7 +315,9 @@ def test_shipped_accelerate_configs_load_with_accelerates_loader():
             assert "CPU only" in text or "UNTESTED" in text, name
     fsdp = load_config_from_file(str(folder / "fsdp.yaml")).fsdp_config
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    for name, stage in (("deepspeed-zero2.yaml", 2), ("deepspeed-zero3.yaml", 3)):
+    ulysses = load_config_from_file(str(folder / "deepspeed-ulysses.yaml")).parallelism_config
+    assert ulysses == {"parallelism_config_sp_size": 2, "parallelism_config_sp_backend": "deepspeed"}
+    for name, stage in (("deepspeed-zero2.yaml", 2), ("deepspeed-zero3.yaml", 3), ("deepspeed-ulysses.yaml", 2)):
         ds = load_config_from_file(str(folder / name)).deepspeed_config
         assert ds["zero_stage"] == stage
         assert "gradient_accumulation_steps" not in ds, "left to the training config ('auto')"
