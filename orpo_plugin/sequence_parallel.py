@@ -26,7 +26,9 @@ Refused at start (`check_supported`), each with a message: the padded layout (it
 prefix sharing (one position predicts both branches' first tokens, which a per-position slice cannot hold), ZeRO-3
 (DeepSpeed < 0.20.2 averages its gradients over the group instead of summing them; untested here), attention heads
 that the group cannot divide, a model whose own attention takes the packed row (no orpo_plugin kernel to wrap), a
-model whose logits are computed inside its forward, and a data collator other than orpo_plugin's.
+packed-row kernel other than orpo_sdpa (the one verified under the split; `attention_backend='auto'` picks it:
+`sp_attention`), a model whose logits are computed inside its forward, a process count the parallelism config does
+not account for, and a data collator other than orpo_plugin's.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ import torch
 from .attention.contract import ATTENTION_NAME
 
 NO_PREDICTION = -2  # `sp_seq` at a position that predicts nothing (-1: a prompt token, counted in the NLL only)
-FIELDS = ("sp_seq", "sp_nll", "sp_in_logits_chosen", "sp_in_logits_rejected")
 _PRED = {  # prediction field -> its per-position field
     "pred_seq": "sp_seq",
     "pred_nll": "sp_nll",
@@ -271,7 +272,7 @@ def group_sum(t: torch.Tensor, group) -> torch.Tensor:
     return t + (total - t.detach())
 
 
-def register_attention(name: str, model, sp: int) -> str:
+def register_attention(name: str, model) -> str:
     """Register DeepSpeed's Ulysses attention around the orpo_plugin kernel `name`; returns the wrapped name."""
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from deepspeed.utils import groups

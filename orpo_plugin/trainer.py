@@ -319,6 +319,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
             return super().get_train_dataloader()
         dataset = self.train_dataset
         layout = self.args.layout
+        replicas, rank = self._sampler_rank()
         lengths = [
             pair_cost(f, layout)
             for f in dataset.select_columns(["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"])
@@ -328,8 +329,8 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
             self.args.packing_budget(),
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             window=self.args.packing_window,
-            num_replicas=self._sampler_rank()[0],
-            rank=self._sampler_rank()[1],
+            num_replicas=replicas,
+            rank=rank,
         )
         if self._packed_sampler is None:
             self.add_callback(_EpochSetter(sampler))
@@ -489,7 +490,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
         if not split:
             return self.attention_override
         if self._sp_attention is None:
-            self._sp_attention = sequence_parallel.register_attention(self.attention_override, self.model, self.sp_size)
+            self._sp_attention = sequence_parallel.register_attention(self.attention_override, self.model)
         return self._sp_attention
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -81,7 +81,7 @@ def demo_run(tmp_path_factory):
         "--steps",
         str(STEPS),
         "--pairs_per_step",
-        "8",
+        "4",
         "--diversity_prompts",
         "0",
         "--compare-sft",
