@@ -1,10 +1,8 @@
-"""benchmarks/gpu/run.sh profile --dry-run: the step profiler's code end to end on CPU at tiny sizes."""
+"""benchmarks/gpu/profile_steps.py: how kernels are named (its phase runs end to end on CPU inside
+test_gpu_bench.py::test_gpu_bench_dry_run, `--parts ...,profile`, the same code as `run.sh profile`)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,26 +21,3 @@ def test_classify_names_kernels_by_what_they_compute():
     assert ps.classify("cunn_SoftMaxForward<4, float, float, float, LogSoftMaxForwardEpilogue>") == "loss head"
     assert ps.classify("void multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float>>") == "optimizer"
     assert ps.classify("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>") == "other kernels"
-
-
-def test_profile_dry_run(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/gpu/profile_steps.py"), str(tmp_path), "--dry-run", "--steps", "2"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    result = json.loads((tmp_path / "profile.json").read_text())
-    assert result["cuda"] is False and set(result["results"]) == {"trl", "padded", "packing"}
-    for method, r in result["results"].items():
-        assert "error" not in r, (method, r)
-        shares = r["share"]
-        assert r["step_s"] > 0 and shares["host-side / idle"] >= 0
-        assert shares["matmul"] > 0 and shares["4-bit dequant"] > 0, (method, shares)  # QLoRA's two big costs
-    assert result["results"]["packing"]["share"]["attention"] > 0
-    table = (tmp_path / "PROFILE.md").read_text()
-    assert "NOT a GPU profile" in table and "host-side / idle %" in table and "device reads / step" in table

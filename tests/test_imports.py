@@ -14,11 +14,15 @@ LIBRARY_IMPORTS = (
 
 
 def test_library_does_not_import_the_demo():
-    for statement in LIBRARY_IMPORTS:
-        code = f"{statement}; import sys; print(sorted(m for m in sys.modules if m.startswith('orpo_plugin.demo')))"
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr
-        assert run.stdout.strip() == "[]", f"{statement!r} imported {run.stdout.strip()}"
+    """One process imports each of LIBRARY_IMPORTS in turn and reports the demo modules loaded after each."""
+    code = "import sys\n" + "".join(
+        f"{statement}\nprint(sorted(m for m in sys.modules if m.startswith('orpo_plugin.demo')))\n"
+        for statement in LIBRARY_IMPORTS
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    for statement, loaded in zip(LIBRARY_IMPORTS, run.stdout.strip().splitlines(), strict=True):
+        assert loaded == "[]", f"{statement!r} imported {loaded}"
 
 
 def test_the_check_sees_a_demo_import():
