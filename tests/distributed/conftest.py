@@ -1,9 +1,13 @@
-"""The tiny model and data folder the multi-process tests share (`tiny`: one per test module)."""
+"""What the multi-process tests share: the tiny model and data folder (`tiny`: one per test module) and the DeepSpeed
+venv's python (`ds_python`)."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +36,19 @@ def tiny(tmp_path_factory):
     for name, rows in {"batch8": make_rows(8, 0), "packed": make_rows(14, 1), "single": make_rows(1, 2)}.items():
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
+
+
+@pytest.fixture(scope="module")
+def ds_python() -> Path:
+    """The python of the DeepSpeed venv (tests/distributed/deepspeed_env.py), built on first use; without it the test
+    skips, or fails when ORPO_REQUIRE_INTEGRATION=1 (CI)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from deepspeed_env import DeepSpeedUnavailable, deepspeed_python
+
+    try:
+        return deepspeed_python()
+    except (DeepSpeedUnavailable, OSError) as err:
+        reason = f"no DeepSpeed venv (tests/distributed/deepspeed_env.py): {err}"
+        if os.environ.get("ORPO_REQUIRE_INTEGRATION") == "1":
+            pytest.fail(f"{reason} (ORPO_REQUIRE_INTEGRATION=1)")
+        pytest.skip(reason)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
 from test_distributed import ROOT, FixedGroups, base_args, free_port, run_two_processes
@@ -33,9 +32,7 @@ from test_fsdp import CHECKPOINTING, LORA, PACKED, assert_same_steps, steps
 from orpo_plugin import cli
 
 sys.path.insert(0, str(ROOT / "tests" / "distributed"))
-from deepspeed_env import DeepSpeedUnavailable, deepspeed_python  # noqa: E402
 
-REQUIRED = os.environ.get("ORPO_REQUIRE_INTEGRATION") == "1"
 CONFIGS = {stage: ROOT / "configs" / "accelerate" / f"deepspeed-zero{stage}.yaml" for stage in (2, 3)}
 DENSE = dict(gradient_accumulation_steps=2)
 CHUNK = dict(loss_chunk_size=16)  # several chunks per micro-batch (the default makes one chunk at this vocabulary)
@@ -46,17 +43,6 @@ RUNS = {
     "lora": ("batch8.jsonl", dict(padding_free=True, **DENSE, **LORA, **CHUNK)),
 }
 ZERO2_RUNS = ("padded", "packing")  # ZeRO-2 leaves the model whole: the layouts' code paths are those of 1 process
-
-
-@pytest.fixture(scope="module")
-def ds_python() -> Path:
-    try:
-        return deepspeed_python()
-    except (DeepSpeedUnavailable, OSError) as err:
-        reason = f"no DeepSpeed venv (tests/distributed/deepspeed_env.py): {err}"
-        if REQUIRED:
-            pytest.fail(f"{reason} (ORPO_REQUIRE_INTEGRATION=1)")
-        pytest.skip(reason)
 
 
 def ds_args(tiny, data, out, **kw):

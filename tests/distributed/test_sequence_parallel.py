@@ -22,7 +22,6 @@ import json
 import os
 import random
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -36,23 +35,10 @@ from orpo_plugin.collators import PreferenceCollator
 
 sys.path.insert(0, str(ROOT / "tests" / "distributed"))
 from conftest import WORDS  # noqa: E402
-from deepspeed_env import DeepSpeedUnavailable, deepspeed_python  # noqa: E402
 
-REQUIRED = os.environ.get("ORPO_REQUIRE_INTEGRATION") == "1"
 CONFIG = ROOT / "configs" / "accelerate" / "deepspeed-ulysses.yaml"
 BUDGET = 104
 RUN = dict(packing=True, packing_max_tokens=BUDGET, per_device_train_batch_size=1, **CHECKPOINTING)
-
-
-@pytest.fixture(scope="module")
-def ds_python() -> Path:
-    try:
-        return deepspeed_python()
-    except (DeepSpeedUnavailable, OSError) as err:
-        reason = f"no DeepSpeed venv (tests/distributed/deepspeed_env.py): {err}"
-        if REQUIRED:
-            pytest.fail(f"{reason} (ORPO_REQUIRE_INTEGRATION=1)")
-        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
