@@ -53,9 +53,13 @@ def _train(argv: list[str]) -> int:
             script_args.dataset_name, script_args.dataset_test_split, script_args.dataset_config
         )
 
-    from transformers import AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
+    from .vision import has_images
+
+    # pairs with images: the model's processor (its tokenizer, image processor and chat template)
+    auto = AutoProcessor if has_images(train.column_names) else AutoTokenizer
+    tokenizer = auto.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,

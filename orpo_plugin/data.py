@@ -102,7 +102,22 @@ def _check_text(value: Any, row: int, name: str, allow_empty: bool = False) -> s
     return value
 
 
-def _check_messages(value: Any, row: int, name: str) -> list[dict[str, str]]:
+PART_TYPES = ("text", "image")  # the typed content parts of TRL's vision format (images: vision.py)
+
+
+def _check_parts(content: list, row: int, name: str) -> None:
+    """A message content given as typed parts (TRL's vision format): text parts with their text, image parts."""
+    for j, part in enumerate(content):
+        where = f"{name}.content[{j}]"
+        if not isinstance(part, dict) or part.get("type") not in PART_TYPES:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"row {row}: field '{where}' is a {kind!r} part; the parts supported are {PART_TYPES}")
+        if part["type"] == "text":
+            _check_text(part.get("text"), row, f"{where}.text", allow_empty=True)
+
+
+def _check_messages(value: Any, row: int, name: str, parts: bool = False) -> list[dict[str, Any]]:
+    """The messages of a field, checked; with `parts` (a row with images) a content may be a list of typed parts."""
     if not isinstance(value, list) or not value:
         raise TypeError(f"row {row}: field '{name}' must be a non-empty list of messages, got {type(value).__name__}")
     for k, msg in enumerate(value):
@@ -112,11 +127,15 @@ def _check_messages(value: Any, row: int, name: str) -> list[dict[str, str]]:
             raise ValueError(f"row {row}: field '{name}[{k}]' needs 'role' and 'content' keys, has {sorted(msg)}")
         _check_text(msg["role"], row, f"{name}[{k}].role")
         content = msg["content"]
+        if parts and isinstance(content, list) and content:
+            _check_parts(content, row, f"{name}[{k}]")
+            continue
         if isinstance(content, list) and content and all(isinstance(p, dict) and "type" in p for p in content):
             kinds = sorted({str(p["type"]) for p in content})
             raise ValueError(
                 f"row {row}: field '{name}[{k}].content' is a list of {', '.join(kinds)} parts (the vision format): "
-                "orpo_plugin trains on text only for now; give each message's content as a string"
+                "rows with typed parts train with images, given as an 'images' column beside a vision model's "
+                "processor (docs/vision.md); for a text-only model give each message's content as a string"
             )
         _check_text(content, row, f"{name}[{k}].content")
     return [{"role": m["role"], "content": m["content"]} for m in value]
@@ -136,8 +155,9 @@ def _common_prefix(a: list | str, b: list | str) -> int:
     return n
 
 
-def row_to_text(row: dict[str, Any], index: int, tokenizer) -> tuple[str, str, str]:
-    """Render one row to (prompt, chosen, rejected) text, whatever its format."""
+def row_to_text(row: dict[str, Any], index: int, tokenizer, parts: bool = False) -> tuple[str, str, str]:
+    """Render one row to (prompt, chosen, rejected) text, whatever its format; `parts`: message contents may be typed
+    parts (a row with images, rendered by a processor's chat template)."""
     if not hasattr(row, "keys") or not hasattr(row, "get"):
         raise TypeError(f"row {index}: expected a mapping with 'chosen' and 'rejected', got {type(row).__name__}")
     for name in ("chosen", "rejected"):
@@ -164,8 +184,8 @@ def row_to_text(row: dict[str, Any], index: int, tokenizer) -> tuple[str, str, s
             f"row {index}: conversational data (message lists) needs a tokenizer with a chat template; "
             "set tokenizer.chat_template or pass plain-text rows"
         )
-    chosen = _check_messages(chosen, index, "chosen")
-    rejected = _check_messages(rejected, index, "rejected")
+    chosen = _check_messages(chosen, index, "chosen", parts)
+    rejected = _check_messages(rejected, index, "rejected", parts)
     if isinstance(prompt, str) and not prompt.strip():
         prompt = None
     if prompt is None or isinstance(prompt, str):
@@ -186,7 +206,7 @@ def row_to_text(row: dict[str, Any], index: int, tokenizer) -> tuple[str, str, s
                     "(do the two conversations' earlier turns differ?)"
                 )
     else:
-        prompt = _check_messages(prompt, index, "prompt")
+        prompt = _check_messages(prompt, index, "prompt", parts)
     system = row.get("system")
     if system is not None and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": _check_text(system, index, "system")}] + prompt
@@ -308,25 +328,27 @@ def _special_ids(tokenizer) -> set[int]:
     return ids | {i for i, token in decoder.items() if getattr(token, "special", False)}
 
 
-def end_of_turn_ids(tokenizer) -> frozenset[int]:
+def end_of_turn_ids(tokenizer, renderer=None) -> frozenset[int]:
     """Token ids that end a turn: the tokenizer's EOS and the special tokens its chat template writes after an
     assistant message (ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`, Phi-3's `<|end|>` ...).
 
-    Read off the template's own rendering of a short conversation; empty for a tokenizer with neither.
+    Read off the template's own rendering of a short conversation (the template of `renderer`, a processor, when
+    given); empty for a tokenizer with neither.
     """
     ends = {tokenizer.eos_token_id} - {None}
-    if getattr(tokenizer, "chat_template", None) is None:
+    renderer = tokenizer if renderer is None else renderer
+    if getattr(renderer, "chat_template", None) is None:
         return frozenset(ends)
     marker = "Orpo0Probe0Reply"
     try:
-        text = tokenizer.apply_chat_template(
+        text = renderer.apply_chat_template(
             [{"role": "user", "content": "Orpo0Probe0Ask"}, {"role": "assistant", "content": marker}], tokenize=False
         )
     except Exception as err:  # noqa: BLE001 - a template that refuses the probe: only EOS is known to end a turn
-        _warn_once(tokenizer, f"the chat template refused a [user, assistant] probe ({type(err).__name__}: {err})")
+        _warn_once(renderer, f"the chat template refused a [user, assistant] probe ({type(err).__name__}: {err})")
         return frozenset(ends)
     if marker not in text:
-        _warn_once(tokenizer, "the chat template did not render the probe's assistant message")
+        _warn_once(renderer, "the chat template did not render the probe's assistant message")
         return frozenset(ends)
     after = tokenizer(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)["input_ids"]
     return frozenset(ends | (set(after) & _special_ids(tokenizer)))
@@ -335,9 +357,9 @@ def end_of_turn_ids(tokenizer) -> frozenset[int]:
 _WARNED_TEMPLATES: set[str] = set()
 
 
-def _warn_once(tokenizer, why: str) -> None:
-    if tokenizer.chat_template not in _WARNED_TEMPLATES:
-        _WARNED_TEMPLATES.add(tokenizer.chat_template)
+def _warn_once(renderer, why: str) -> None:
+    if renderer.chat_template not in _WARNED_TEMPLATES:
+        _WARNED_TEMPLATES.add(renderer.chat_template)
         logger.warning(
             "%s: its end-of-turn token is unknown, so EOS is appended after every response that does not already end "
             "with EOS (as TRL does), also after the template's own end of turn if it has one",
@@ -611,8 +633,9 @@ def _refuse_vision(columns: set[str], name: str) -> None:
     vision = sorted(columns & set(VISION_COLUMNS))
     if vision:
         raise ValueError(
-            f"{name} dataset has the column {vision[0]!r}: orpo_plugin trains on text only for now, and the images would "
-            f"never reach the model (a silent text-only run). Remove the column ({vision[0]!r}) to train on the text alone"
+            f"{name} dataset has the column {vision[0]!r}: this path reads text only, and the images would never reach "
+            "the model (a silent text-only run). ORPOTrainer trains pairs with images (an 'images' column) given a "
+            f"vision-language model and its processor (docs/vision.md); to train on the text alone remove {vision[0]!r}"
         )
 
 
@@ -777,13 +800,31 @@ def _file_rows(path: Path, split: str) -> tuple[list[dict[str, Any]], list[int] 
     return data, None
 
 
+def _images_beside(row: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A row of a JSON file with its relative image paths (`images`, `image`) made relative to the file's folder."""
+
+    def place(value):
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute() and "://" not in value:
+            return str(folder / value)
+        return value
+
+    for key in ("images", "image"):
+        value = row.get(key)
+        if isinstance(value, list):
+            row[key] = [place(v) for v in value]
+        elif value is not None:
+            row[key] = place(value)
+    return row
+
+
 _LOCAL_LOOKING = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt")
 
 
 def load_preference_dataset(name_or_path: str, split: str = "train", config: str | None = None):
     """A hub dataset name, a local directory (saved or loadable by `datasets`), or a .json/.jsonl/.parquet file.
 
-    The command line (`orpo-plugin train`, `orpo-plugin eval`) reads its data here. JSON rows are checked before
+    The command line (`orpo-plugin train`, `orpo-plugin eval`) reads its data here; relative image paths in a JSON
+    file's `images`/`image` are read from the file's folder. JSON rows are checked before
     they become a table: a field whose format differs between rows raises a TypeError naming the row (0-based), its
     line in the file and the field (the row checks of `prepare_dataset` follow, as for a list given to the trainer).
     A path that does not exist raises FileNotFoundError.
@@ -796,7 +837,7 @@ def load_preference_dataset(name_or_path: str, split: str = "train", config: str
         if suffix in (".jsonl", ".json"):
             rows, lines = _file_rows(path, split)
             check_row_formats(rows, path.name, lines)
-            return dataset_from_rows(rows)
+            return dataset_from_rows([_images_beside(row, path.parent) for row in rows])
         if suffix == ".parquet":
             return datasets.Dataset.from_parquet(str(path))
         raise ValueError(f"{path}: unsupported file type '{suffix}' (use .json, .jsonl or .parquet)")

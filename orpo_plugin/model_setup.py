@@ -5,14 +5,17 @@ preparation for a 4-/8-bit model), dropout turned off."""
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from .config import ORPOConfig
 
 
-def load_causal_lm(name: str, dtype="auto", device=None, adapter: str | None = None, what: str = "dtype", **kwargs):
-    """`AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)`, moved to `device` when given, with the
-    PEFT adapter saved in the folder `adapter` applied when given.
+def load_causal_lm(
+    name: str, dtype="auto", device=None, adapter: str | None = None, what: str = "dtype", vision=False, **kwargs
+):
+    """`AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)` (with `vision`:
+    `AutoModelForImageTextToText`, the vision-language model with its vision tower), moved to `device` when given,
+    with the PEFT adapter saved in the folder `adapter` applied when given.
 
     `dtype`: "auto" (as saved), a torch dtype or its name ("bfloat16"); another name is a ValueError naming `what`.
     """
@@ -20,7 +23,8 @@ def load_causal_lm(name: str, dtype="auto", device=None, adapter: str | None = N
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"{what}: unknown dtype {dtype!r}")
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model = auto.from_pretrained(name, dtype=dtype, **kwargs)
     if device is not None:
         model = model.to(device)
     if adapter is not None:
@@ -42,13 +46,18 @@ def load_tokenizer(name: str, **kwargs):
     return tokenizer
 
 
-def load_model(name: str, args: ORPOConfig):
-    """The trainer's model from a name or path, with `args.model_init_kwargs` (`torch_dtype` read as `dtype`)."""
+def load_model(name: str, args: ORPOConfig, vision: bool = False):
+    """The trainer's model from a name or path, with `args.model_init_kwargs` (`torch_dtype` read as `dtype`); with
+    `vision` (a dataset with images) the vision-language model."""
     kwargs = dict(args.model_init_kwargs or {})
     dtype = kwargs.get("dtype", kwargs.pop("torch_dtype", "auto"))
     kwargs.pop("dtype", None)
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-    return load_causal_lm(name, dtype, what="model_init_kwargs.dtype", **kwargs)
+    if vision:
+        from .vision import keep_tower_unquantized
+
+        keep_tower_unquantized(kwargs.get("quantization_config"))
+    return load_causal_lm(name, dtype, what="model_init_kwargs.dtype", vision=vision, **kwargs)
 
 
 def apply_peft(model, peft_config, args: ORPOConfig):

@@ -19,6 +19,7 @@ from .chunked import chunked_target_logps, full_target_logps
 from .losses import ORPOOutput, orpo_loss, sequence_sums
 from .sequence_parallel import group_sum
 from .sharded_head import OutputHead, hidden_then_head, sharded_head_owner, unwrap
+from .vision import tower_once
 
 # OutputHead and unwrap live in sharded_head.py; they are re-exported here, where the forward's callers look
 __all__ = [
@@ -46,7 +47,9 @@ MODEL_INPUT_KEYS = (
 
 
 def model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+    """The batch's model inputs: the layout's, and the processor's vision inputs a vision batch names."""
+    keys = MODEL_INPUT_KEYS + tuple(batch.get("vision_keys", ()))
+    return {k: batch[k] for k in keys if k in batch}
 
 
 def _logps_from_model_logits(model, batch: dict, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +94,11 @@ def predicted_logps(
     """
     if "decoder_input_ids" in batch:
         return encoder_decoder_logps(model, batch)
+    with tower_once(model, batch):  # a batch with images: the vision tower runs once per pair
+        return _decoder_logps(model, batch, head, chunk_size, logits_in_forward)
+
+
+def _decoder_logps(model, batch: dict, head: OutputHead, chunk_size: int | None, logits_in_forward: bool):
     kwargs = model_inputs(batch)
     if logits_in_forward:
         return _logps_from_model_logits(model, batch, kwargs)

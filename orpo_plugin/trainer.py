@@ -11,9 +11,9 @@ from collections import defaultdict
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, TrainerCallback, set_seed
+from transformers import AutoProcessor, AutoTokenizer, TrainerCallback, set_seed
 
-from . import attention, sequence_parallel
+from . import attention, sequence_parallel, vision
 from ._compat import BaseTrainer
 from .bnb_cpu import CPU4BitGuardMixin, cpu_4bit_layers, training_weight_layout
 from .chunked import default_chunk_size
@@ -40,6 +40,19 @@ class _EpochSetter(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.sampler.set_epoch(int(math.floor(state.epoch or 0)))
+
+
+def _columns(dataset) -> set[str]:
+    """The column names of a Dataset, or the keys of a list of row dicts."""
+    if isinstance(dataset, list):
+        return {k for row in dataset if isinstance(row, dict) for k in row}
+    return set(getattr(dataset, "column_names", None) or ())
+
+
+def _eval_sets(eval_dataset) -> list:
+    if eval_dataset is None:
+        return []
+    return list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
 
 
 def _has_accelerator() -> bool:
@@ -112,9 +125,13 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
         if liger is not None:
             args.liger_kernel_config = liger  # the base Trainer applies it when training starts
 
+        # rows with images (TRL's vision format): a vision-language model, its processor, the padded layout
+        with_images = vision.has_images(_columns(train_dataset)) or any(
+            vision.has_images(_columns(d)) for d in _eval_sets(eval_dataset)
+        )
         model_id = model if isinstance(model, str) else None
         if isinstance(model, str):
-            model = load_model(model, args)
+            model = load_model(model, args, vision=with_images)
         elif args.model_init_kwargs:
             raise ValueError("model_init_kwargs is set but the model is already instantiated")
         self.is_encoder_decoder = bool(getattr(getattr(unwrap(model), "config", None), "is_encoder_decoder", False))
@@ -139,9 +156,16 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
             disable_dropout_in_model(model)
 
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(
+            auto = AutoProcessor if with_images else AutoTokenizer
+            processing_class = auto.from_pretrained(
                 model_id or unwrap(model).config._name_or_path, trust_remote_code=args.trust_remote_code
             )
+        if with_images:
+            vision.check_trainable(model, processing_class, args.layout)
+            if args.generate_during_eval:
+                raise ValueError(
+                    "generate_during_eval does not pass images to generate yet: turn it off for pairs with images"
+                )
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token_id is None:
@@ -161,7 +185,11 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
                 logger.warning("encoder-decoder model and max_completion_length unset: responses are cut to 128 tokens")
                 max_completion_length = 128
         self.max_completion_length = max_completion_length
-        if data_collator is None:
+        if data_collator is None and with_images:
+            data_collator = vision.VisionPreferenceCollator(
+                processing_class, pad_id, vision.placeholder_ids(model), args.nll_on_prompt, args.pad_to_multiple_of
+            )
+        elif data_collator is None:
             data_collator = PreferenceCollator(
                 pad_id, args.layout, args.nll_on_prompt, args.pad_to_multiple_of, decoder_start_token_id=decoder_start
             )
@@ -169,6 +197,7 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
         if args.dataloader_pin_memory and not _has_accelerator():  # torch warns on every epoch and pins nothing
             args.dataloader_pin_memory = False
 
+        prepare = prepare_dataset
         prep = dict(
             tokenizer=tokenizer,
             max_length=args.max_length,
@@ -179,13 +208,22 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
             truncation_mode=args.truncation_mode,
             encoder_decoder=self.is_encoder_decoder,
         )
+        if with_images:
+            prepare = vision.prepare_vision_dataset
+            prep = dict(
+                processor=processing_class,
+                max_length=args.max_length,
+                max_completion_length=max_completion_length,
+                max_prompt_length=args.max_prompt_length,
+                drop_long_pairs=args.drop_long_pairs,
+            )
         self.data_stats = {}
         with args.main_process_first(desc="preparing the ORPO dataset"):
-            train_dataset, self.data_stats["train"] = prepare_dataset(train_dataset, name="train", **prep)
+            train_dataset, self.data_stats["train"] = prepare(train_dataset, name="train", **prep)
             if isinstance(eval_dataset, dict):
-                eval_dataset = {k: prepare_dataset(v, name=f"eval[{k}]", **prep)[0] for k, v in eval_dataset.items()}
+                eval_dataset = {k: prepare(v, name=f"eval[{k}]", **prep)[0] for k, v in eval_dataset.items()}
             elif eval_dataset is not None:
-                eval_dataset, self.data_stats["eval"] = prepare_dataset(eval_dataset, name="eval", **prep)
+                eval_dataset, self.data_stats["eval"] = prepare(eval_dataset, name="eval", **prep)
 
         self.beta = args.beta
         # (pairs, NLL tokens) of the optimizer step's whole batch per rank: what each micro-batch's loss is divided by

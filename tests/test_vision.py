@@ -1,0 +1,201 @@
+"""Pairs with images (vision.py) on tiny random-init vision-language models of seven families with their real
+processors (tests/helpers/vision.py): loss, metrics and gradients equal a plain padded forward written here, the
+vision tower runs once per pair, and bad rows stop with errors naming the row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from orpo_plugin import ORPOConfig, ORPOTrainer
+from tests.helpers.training import cpu_fields
+from tests.helpers.vision import FAMILIES, build_vlm, image_message, make_images
+
+ANSWERS = [
+    ("It is a small red square.", "A cat on a mat."),
+    ("Two birds and a tree.", "The answer is yellow."),
+    ("Three circles and one line.", "Four."),
+]
+
+
+def answer(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+
+def vision_rows(images_per_pair=(1, 2, 1)) -> list[dict]:
+    """Pairs in TRL's vision format; the second holds two images of another size (Qwen: more image tokens)."""
+    rows = []
+    for i, (count, (good, bad)) in enumerate(zip(images_per_pair, ANSWERS)):
+        size = (48, 32) if count == 2 else (32, 32)
+        rows.append(
+            {
+                "images": make_images(count, seed=i, size=size),
+                "prompt": image_message("What is this?" if i % 2 else "Describe the picture.", count),
+                "chosen": answer(good),
+                "rejected": answer(bad),
+            }
+        )
+    return rows
+
+
+def plain_padded_loss(model, processor, rows, beta: float):
+    """TRL's ORPO loss by a plain padded forward: each conversation rendered by the chat template and given to the
+    processor whole (prompt, images and answer), chosen rows then rejected rows; the tower runs on every row."""
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "right"
+    render = processor.apply_chat_template
+    texts = [render(r["prompt"] + r[k], tokenize=False) for k in ("chosen", "rejected") for r in rows]
+    # TRL appends EOS to an answer; a template that ends the turn with a special token (<|im_end|>) has one already
+    ends_turn = [any(t.rstrip().endswith(s) for s in tokenizer.all_special_tokens) for t in texts]
+    texts = [t if done else t + tokenizer.eos_token for t, done in zip(texts, ends_turn)]
+    images = [r["images"] for r in rows] * 2
+    enc = processor(text=texts, images=images, padding=True, add_special_tokens=False, return_tensors="pt")
+    prompts = [render(r["prompt"], tokenize=False, add_generation_prompt=True) for r in rows]
+    prompt_lens = [
+        len(processor(text=[p], images=[r["images"]], add_special_tokens=False)["input_ids"][0])
+        for p, r in zip(prompts, rows)
+    ] * 2
+    logits = model(**enc, use_cache=False).logits[:, :-1]
+    ids, mask = enc["input_ids"][:, 1:], enc["attention_mask"][:, 1:].bool()
+    token_logps = torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None])[..., 0]
+    position = torch.arange(ids.shape[1])[None] + 1  # the position of each target
+    response = mask & (position >= torch.tensor(prompt_lens)[:, None])
+    logps = (token_logps * response).sum(1) / response.sum(1)
+    pairs = len(rows)
+    image_token = model.config.image_token_id
+    nll_mask = mask[:pairs] & (ids[:pairs] != image_token)
+    nll = -(token_logps[:pairs] * nll_mask).sum() / nll_mask.sum()
+    chosen, rejected = logps[:pairs], logps[pairs:]
+    log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
+    loss = nll - beta * F.logsigmoid(log_odds).mean()
+    return loss, {"logps/chosen": chosen.mean(), "logps/rejected": rejected.mean(), "nll_loss": nll}
+
+
+def count_tower_images(model):
+    """A list that gets, per call of the vision tower, the number of images (or patches) it was given."""
+    seen = []
+    inner = model.model
+    tower = next(getattr(inner, n) for n in ("visual", "vision_tower", "vision_model") if hasattr(inner, n))
+    tower.register_forward_pre_hook(lambda m, args, kwargs: seen.append(_leading(args, kwargs)), with_kwargs=True)
+    return seen
+
+
+def _leading(args, kwargs):
+    value = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+    return int(value.shape[0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_metrics_and_gradients_equal_a_plain_padded_forward(family, tmp_path):
+    model, processor = build_vlm(family)
+    rows = vision_rows()
+    args = ORPOConfig(**cpu_fields(str(tmp_path), max_length=256))
+    trainer = ORPOTrainer(model=model, args=args, train_dataset=rows, processing_class=processor)
+    assert args.gradient_checkpointing and not args.bf16  # the user's defaults on a CPU
+    model = trainer.model
+    model.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    seen = count_tower_images(model)
+
+    loss_ref, metrics_ref = plain_padded_loss(model, processor, rows, args.beta)
+    loss_ref.backward()
+    grads_ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    tower_ref = seen.pop()
+
+    trainer._metric_sums["train"].clear()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    assert seen == [tower_ref // 2]  # one tower call, on each pair's images once
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    sums = trainer._metric_sums["train"]
+    pairs = float(sums["pairs"])
+    assert pairs == len(rows)
+    torch.testing.assert_close(sums["chosen_logps"] / pairs, metrics_ref["logps/chosen"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums["rejected_logps"] / pairs, metrics_ref["logps/rejected"], rtol=1e-5, atol=1e-5)
+    nll = sums["nll_sum"] / float(sums["nll_tokens"])
+    torch.testing.assert_close(nll, metrics_ref["nll_loss"], rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    tower_grads = [n for n in grads if any(k in n for k in ("visual", "vision_tower", "vision_model"))]
+    assert tower_grads and any(grads[n].abs().sum() > 0 for n in tower_grads)  # the images reach the loss
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------- refused at start
+def test_a_text_only_model_given_images_is_refused(tiny_model_factory, tiny_tokenizer, tmp_path):
+    rows = vision_rows()
+    with pytest.raises(ValueError, match=r"dataset has images but LlamaForCausalLM is a text-only model"):
+        ORPOTrainer(
+            model=tiny_model_factory(),
+            args=ORPOConfig(**cpu_fields(str(tmp_path))),
+            train_dataset=rows,
+            processing_class=tiny_tokenizer,
+        )
+
+
+def test_a_tokenizer_given_instead_of_the_processor_is_refused(tmp_path):
+    model, processor = build_vlm("llava")
+    with pytest.raises(ValueError, match=r"not a processor with an image processor: pass AutoProcessor"):
+        ORPOTrainer(
+            model=model,
+            args=ORPOConfig(**cpu_fields(str(tmp_path))),
+            train_dataset=vision_rows(),
+            processing_class=processor.tokenizer,
+        )
+
+
+@pytest.mark.parametrize(
+    ("family", "feature"),
+    [("qwen2_5_vl", "3-D rotary positions"), ("gemma3", "bidirectional attention inside each image"), ("llava", "")],
+)
+@pytest.mark.parametrize("layout", ["packing", "padding_free", "prefix_sharing"])
+def test_layouts_other_than_padded_are_refused_naming_the_feature(family, feature, layout, tmp_path):
+    model, processor = build_vlm(family)
+    args = ORPOConfig(**cpu_fields(str(tmp_path), **{layout: True}))
+    with pytest.raises(ValueError, match=rf"pairs with images train in the padded layout only: .*{feature}"):
+        ORPOTrainer(model=model, args=args, train_dataset=vision_rows(), processing_class=processor)
+
+
+# ----------------------------------------------------------------------------------------------- bad rows
+def _prepare(rows, processor, root=None, **kwargs):
+    from orpo_plugin.vision import prepare_vision_dataset
+
+    return prepare_vision_dataset(rows, processor, name="train", root=root, **kwargs)
+
+
+def test_bad_image_rows_stop_with_the_row_named(tmp_path):
+    _, processor = build_vlm("llava")
+    good = vision_rows((1, 1, 1))
+    make_images(1)[0].save(tmp_path / "ok.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    cases = [
+        ({"images": ["missing.png"]}, r"row 1 \(0-based\): field 'images\[0\]': no such image file '.*missing.png'"),
+        ({"images": ["junk.png"]}, r"row 1 \(0-based\): field 'images\[0\]' is not a readable image"),
+        ({"images": []}, r"row 1 \(0-based\): the prompt has 1 image part\(s\) .* but the row has 0 image"),
+        ({"images": ["ok.png", "ok.png"]}, r"row 1 \(0-based\): the prompt has 1 image part\(s\) .* has 2 image"),
+        ({"images": [42]}, r"row 1 \(0-based\): field 'images\[0\]' must be a PIL image, a file path"),
+        ({"chosen": [{"role": "assistant", "content": [{"type": "image"}]}]}, r"row 1 .*images belong in the prompt"),
+    ]
+    for change, message in cases:
+        rows = [good[0], {**good[1], **change}, good[2]]
+        with pytest.raises((ValueError, TypeError), match=rf"^train dataset, {message}"):
+            _prepare(rows, processor, root=tmp_path)
+    # the same file by a relative path, read from `root`, trains
+    dataset, stats = _prepare([good[0], {**good[1], "images": ["ok.png"]}], processor, root=tmp_path)
+    assert stats.kept == 2 and dataset[1]["images"][0].size == (32, 32)
+
+
+def test_a_long_prompt_with_images_is_dropped_and_counted_never_cut(caplog):
+    """Cutting a prompt would cut its image tokens: a prompt that fills max_length is a counted drop."""
+    _, processor = build_vlm("llava")  # 16 tokens per image
+    rows = vision_rows((1, 2, 1))
+    dataset, stats = _prepare(rows, processor, max_length=50)  # prompts of 46, 56 (two images) and 46 tokens
+    assert stats.dropped == {"prompt with its image tokens fills max_length (an image is never cut)": 1}
+    assert stats.first_dropped == {"prompt with its image tokens fills max_length (an image is never cut)": 1}
+    assert len(dataset) == 2 and [len(r["prompt_input_ids"]) for r in dataset] == [46, 46]
+    assert stats.truncated_responses == 4  # the answers are cut to fit, as in text rows
+    assert "1 (prompt with its image tokens fills max_length" in caplog.text
