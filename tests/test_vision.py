@@ -199,3 +199,105 @@ def test_a_long_prompt_with_images_is_dropped_and_counted_never_cut(caplog):
     assert len(dataset) == 2 and [len(r["prompt_input_ids"]) for r in dataset] == [46, 46]
     assert stats.truncated_responses == 4  # the answers are cut to fit, as in text rows
     assert "1 (prompt with its image tokens fills max_length" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------- QLoRA, command line
+@pytest.fixture(scope="module")
+def saved_llava(tmp_path_factory):
+    """A tiny LLaVA and its processor saved to a folder, and a JSONL of pairs whose images are PNG files beside it,
+    named by paths relative to the JSONL."""
+    import json
+
+    root = tmp_path_factory.mktemp("vlm")
+    model, processor = build_vlm("llava")
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    (root / "data" / "img").mkdir(parents=True)
+    lines = []
+    for i, row in enumerate(vision_rows((1, 1, 2)) * 2):
+        paths = []
+        for k, image in enumerate(row["images"]):
+            image.save(root / "data" / "img" / f"{i}-{k}.png")
+            paths.append(f"img/{i}-{k}.png")
+        lines.append(json.dumps({**row, "images": paths}))
+    (root / "data" / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_qlora_keeps_the_tower_unquantized_and_equals_a_plain_forward(saved_llava, tmp_path):
+    """QLoRA as users run it on a vision-language model: the language model in 4-bit with LoRA, the vision tower and
+    projector unquantized; the chunked loss still equals the plain padded forward of the same model."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig
+    from transformers import AutoProcessor, BitsAndBytesConfig
+
+    processor = AutoProcessor.from_pretrained(saved_llava / "model")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    args = ORPOConfig(
+        **cpu_fields(str(tmp_path), max_length=256),
+        model_init_kwargs={"quantization_config": quantization, "device_map": {"": "cpu"}, "dtype": torch.float32},
+    )
+    trainer = ORPOTrainer(
+        model=str(saved_llava / "model"),
+        args=args,
+        train_dataset=vision_rows(),
+        processing_class=processor,
+        peft_config=LoraConfig(r=8, target_modules=r".*language_model.*\.(q_proj|v_proj)", task_type="CAUSAL_LM"),
+    )
+    model = trainer.model
+    quantized = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert any("language_model" in n for n in quantized)
+    assert not [n for n in quantized if "vision_tower" in n or "multi_modal_projector" in n or "lm_head" in n]
+    assert trainer.chunk_size is not None  # the chunked loss, as for text
+    rows = vision_rows()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    model.train()
+    with torch.no_grad():
+        reference, _ = plain_padded_loss(model, processor, rows, args.beta)
+        loss = trainer.compute_loss(model, batch)
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = dict(model.named_parameters())
+    assert all(n.count("lora_") for n in before)
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the adapter trained
+
+
+def test_command_line_trains_from_a_jsonl_of_image_paths(saved_llava, tmp_path):
+    """`orpo-plugin train` with a JSONL whose image paths are relative to the file: the processor is loaded for the
+    images, and QLoRA (4-bit, LoRA) trains two steps with the metrics logged and the adapter saved."""
+    import json
+
+    from orpo_plugin import cli
+
+    out = tmp_path / "out"
+    argv = [
+        "train",
+        "--model_name_or_path",
+        str(saved_llava / "model"),
+        "--dataset_name",
+        str(saved_llava / "data" / "pairs.jsonl"),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--use_cpu",
+        "True",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--disable_tqdm",
+        "True",
+        "--load_in_4bit",
+        "--use_peft",
+        "--lora_target_modules",
+        "q_proj",
+        "v_proj",
+    ]
+    assert cli.main(argv) == 0
+    steps = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert len(steps) == 2 and all("nll_loss" in s and "log_odds_ratio" in s for s in steps)
+    assert (out / "adapter_model.safetensors").exists()
