@@ -103,3 +103,22 @@ def test_sequence_parallel_memory_child_measures_a_step(tmp_path, monkeypatch):
     assert result["sp_size"] == 1 and result["rank"] == 0
     assert 200 < result["real_tokens"] <= 256 + 8 and result["first_loss"] > 0  # about --tokens
     assert result["step_peak_mib"] >= 0 and result["process_peak_mib"] > 0
+
+
+def test_vision_script_compares_tower_once_with_the_plain_forward(monkeypatch, capsys):
+    """benchmarks/vision.py (RESULTS.md section 3d) at a tiny size, in this process: both methods give the same loss
+    (it exits otherwise) and the table says how many images each ran through the tower."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import vision as bench_vision
+
+    argv = ["--pairs", "2", "--steps", "1", "--hidden", "64", "--layers", "1", "--vision-layers", "1", "--pixels", "32"]
+    assert bench_vision.main(argv) == 0
+    rows = {
+        cells[0]: cells[1:]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| ")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert rows["plain padded (tower on both rows)"][0] == "4"
+    assert rows["orpo_plugin (tower once per pair)"][0] == "2"
+    assert rows["plain padded (tower on both rows)"][-1] == rows["orpo_plugin (tower once per pair)"][-1]  # loss

@@ -312,9 +312,15 @@ _BUILDERS = {
 }
 
 
-def build_vlm(family: str, seed: int = 0) -> tuple[torch.nn.Module, ProcessorMixin]:
-    """A float32 random-init model of `family` (one of FAMILIES), deterministic for `seed`, and its processor."""
+def build_vlm(family: str, seed: int = 0, resize=None) -> tuple[torch.nn.Module, ProcessorMixin]:
+    """A float32 random-init model of `family` (one of FAMILIES), deterministic for `seed`, and its processor.
+
+    `resize(config, processor)`, when given, changes the config and processor before the model is built (the
+    benchmarks' larger sizes).
+    """
     model_cls, config, processor = _BUILDERS[family](family)
+    if resize is not None:
+        resize(config, processor)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = model_cls(config)

@@ -1,0 +1,166 @@
+"""Pairs with images: the vision tower once per pair (orpo_plugin) against a padded baseline that runs it on both rows.
+
+    python benchmarks/vision.py                          # benchmarks/RESULTS.md section 3d (CPU)
+    python benchmarks/vision.py --images 2               # two images per prompt
+
+The model: a random-init Qwen2-VL (the tests' tiny family, tests/helpers/vision.py, made larger): the language model
+hidden 256, 4 layers, the vision tower hidden 256, 4 layers, float32, gradient checkpointing on (the default); the
+images 112 x 112 pixels (196 patches of 8 x 8, 49 image tokens each); the answers a sentence or two. Full fine-tune
+(the tower trains too).
+
+- `plain padded (tower on both rows)`: the same trainer and batch with the tower-once step turned off: the model gets
+  the padded batch and runs its vision tower on the chosen rows' images and again on the rejected rows' (what TRL's
+  DPO does with images; TRL's ORPO does not take images).
+- `orpo_plugin (tower once per pair)`: `get_image_features` runs on each pair's images once and both rows use its
+  output (orpo_plugin/vision.py).
+
+Measured: forward + backward of one micro-batch, the two methods alternating, median over --steps; the loss of both
+(they must agree). Packing and prefix sharing with images are refused (see docs/vision.md), so they are not measured.
+What the ratio means for a real model: the tower's share of a step. In Qwen2.5-VL-7B the tower (~0.7B parameters) over
+an image's patches costs about a fifth of the language model over a pair's rows, so running it once saves ~10% of a
+step for one image per prompt; in a small model (SmolVLM-256M: a 93M tower beside a 135M language model) it saves more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+import common  # noqa: E402
+
+ANSWERS = [
+    "A small red square sits on a blue field next to the sun.",
+    "Two birds and a tree over the sea.",
+    "The image shows a cat sitting on a green mat.",
+    "There are three circles and one line in this drawing.",
+]
+
+
+def resize(hidden: int, layers: int, vision_layers: int, pixels: int):
+    """A `build_vlm` resize: Qwen2-VL at `hidden` for both towers, images of `pixels` x `pixels`."""
+
+    def apply(config, processor):
+        heads = max(hidden // 32, 1)
+        text = config.text_config
+        text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, 2 * hidden, layers
+        text.num_attention_heads, text.num_key_value_heads, text.head_dim = heads, max(heads // 2, 1), 32
+        text.layer_types = [text.layer_types[0]] * layers
+        text.rope_parameters["mrope_section"] = [8, 4, 4]  # sums to head_dim / 2
+        vision = config.vision_config
+        vision.embed_dim, vision.hidden_size, vision.depth, vision.num_heads = hidden, hidden, vision_layers, heads
+        size = processor.image_processor.size
+        size["longest_edge"] = max(size["longest_edge"], pixels * pixels)
+
+    return apply
+
+
+def build(args):
+    from tests.helpers.vision import build_vlm, image_message, make_images
+
+    model, processor = build_vlm("qwen2_vl", resize=resize(args.hidden, args.layers, args.vision_layers, args.pixels))
+    rows = []
+    for i in range(args.pairs):
+        rows.append(
+            {
+                "images": make_images(args.images, seed=i, size=(args.pixels, args.pixels)),
+                "prompt": image_message("Describe the picture in one short sentence, please.", args.images),
+                "chosen": [{"role": "assistant", "content": ANSWERS[i % 4]}],
+                "rejected": [{"role": "assistant", "content": ANSWERS[(i + 1) % 4]}],
+            }
+        )
+    return model, processor, rows
+
+
+@contextlib.contextmanager
+def tower_on_both_rows():
+    """The baseline: orpo_plugin's forward without its tower-once step (the model runs the tower on every row)."""
+    import orpo_plugin.modeling as modeling
+
+    original = modeling.tower_once
+    modeling.tower_once = lambda model, batch: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        modeling.tower_once = original
+
+
+def measure(args) -> dict:
+    from orpo_plugin import ORPOConfig, ORPOTrainer
+
+    torch.manual_seed(0)
+    model, processor, rows = build(args)
+    out = tempfile.mkdtemp()
+    config = ORPOConfig(
+        output_dir=out, use_cpu=True, bf16=False, report_to=[], max_length=1024, per_device_train_batch_size=args.pairs
+    )
+    trainer = ORPOTrainer(model=model, args=config, train_dataset=rows, processing_class=processor)
+    model = trainer.model
+    model.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    images = int(batch["image_grid_thw"].shape[0])  # the padded batch's images: each pair's twice
+    methods = {"plain padded (tower on both rows)": tower_on_both_rows, "orpo_plugin (tower once per pair)": None}
+    times = {name: [] for name in methods}
+    losses = {}
+    for step in range(args.steps + 1):
+        for name, off in methods.items():
+            model.zero_grad(set_to_none=True)
+            with off() if off else contextlib.nullcontext():
+                start = time.perf_counter()
+                loss = trainer.compute_loss(model, batch)
+                loss.backward()
+                elapsed = time.perf_counter() - start
+            if step:  # the first round warms up
+                times[name].append(elapsed)
+            losses[name] = float(loss)
+    return {"times": times, "losses": losses, "images": images, "tokens": int(batch["attention_mask"].sum())}
+
+
+def report(args, result: dict) -> str:
+    base = common.median(result["times"]["plain padded (tower on both rows)"])
+    rows = []
+    for name, times in result["times"].items():
+        tower = result["images"] // (2 if "once" in name else 1)
+        t = common.median(times)
+        rows.append([name, tower, f"{t:.3f}", f"{base / t:.2f}x", f"{result['losses'][name]:.6f}"])
+    headers = ["method", "images through the tower", "step s (median)", "speed vs plain", "loss"]
+    lines = [
+        f"Qwen2-VL-style random-init model: language model hidden {args.hidden}, {args.layers} layers; vision tower "
+        f"hidden {args.hidden}, {args.vision_layers} layers; {args.pairs} pairs of {args.images} image(s) of "
+        f"{args.pixels}x{args.pixels} pixels, {result['tokens']} tokens in the padded batch; forward + backward, "
+        f"median of {args.steps}; CPU ({common.versions()})",
+        "",
+        common.table(headers, rows),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--pixels", type=int, default=112, help="image side (a multiple of 16)")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4, help="language model layers")
+    parser.add_argument("--vision-layers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args(argv)
+    common.quiet_logs()
+    result = measure(args)
+    a, b = result["losses"].values()
+    if abs(a - b) > 1e-5 * max(1.0, abs(a)):
+        raise SystemExit(f"the two methods' losses differ: {a} vs {b}")
+    print(report(args, result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
