@@ -187,7 +187,12 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
         self.max_completion_length = max_completion_length
         if data_collator is None and with_images:
             data_collator = vision.VisionPreferenceCollator(
-                processing_class, pad_id, vision.placeholder_ids(model), args.nll_on_prompt, args.pad_to_multiple_of
+                processing_class,
+                pad_id,
+                vision.placeholder_ids(model),
+                args.layout,
+                args.nll_on_prompt,
+                args.pad_to_multiple_of,
             )
         elif data_collator is None:
             data_collator = PreferenceCollator(

@@ -46,14 +46,17 @@ PER_TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
 DROP_LONG_IMAGE_PROMPT = "prompt with its image tokens fills max_length (an image is never cut)"
 DROP_LONG_IMAGE_PROMPT_LIMIT = "prompt with its image tokens longer than max_prompt_length (an image is never cut)"
 
-# family (transformers model_type) -> what padding_free, packing and prefix_sharing would have to honour
+# Families whose images are plain tokens of a causal 1-D sequence (features scattered at placeholder tokens, 1-D
+# positions): padding_free, packing and prefix_sharing are exact for them (tests/test_vision.py)
+SHARED_LAYOUT_FAMILIES = ("llava", "idefics3", "smolvlm")
+# the others: family (transformers model_type) -> what padding_free, packing and prefix_sharing would have to honour
 LAYOUT_REFUSALS = {
     "qwen2_vl": "3-D rotary positions (M-RoPE) restarting with every sequence of a row",
     "qwen2_5_vl": "3-D rotary positions (M-RoPE) restarting with every sequence of a row",
     "qwen3_vl": "3-D rotary positions (M-RoPE) and deepstack features placed per sequence of a row",
     "gemma3": "bidirectional attention inside each image, per sequence of a row",
 }
-DEFAULT_LAYOUT_REFUSAL = "image features placed per sequence of a packed row"
+DEFAULT_LAYOUT_REFUSAL = "its image features and positions checked per sequence of a row (not verified for it)"
 
 
 # the vision tower and projector of each family: Qwen-VL, LLaVA and Gemma 3, Idefics3 and SmolVLM
@@ -108,13 +111,13 @@ def check_trainable(model, processing_class, layout: str) -> None:
             f"the dataset has images but processing_class is a {type(processing_class).__name__}, not a processor "
             "with an image processor: pass AutoProcessor.from_pretrained(...) of the model"
         )
-    if layout != "padded":
-        model_type = getattr(unwrap(model).config, "model_type", "")
+    model_type = getattr(unwrap(model).config, "model_type", "")
+    if layout != "padded" and model_type not in SHARED_LAYOUT_FAMILIES:
         feature = LAYOUT_REFUSALS.get(model_type, DEFAULT_LAYOUT_REFUSAL)
         raise ValueError(
-            f"pairs with images train in the padded layout only: {layout} with {name} ({model_type}) would need "
-            f"{feature}, which orpo_plugin does not implement. Set padding_free=False, packing=False and "
-            "prefix_sharing=False (the vision tower still runs once per pair)"
+            f"pairs with images of {name} ({model_type}) train in the padded layout only: {layout} would need "
+            f"{feature}, which orpo_plugin does not implement (it does for {', '.join(SHARED_LAYOUT_FAMILIES)}). "
+            "Set padding_free=False, packing=False and prefix_sharing=False (the vision tower still runs once per pair)"
         )
 
 
@@ -314,11 +317,13 @@ def _cat_images(values: list[torch.Tensor]) -> torch.Tensor:
 
 
 class VisionPreferenceCollator(PreferenceCollator):
-    """Pairs with images -> the padded batch of `PreferenceCollator` plus every vision input the processor gives.
+    """Pairs with images -> the batch of `PreferenceCollator` plus every vision input the processor gives.
 
+    Layouts: padded for every family; padding_free (packing) and prefix_sharing for the SHARED_LAYOUT_FAMILIES.
     Per-image inputs (`pixel_values`, `image_grid_thw`, `image_sizes`, `pixel_attention_mask` ...) are the pairs'
     ones, joined in pair order, given twice (chosen rows, then rejected rows: `[2 * images, ...]`), as a plain padded
-    batch has them; `tower_once` runs the tower on the first half. Per-token inputs (`token_type_ids`,
+    batch has them, and `tower_once` runs the tower on the first half (`vision_twice`); with prefix sharing each
+    pair's prompt, images included, is in the row once, and so are its vision inputs. Per-token inputs (`token_type_ids`,
     `mm_token_type_ids`) are the prompt's values, 0 over the answers and padding (`[2P, T]`). Image placeholder
     targets are left out of the NLL (they are not text the model could learn to write).
     """
@@ -328,11 +333,12 @@ class VisionPreferenceCollator(PreferenceCollator):
         processor,
         pad_token_id: int,
         placeholders: frozenset[int],
+        layout: str = "padded",
         nll_on_prompt: bool = True,
         pad_to_multiple_of: int | None = None,
     ):
         """`placeholders`: the model's image token ids (`placeholder_ids(model)`), left out of the NLL."""
-        super().__init__(pad_token_id, "padded", nll_on_prompt, pad_to_multiple_of)
+        super().__init__(pad_token_id, layout, nll_on_prompt, pad_to_multiple_of)
         self.processor = processor
         self.no_nll_targets = placeholders
 
@@ -361,17 +367,23 @@ class VisionPreferenceCollator(PreferenceCollator):
                 if key in ("input_ids", "attention_mask"):
                     continue
                 if key in PER_TOKEN_KEYS:
+                    if self.layout != "padded":  # check_trainable refuses these families other layouts
+                        raise ValueError(f"the processor gives '{key}', which the {self.layout} layout cannot place")
                     table = per_token.setdefault(key, torch.zeros((rows, width), dtype=value.dtype))
                     for row in (i, len(features) + i):  # its chosen row and its rejected row
                         table[row, : ids.numel()] = value[0]
                 elif isinstance(value, torch.Tensor):
                     per_image.setdefault(key, []).append(value)
+        # padded and padding-free: the prompt (with its images) in the chosen and in the rejected sequence, all chosen
+        # sequences first; prefix sharing: each pair's prompt once
+        twice = self.layout != "prefix_sharing"
         for key, values in per_image.items():
             joined = _cat_images(values)
-            batch[key] = torch.cat([joined, joined], 0)
+            batch[key] = torch.cat([joined, joined], 0) if twice else joined
         batch.update(per_token)
         if per_image:
             batch["vision_keys"] = sorted(per_image) + sorted(per_token)
+            batch["vision_twice"] = twice
         return batch
 
 
@@ -387,12 +399,10 @@ def _inner_with_features(model):
     return found
 
 
-def _first_half(value):
-    if isinstance(value, torch.Tensor) and value.dim() > 0:
-        if value.shape[0] % 2:
-            raise ValueError(f"tower_once: a vision input of {value.shape[0]} rows is not chosen + rejected")
-        return value[: value.shape[0] // 2]
-    return value
+def _first_half(value: torch.Tensor) -> torch.Tensor:
+    if value.shape[0] % 2:
+        raise ValueError(f"tower_once: a vision input of {value.shape[0]} rows is not chosen + rejected")
+    return value[: value.shape[0] // 2]
 
 
 def _twice(value):
@@ -424,16 +434,31 @@ def _output_twice(output):
 def tower_once(model, batch: dict):
     """During the forward of a batch from VisionPreferenceCollator, the model's `get_image_features` runs on the
     chosen rows' images only and its output stands for the rejected rows' too (see the module docstring)."""
-    if not batch.get("vision_keys") or "pixel_values" not in batch:
+    if not batch.get("vision_twice") or "pixel_values" not in batch:
         yield
         return
     inner = _inner_with_features(model)
     original = type(inner).get_image_features.__get__(inner)
+    # the collator's doubled per-image inputs, as the model hands them on (other keywords, such as a packed row's
+    # `cu_seq_lens_q`, may reach get_image_features too and pass unchanged)
+    keys = [k for k in batch["vision_keys"] if k not in PER_TOKEN_KEYS]
+    doubled = {id(batch[k]) for k in keys}
+
+    def halve(name, value):
+        if isinstance(value, torch.Tensor) and (id(value) in doubled or name in keys):
+            halved.append(name)
+            return _first_half(value)
+        return value
 
     def once(*args, **kwargs):
-        args = [_first_half(a) for a in args]
-        kwargs = {k: _first_half(v) for k, v in kwargs.items()}
+        halved.clear()
+        args = [halve(None, a) for a in args]
+        kwargs = {k: halve(k, v) for k, v in kwargs.items()}
+        if not halved:
+            raise ValueError("tower_once: get_image_features was not given the batch's pixel_values")
         return _output_twice(original(*args, **kwargs))
+
+    halved: list = []
 
     inner.get_image_features = once
     try:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orpo_plugin import ORPOConfig, ORPOTrainer
+from orpo_plugin import ORPOConfig, ORPOTrainer, attention
 from tests.helpers.training import cpu_fields
 from tests.helpers.vision import FAMILIES, build_vlm, image_message, make_images
 
@@ -86,13 +86,23 @@ def _leading(args, kwargs):
     return int(value.shape[0])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_loss_metrics_and_gradients_equal_a_plain_padded_forward(family, tmp_path):
+SHARED = ("llava", "idefics3", "smolvlm")  # vision.SHARED_LAYOUT_FAMILIES, written out
+CASES = [(f, "padded") for f in FAMILIES] + [
+    (f, layout) for f in SHARED for layout in ("padding_free", "prefix_sharing")
+]
+
+
+@pytest.mark.parametrize(("family", "layout"), CASES)
+def test_loss_metrics_and_gradients_equal_a_plain_padded_forward(family, layout, tmp_path):
+    """Every family in the padded layout; the families whose images are plain tokens of a causal 1-D sequence also
+    padding-free (what packing collates) and prefix-shared (each pair's prompt and images once in the row)."""
     model, processor = build_vlm(family)
     rows = vision_rows()
-    args = ORPOConfig(**cpu_fields(str(tmp_path), max_length=256))
+    fields = {layout: True} if layout != "padded" else {}
+    args = ORPOConfig(**cpu_fields(str(tmp_path), max_length=256, **fields))
     trainer = ORPOTrainer(model=model, args=args, train_dataset=rows, processing_class=processor)
     assert args.gradient_checkpointing and not args.bf16  # the user's defaults on a CPU
+    assert args.layout == layout and trainer.chunk_size is not None  # the chunked loss, on by default
     model = trainer.model
     model.train()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
@@ -105,7 +115,8 @@ def test_loss_metrics_and_gradients_equal_a_plain_padded_forward(family, tmp_pat
     tower_ref = seen.pop()
 
     trainer._metric_sums["train"].clear()
-    loss = trainer.compute_loss(model, batch)
+    with attention.attention_implementation(model, trainer.attention_override):  # the layout's, as training_step
+        loss = trainer.compute_loss(model, batch)
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -150,13 +161,17 @@ def test_a_tokenizer_given_instead_of_the_processor_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     ("family", "feature"),
-    [("qwen2_5_vl", "3-D rotary positions"), ("gemma3", "bidirectional attention inside each image"), ("llava", "")],
+    [
+        ("qwen2_5_vl", "3-D rotary positions"),
+        ("qwen3_vl", "deepstack features"),
+        ("gemma3", "bidirectional attention inside each image"),
+    ],
 )
 @pytest.mark.parametrize("layout", ["packing", "padding_free", "prefix_sharing"])
 def test_layouts_other_than_padded_are_refused_naming_the_feature(family, feature, layout, tmp_path):
     model, processor = build_vlm(family)
     args = ORPOConfig(**cpu_fields(str(tmp_path), **{layout: True}))
-    with pytest.raises(ValueError, match=rf"pairs with images train in the padded layout only: .*{feature}"):
+    with pytest.raises(ValueError, match=rf"pairs with images of .* train in the padded layout only: .*{feature}"):
         ORPOTrainer(model=model, args=args, train_dataset=vision_rows(), processing_class=processor)
 
 
@@ -265,7 +280,8 @@ def test_qlora_keeps_the_tower_unquantized_and_equals_a_plain_forward(saved_llav
 
 def test_command_line_trains_from_a_jsonl_of_image_paths(saved_llava, tmp_path):
     """`orpo-plugin train` with a JSONL whose image paths are relative to the file: the processor is loaded for the
-    images, and QLoRA (4-bit, LoRA) trains two steps with the metrics logged and the adapter saved."""
+    images, and QLoRA (4-bit, LoRA) with packing and prefix sharing trains two steps, the metrics logged and the
+    adapter saved."""
     import json
 
     from orpo_plugin import cli
@@ -296,8 +312,14 @@ def test_command_line_trains_from_a_jsonl_of_image_paths(saved_llava, tmp_path):
         "--lora_target_modules",
         "q_proj",
         "v_proj",
+        "--packing",
+        "True",
+        "--prefix_sharing",
+        "True",
     ]
     assert cli.main(argv) == 0
     steps = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
     assert len(steps) == 2 and all("nll_loss" in s and "log_odds_ratio" in s for s in steps)
+    # packed rows without padding; each prompt (images included) computed once for its two answers
+    assert all(s["tokens/padding_fraction"] == 0.0 and s["tokens/computed_per_trained"] < 0.8 for s in steps)
     assert (out / "adapter_model.safetensors").exists()

@@ -199,13 +199,15 @@ _configs_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _configs_of(model) -> dict:
-    """The distinct configs carrying an attention implementation in `model` (walked once per model)."""
+    """The distinct configs carrying an attention implementation in `model` (walked once per model), except a
+    vision-language model's vision tower's: its attention is over each image's patches, not the layout's rows."""
     configs = _configs_cache.get(model)
     if configs is None:
+        towers = {id(getattr(m.config, "vision_config", None)) for m in model.modules() if hasattr(m, "config")}
         configs = {
             id(m.config): m.config
             for m in model.modules()
-            if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")
+            if hasattr(m, "config") and hasattr(m.config, "_attn_implementation") and id(m.config) not in towers
         }
         _configs_cache[model] = configs
     return configs
@@ -221,8 +223,17 @@ def attention_implementation(model, name: str | None):
     previous = {k: c._attn_implementation for k, c in configs.items()}
     try:
         for c in configs.values():
-            c._attn_implementation = name
+            _set_own(c, name)
         yield
     finally:
         for k, c in configs.items():
-            c._attn_implementation = previous[k]
+            _set_own(c, previous[k])
+
+
+def _set_own(config, name: str | None) -> None:
+    """Set a config's attention implementation, not its sub-configs' (transformers' setter recurses into them, and
+    a vision tower's config is left out on purpose, see `_configs_of`)."""
+    if hasattr(config, "_attn_implementation_internal"):
+        config._attn_implementation_internal = name
+    else:
+        config._attn_implementation = name
