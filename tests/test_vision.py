@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orpo_plugin import ORPOConfig, ORPOTrainer, attention
+from orpo_plugin import ORPOConfig, ORPOTrainer
 from tests.helpers.training import cpu_fields
 from tests.helpers.vision import FAMILIES, build_vlm, image_message, make_images
 
@@ -92,37 +92,43 @@ CASES = [(f, "padded") for f in FAMILIES] + [
 ]
 
 
+class CapturingTrainer(ORPOTrainer):
+    """One real training step; its loss, metric sums and gradients are kept before the optimizer step."""
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        self.captured = (loss.detach(), dict(self._metric_sums["train"]), grads, model.is_gradient_checkpointing)
+        return loss
+
+
 @pytest.mark.parametrize(("family", "layout"), CASES)
 def test_loss_metrics_and_gradients_equal_a_plain_padded_forward(family, layout, tmp_path):
-    """Every family in the padded layout; the families whose images are plain tokens of a causal 1-D sequence also
-    padding-free (what packing collates) and prefix-shared (each pair's prompt and images once in the row)."""
+    """One `trainer.train()` step with the user's defaults (gradient checkpointing on, float32 on a CPU, chunked loss)
+    against the plain padded forward of a fresh copy of the model. Every family in the padded layout; the families
+    whose images are plain tokens of a causal 1-D sequence also padding-free and packed (one row) and prefix-shared
+    (each pair's prompt and images once in the row)."""
     model, processor = build_vlm(family)
     rows = vision_rows()
     fields = {layout: True} if layout != "padded" else {}
     args = ORPOConfig(**cpu_fields(str(tmp_path), max_length=256, **fields))
-    trainer = ORPOTrainer(model=model, args=args, train_dataset=rows, processing_class=processor)
-    assert args.gradient_checkpointing and not args.bf16  # the user's defaults on a CPU
-    assert args.layout == layout and trainer.chunk_size is not None  # the chunked loss, on by default
-    model = trainer.model
-    model.train()
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
-    seen = count_tower_images(model)
+    trainer = CapturingTrainer(model=model, args=args, train_dataset=rows, processing_class=processor)
+    assert args.gradient_checkpointing and not args.bf16 and trainer.chunk_size is not None  # the defaults on a CPU
+    assert args.layout == ("padding_free" if layout == "packing" else layout)
+    seen = count_tower_images(trainer.model)
+    trainer.train()
+    loss, sums, grads, checkpointing = trainer.captured
+    assert checkpointing
 
-    loss_ref, metrics_ref = plain_padded_loss(model, processor, rows, args.beta)
+    reference_model, _ = build_vlm(family)  # the same weights (same seed), no trainer around it
+    reference_model.eval()
+    tower = count_tower_images(reference_model)
+    loss_ref, metrics_ref = plain_padded_loss(reference_model, processor, rows, args.beta)
     loss_ref.backward()
-    grads_ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    tower_ref = seen.pop()
+    grads_ref = {n: p.grad for n, p in reference_model.named_parameters() if p.grad is not None}
 
-    trainer._metric_sums["train"].clear()
-    with attention.attention_implementation(model, trainer.attention_override):  # the layout's, as training_step
-        loss = trainer.compute_loss(model, batch)
-    loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-    assert seen == [tower_ref // 2]  # one tower call, on each pair's images once
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
-    sums = trainer._metric_sums["train"]
+    assert len(seen) == 1 and seen[0] * 2 == tower[0]  # one tower call, on each pair's images once
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-5, atol=1e-5)
     pairs = float(sums["pairs"])
     assert pairs == len(rows)
     torch.testing.assert_close(sums["chosen_logps"] / pairs, metrics_ref["logps/chosen"], rtol=1e-5, atol=1e-5)
