@@ -30,8 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
@@ -45,20 +43,28 @@ ANSWERS = [
 ]
 
 
-def resize(hidden: int, layers: int, vision_layers: int, pixels: int):
-    """A `build_vlm` resize: Qwen2-VL at `hidden` for both towers, images of `pixels` x `pixels`."""
+def resize(family: str, hidden: int, layers: int, vision_layers: int, pixels: int):
+    """A `build_vlm` resize: both towers at `hidden` width, images of `pixels` x `pixels`."""
 
     def apply(config, processor):
         heads = max(hidden // 32, 1)
         text = config.text_config
         text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, 2 * hidden, layers
         text.num_attention_heads, text.num_key_value_heads, text.head_dim = heads, max(heads // 2, 1), 32
-        text.layer_types = [text.layer_types[0]] * layers
-        text.rope_parameters["mrope_section"] = [8, 4, 4]  # sums to head_dim / 2
+        if getattr(text, "layer_types", None):
+            text.layer_types = [text.layer_types[0]] * layers
         vision = config.vision_config
-        vision.embed_dim, vision.hidden_size, vision.depth, vision.num_heads = hidden, hidden, vision_layers, heads
-        size = processor.image_processor.size
-        size["longest_edge"] = max(size["longest_edge"], pixels * pixels)
+        if family == "qwen2_vl":
+            text.rope_parameters["mrope_section"] = [8, 4, 4]  # sums to head_dim / 2
+            vision.embed_dim, vision.hidden_size, vision.depth, vision.num_heads = hidden, hidden, vision_layers, heads
+            size = processor.image_processor.size
+            size["longest_edge"] = max(size["longest_edge"], pixels * pixels)
+        else:  # llava: a CLIP tower over the whole image, (pixels / 8)^2 image tokens
+            vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers = hidden, 2 * hidden, vision_layers
+            vision.num_attention_heads, vision.image_size, vision.projection_dim = heads, pixels, hidden
+            config.image_seq_length = (pixels // 8) ** 2
+            processor.image_processor.size = {"shortest_edge": pixels}
+            processor.image_processor.crop_size = {"height": pixels, "width": pixels}
 
     return apply
 
@@ -66,7 +72,8 @@ def resize(hidden: int, layers: int, vision_layers: int, pixels: int):
 def build(args):
     from tests.helpers.vision import build_vlm, image_message, make_images
 
-    model, processor = build_vlm("qwen2_vl", resize=resize(args.hidden, args.layers, args.vision_layers, args.pixels))
+    sizes = resize(args.family, args.hidden, args.layers, args.vision_layers, args.pixels)
+    model, processor = build_vlm(args.family, resize=sizes)
     rows = []
     for i in range(args.pairs):
         rows.append(
@@ -93,50 +100,74 @@ def tower_on_both_rows():
         modeling.tower_once = original
 
 
-def measure(args) -> dict:
-    from orpo_plugin import ORPOConfig, ORPOTrainer
+PLAIN = "plain padded (tower on both rows)"
 
-    torch.manual_seed(0)
-    model, processor, rows = build(args)
-    out = tempfile.mkdtemp()
-    config = ORPOConfig(
-        output_dir=out, use_cpu=True, bf16=False, report_to=[], max_length=1024, per_device_train_batch_size=args.pairs
-    )
-    trainer = ORPOTrainer(model=model, args=config, train_dataset=rows, processing_class=processor)
-    model = trainer.model
-    model.train()
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
-    images = int(batch["image_grid_thw"].shape[0])  # the padded batch's images: each pair's twice
-    methods = {"plain padded (tower on both rows)": tower_on_both_rows, "orpo_plugin (tower once per pair)": None}
-    times = {name: [] for name in methods}
-    losses = {}
+
+def methods(family: str) -> dict:
+    """name -> (ORPOConfig fields, whether the tower runs on both rows)."""
+    out = {PLAIN: ({}, True), "orpo_plugin padded (tower once per pair)": ({}, False)}
+    if family == "llava":  # the families with packing and prefix sharing for images (docs/vision.md)
+        out["orpo_plugin packing"] = ({"packing": True}, False)
+        out["orpo_plugin packing + prefix sharing"] = ({"packing": True, "prefix_sharing": True}, False)
+    return out
+
+
+def measure(args) -> dict:
+    from orpo_plugin import ORPOConfig, ORPOTrainer, attention
+
+    runs = {}
+    for name, (fields, both_rows) in methods(args.family).items():
+        model, processor, rows = build(args)  # the same weights for every method (the same seed)
+        config = ORPOConfig(
+            output_dir=tempfile.mkdtemp(),
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+            max_length=1024,
+            per_device_train_batch_size=args.pairs,
+            **fields,
+        )
+        trainer = ORPOTrainer(model=model, args=config, train_dataset=rows, processing_class=processor)
+        # as Trainer.train() does: gradient checkpointing (on by default) is switched on when training starts
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=config.gradient_checkpointing_kwargs)
+        trainer.model.train()
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+        runs[name] = (trainer, batch, both_rows)
+    times = {name: [] for name in runs}
+    losses, tower, tokens = {}, {}, {}
     for step in range(args.steps + 1):
-        for name, off in methods.items():
+        for name, (trainer, batch, both_rows) in runs.items():
+            model = trainer.model
             model.zero_grad(set_to_none=True)
-            with off() if off else contextlib.nullcontext():
-                start = time.perf_counter()
-                loss = trainer.compute_loss(model, batch)
-                loss.backward()
-                elapsed = time.perf_counter() - start
+            with tower_on_both_rows() if both_rows else contextlib.nullcontext():
+                with attention.attention_implementation(model, trainer.attention_override):
+                    start = time.perf_counter()
+                    loss = trainer.compute_loss(model, batch)
+                    loss.backward()
+                    elapsed = time.perf_counter() - start
             if step:  # the first round warms up
                 times[name].append(elapsed)
             losses[name] = float(loss)
-    return {"times": times, "losses": losses, "images": images, "tokens": int(batch["attention_mask"].sum())}
+            images = int(batch["pixel_values"].shape[0])  # images (or Qwen's patches) given to the model
+            tower[name] = images // (2 if batch.get("vision_twice") and not both_rows else 1)
+            tokens[name] = int(batch["input_ids"].numel())
+    return {"times": times, "losses": losses, "tower": tower, "tokens": tokens}
 
 
 def report(args, result: dict) -> str:
-    base = common.median(result["times"]["plain padded (tower on both rows)"])
+    base = common.median(result["times"][PLAIN])
     rows = []
     for name, times in result["times"].items():
-        tower = result["images"] // (2 if "once" in name else 1)
         t = common.median(times)
-        rows.append([name, tower, f"{t:.3f}", f"{base / t:.2f}x", f"{result['losses'][name]:.6f}"])
-    headers = ["method", "images through the tower", "step s (median)", "speed vs plain", "loss"]
+        loss = f"{result['losses'][name]:.6f}"
+        rows.append([name, result["tower"][name], result["tokens"][name], f"{t:.3f}", f"{base / t:.2f}x", loss])
+    unit = "patches" if args.family == "qwen2_vl" else "images"
+    headers = ["method", f"{unit} through the tower", "positions computed", "step s (median)", "speed", "loss"]
     lines = [
-        f"Qwen2-VL-style random-init model: language model hidden {args.hidden}, {args.layers} layers; vision tower "
+        f"{args.family} random-init model: language model hidden {args.hidden}, {args.layers} layers; vision tower "
         f"hidden {args.hidden}, {args.vision_layers} layers; {args.pairs} pairs of {args.images} image(s) of "
-        f"{args.pixels}x{args.pixels} pixels, {result['tokens']} tokens in the padded batch; forward + backward, "
-        f"median of {args.steps}; CPU ({common.versions()})",
+        f"{args.pixels}x{args.pixels} pixels; gradient checkpointing on; forward + backward, median of {args.steps}; "
+        f"CPU ({common.versions()})",
         "",
         common.table(headers, rows),
     ]
@@ -145,6 +176,7 @@ def report(args, result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--family", choices=("qwen2_vl", "llava"), default="qwen2_vl")
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--images", type=int, default=1, help="images per prompt")
     parser.add_argument("--pixels", type=int, default=112, help="image side (a multiple of 16)")
@@ -155,9 +187,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     common.quiet_logs()
     result = measure(args)
-    a, b = result["losses"].values()
-    if abs(a - b) > 1e-5 * max(1.0, abs(a)):
-        raise SystemExit(f"the two methods' losses differ: {a} vs {b}")
+    losses = list(result["losses"].values())
+    if max(losses) - min(losses) > 1e-5 * max(1.0, abs(losses[0])):
+        raise SystemExit(f"the methods' losses differ: {result['losses']}")
     print(report(args, result))
     return 0
 
