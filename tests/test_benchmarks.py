@@ -111,7 +111,7 @@ def test_vision_script_compares_tower_once_with_the_plain_forward(monkeypatch, c
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import vision as bench_vision
 
-    argv = ["--pairs", "2", "--steps", "1", "--hidden", "64", "--layers", "1", "--vision-layers", "1", "--pixels", "32"]
+    argv = ["--family", "llava", "--pairs", "2", "--steps", "1", "--hidden", "64", "--layers", "1", "--pixels", "32"]
     assert bench_vision.main(argv) == 0
     rows = {
         cells[0]: cells[1:]
@@ -120,5 +120,6 @@ def test_vision_script_compares_tower_once_with_the_plain_forward(monkeypatch, c
         for cells in [[c.strip() for c in line.strip("|").split("|")]]
     }
     assert rows["plain padded (tower on both rows)"][0] == "4"
-    assert rows["orpo_plugin (tower once per pair)"][0] == "2"
-    assert rows["plain padded (tower on both rows)"][-1] == rows["orpo_plugin (tower once per pair)"][-1]  # loss
+    assert rows["orpo_plugin padded (tower once per pair)"][0] == "2"
+    assert rows["orpo_plugin packing + prefix sharing"][0] == "2"
+    assert len({r[-1] for name, r in rows.items() if name != "method"}) == 1  # one loss
