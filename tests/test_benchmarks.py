@@ -122,4 +122,5 @@ def test_vision_script_compares_tower_once_with_the_plain_forward(monkeypatch, c
     assert rows["plain padded (tower on both rows)"][0] == "4"
     assert rows["orpo_plugin padded (tower once per pair)"][0] == "2"
     assert rows["orpo_plugin packing + prefix sharing"][0] == "2"
-    assert len({r[-1] for name, r in rows.items() if name != "method"}) == 1  # one loss
+    losses = [float(r[-1]) for name, r in rows.items() if name != "method"]
+    assert len(losses) == 4 and max(losses) - min(losses) < 1e-5 * abs(losses[0])  # one loss
