@@ -28,7 +28,7 @@ prefix sharing (one position predicts both branches' first tokens, which a per-p
 that the group cannot divide, a model whose own attention takes the packed row (no orpo_plugin kernel to wrap), a
 packed-row kernel other than orpo_sdpa (the one verified under the split; `attention_backend='auto'` picks it:
 `sp_attention`), a model whose logits are computed inside its forward, a process count the parallelism config does
-not account for, and a data collator other than orpo_plugin's.
+not account for, a data collator other than orpo_plugin's, and pairs with images (their vision inputs are not split).
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def sp_size(accelerator) -> int:
 def check_supported(trainer, sp: int) -> None:
     """ValueError naming what sequence parallelism cannot run here (see the module docstring)."""
     from .collators import PreferenceCollator
+    from .vision import VisionPreferenceCollator
 
     args = trainer.args
     layout = args.layout
@@ -135,6 +136,11 @@ def check_supported(trainer, sp: int) -> None:
         raise ValueError(f"{where}: this model computes its logits inside its forward, which a row slice cannot use")
     if not isinstance(trainer.data_collator, PreferenceCollator):
         raise ValueError(f"{where} needs orpo_plugin's PreferenceCollator, got {type(trainer.data_collator).__name__}")
+    if isinstance(trainer.data_collator, VisionPreferenceCollator):
+        raise ValueError(
+            f"{where} splits a row's tokens across ranks but not its images' vision inputs: pairs with images train "
+            "without sequence parallelism (sp_size 1)"
+        )
 
 
 def sp_attention(trainer) -> str | None:

@@ -32,6 +32,7 @@ from test_fsdp import CHECKPOINTING, METRICS, assert_same_steps, steps
 from orpo_plugin import cli
 from orpo_plugin import sequence_parallel as sp_mod
 from orpo_plugin.collators import PreferenceCollator
+from orpo_plugin.vision import VisionPreferenceCollator
 
 sys.path.insert(0, str(ROOT / "tests" / "distributed"))
 from conftest import WORDS  # noqa: E402
@@ -265,6 +266,10 @@ def fake_trainer(layout="padding_free", stage=2, heads=4, kv=2, override="orpo_s
         (dict(is_deepspeed_enabled=False), r"runs through DeepSpeed"),
         (dict(logits_in_forward=True), r"computes its logits inside its forward"),
         (dict(data_collator=object()), r"needs orpo_plugin's PreferenceCollator, got object"),
+        (
+            dict(data_collator=VisionPreferenceCollator(None, 0, frozenset(), "padding_free")),
+            r"but not its images' vision inputs: pairs with images train without sequence parallelism",
+        ),
     ],
 )
 def test_what_sequence_parallelism_cannot_split_is_refused_at_start(change, message):
