@@ -49,6 +49,15 @@ ELSEWHERE = {
         "tests/test_doc_commands.py::test_ci_runs_the_readme_test_command",
         "it is the test run itself",
     ),
+    "python examples/vision_quickstart.py HuggingFaceTB/SmolVLM-256M-Instruct": (
+        "tests/test_vision.py::test_the_vision_example_runs_as_written",
+        "downloads the model from the hub; the test runs the script as written on a tiny local LLaVA",
+    ),
+    "orpo-plugin train --model_name_or_path PATH --dataset_name pairs.jsonl --output_dir out --load_in_4bit "
+    "--use_peft --lora_target_modules q_proj v_proj --packing True --prefix_sharing True": (
+        "tests/test_vision.py::test_command_line_trains_from_a_jsonl_of_image_paths",
+        "PATH is a vision-language model; the test gives these flags a tiny LLaVA and a JSONL of image paths",
+    ),
     "orpo-plugin train --config configs/trl/llama-3-8b-qlora-orpo.yaml": (
         "tests/test_shipped_configs.py::test_shipped_trl_config_trains",
         GPU_8B + "; the config's options run on a tiny model",

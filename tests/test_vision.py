@@ -205,6 +205,10 @@ def test_bad_image_rows_stop_with_the_row_named(tmp_path):
         rows = [good[0], {**good[1], **change}, good[2]]
         with pytest.raises((ValueError, TypeError), match=rf"^train dataset, {message}"):
             _prepare(rows, processor, root=tmp_path)
+    # a datasets.Dataset of the rows (its images an Image column, decoded to PIL images) prepares as the list does
+    import datasets
+
+    assert _prepare(datasets.Dataset.from_list(good), processor)[1].kept == 3
     # the same file by a relative path, read from `root`, trains
     dataset, stats = _prepare([good[0], {**good[1], "images": ["ok.png"]}], processor, root=tmp_path)
     assert stats.kept == 2 and dataset[1]["images"][0].size == (32, 32)
