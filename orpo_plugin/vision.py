@@ -1,5 +1,8 @@
-"""Images in preference pairs (vision-language models): rows -> tokenized pairs, pairs -> a padded batch with the
+"""Images in preference pairs (vision-language models): rows -> tokenized pairs, pairs -> a batch with the
 processor's vision inputs, and a forward in which the vision tower runs once per pair.
+
+Layouts: padded for every family; padding-free (packing) and prefix sharing for the families whose images are plain
+tokens of a causal 1-D sequence (SHARED_LAYOUT_FAMILIES); the others are refused at start (`check_trainable`).
 
 Rows are in TRL's vision preference format: `images` (a list of PIL images, file paths or `{"bytes", "path"}`
 dicts; `image` for one), a conversational `prompt` whose messages hold a `{"type": "image"}` part where each image
@@ -11,7 +14,8 @@ The tower once per pair: a pair's chosen and rejected rows hold the same images.
 inputs of a plain padded batch (the chosen rows' vision inputs, then the same again for the rejected rows), and
 during the forward the model's `get_image_features` runs on the first half only, its output used for both halves:
 the same features and, through the repeat, the same gradient (summed over both uses) as running the tower on
-both, at half its cost. TRL's DPO runs the tower on both.
+both, at half its cost. TRL's DPO runs the tower on both. With prefix sharing each prompt, images included, is in
+the row once, so the tower runs once per pair without the repeat.
 """
 
 from __future__ import annotations
