@@ -160,16 +160,28 @@ def _open_image(source: Any, index: int, k: int, root: Path | None):
     return image
 
 
-def row_images(row: dict, index: int, root: Path | None = None) -> list:
-    """The images of a row (`images`, or `image` for one), loaded; none is an empty list."""
+def _sources(row: dict) -> list:
     images = row.get("images")
     if images is None and row.get("image") is not None:
         images = [row["image"]]
     if images is None:
         return []
-    if not isinstance(images, (list, tuple)):
-        images = [images]
-    return [_open_image(source, index, k, root) for k, source in enumerate(images)]
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def row_images(row: dict, index: int, root: Path | None = None) -> list:
+    """The images of a row (`images`, or `image` for one), loaded; none is an empty list."""
+    return [_open_image(source, index, k, root) for k, source in enumerate(_sources(row))]
+
+
+def _kept(source: Any, image, root: Path | None):
+    """What the prepared dataset keeps of an image: a file's path (read again when batched, not held in memory), or
+    the image itself."""
+    path = source.get("path") if isinstance(source, dict) and source.get("bytes") is None else source
+    if isinstance(path, str):
+        path = Path(path).expanduser()
+        return str(path if path.is_absolute() or root is None else root / path)
+    return image
 
 
 def _image_parts(messages: Any) -> int:
@@ -210,7 +222,7 @@ def vision_pair(
             "image(s); give one image per image part, in order"
         )
     prompt, chosen, rejected = row_to_text(row, index, processor, parts=True)
-    out = {"prompt_text": prompt, "images": images}
+    out = {"prompt_text": prompt, "images": [_kept(src, im, root) for src, im in zip(_sources(row), images)]}
     if chosen == rejected:
         return out | {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": [], "drop": DROP_IDENTICAL}
     tokenizer = processor.tokenizer

@@ -212,6 +212,9 @@ def test_bad_image_rows_stop_with_the_row_named(tmp_path):
     # the same file by a relative path, read from `root`, trains
     dataset, stats = _prepare([good[0], {**good[1], "images": ["ok.png"]}], processor, root=tmp_path)
     assert stats.kept == 2 and dataset[1]["images"][0].size == (32, 32)
+    # a file is kept as its path, read again when batched (a large dataset's images are not held in memory)
+    stored = dataset.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))[1]["images"][0]
+    assert stored == {"path": str(tmp_path / "ok.png"), "bytes": None}
 
 
 def test_a_long_prompt_with_images_is_dropped_and_counted_never_cut(caplog):
