@@ -23,8 +23,9 @@ def answer(text: str) -> list[dict]:
     return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
 
 
-def vision_rows(images_per_pair=(1, 2, 1)) -> list[dict]:
-    """Pairs in TRL's vision format; the second holds two images of another size (Qwen: more image tokens)."""
+def vision_rows(images_per_pair=(1, 2, 0)) -> list[dict]:
+    """Pairs in TRL's vision format; by default the second holds two images of another size (Qwen: more image
+    tokens) and the third none (a text pair among pairs with images)."""
     rows = []
     for i, (count, (good, bad)) in enumerate(zip(images_per_pair, ANSWERS)):
         size = (48, 32) if count == 2 else (32, 32)
@@ -53,7 +54,9 @@ def plain_padded_loss(model, processor, rows, beta: float):
     enc = processor(text=texts, images=images, padding=True, add_special_tokens=False, return_tensors="pt")
     prompts = [render(r["prompt"], tokenize=False, add_generation_prompt=True) for r in rows]
     prompt_lens = [
-        len(processor(text=[p], images=[r["images"]], add_special_tokens=False)["input_ids"][0])
+        len(
+            processor(text=[p], images=[r["images"]] if r["images"] else None, add_special_tokens=False)["input_ids"][0]
+        )
         for p, r in zip(prompts, rows)
     ] * 2
     logits = model(**enc, use_cache=False).logits[:, :-1]
