@@ -19,7 +19,7 @@ from .chunked import chunked_target_logps, full_target_logps
 from .losses import ORPOOutput, orpo_loss, sequence_sums
 from .sequence_parallel import group_sum
 from .sharded_head import OutputHead, hidden_then_head, sharded_head_owner, unwrap
-from .vision import tower_once
+from .vision import mrope_position_ids, tower_once
 
 # OutputHead and unwrap live in sharded_head.py; they are re-exported here, where the forward's callers look
 __all__ = [
@@ -100,6 +100,9 @@ def predicted_logps(
 
 def _decoder_logps(model, batch: dict, head: OutputHead, chunk_size: int | None, logits_in_forward: bool):
     kwargs = model_inputs(batch)
+    positions = mrope_position_ids(model, batch)  # Qwen-VL with images in a padding-free or prefix-shared row
+    if positions is not None:
+        kwargs["position_ids"] = positions
     if logits_in_forward:
         return _logps_from_model_logits(model, batch, kwargs)
     if forward_accepts(type(unwrap(model)), "logits_to_keep"):

@@ -50,15 +50,14 @@ PER_TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
 DROP_LONG_IMAGE_PROMPT = "prompt with its image tokens fills max_length (an image is never cut)"
 DROP_LONG_IMAGE_PROMPT_LIMIT = "prompt with its image tokens longer than max_prompt_length (an image is never cut)"
 
-# Families whose images are plain tokens of a causal 1-D sequence (features scattered at placeholder tokens, 1-D
-# positions): padding_free, packing and prefix_sharing are exact for them (tests/test_vision.py)
-SHARED_LAYOUT_FAMILIES = ("llava", "idefics3", "smolvlm")
+# Qwen-VL: 3-D rotary positions (M-RoPE), computed per sequence of a row by `mrope_position_ids`
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# Families for which padding_free, packing and prefix_sharing are exact (tests/test_vision.py): images as tokens of a
+# causal sequence, with 1-D positions or Qwen-VL's per-sequence 3-D ones
+SHARED_LAYOUT_FAMILIES = ("llava", "idefics3", "smolvlm", *MROPE_FAMILIES)
 # the others: family (transformers model_type) -> what padding_free, packing and prefix_sharing would have to honour
 LAYOUT_REFUSALS = {
-    "qwen2_vl": "3-D rotary positions (M-RoPE) restarting with every sequence of a row",
-    "qwen2_5_vl": "3-D rotary positions (M-RoPE) restarting with every sequence of a row",
-    "qwen3_vl": "3-D rotary positions (M-RoPE) and deepstack features placed per sequence of a row",
-    "gemma3": "bidirectional attention inside each image, per sequence of a row",
+    "gemma3": "bidirectional attention inside each image, per sequence of a row (the packed-row kernels are causal)",
 }
 DEFAULT_LAYOUT_REFUSAL = "its image features and positions checked per sequence of a row (not verified for it)"
 
@@ -365,11 +364,22 @@ class VisionPreferenceCollator(PreferenceCollator):
             if preds.target[j] in self.no_nll_targets:
                 preds.nll[j] = False
 
+    def _prompt_starts(self, batch: dict, i: int, pairs: int) -> list[tuple[int, int]]:
+        """(row, position) where pair i's prompt starts in the batch: in its chosen and its rejected sequence, or once
+        (prefix sharing)."""
+        if self.layout == "padded":
+            return [(i, 0), (pairs + i, 0)]
+        if self.layout == "padding_free":
+            cu = batch["cu_seq_lens_host"]
+            return [(0, cu[i]), (0, cu[pairs + i])]
+        return [(0, batch["prefix_segments_host"][i][0])]
+
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().__call__(features)
         rows, width = batch["input_ids"].shape
         per_image: dict[str, list[torch.Tensor]] = {}
         per_token: dict[str, torch.Tensor] = {}
+        pairs = len(features)
         for i, f in enumerate(features):
             images = list(f.get("images") or [])
             enc = processor_inputs(self.processor, f["prompt_text"], images, f"pair {i} of the batch, its")
@@ -383,11 +393,9 @@ class VisionPreferenceCollator(PreferenceCollator):
                 if key in ("input_ids", "attention_mask"):
                     continue
                 if key in PER_TOKEN_KEYS:
-                    if self.layout != "padded":  # check_trainable refuses these families other layouts
-                        raise ValueError(f"the processor gives '{key}', which the {self.layout} layout cannot place")
                     table = per_token.setdefault(key, torch.zeros((rows, width), dtype=value.dtype))
-                    for row in (i, len(features) + i):  # its chosen row and its rejected row
-                        table[row, : ids.numel()] = value[0]
+                    for row, start in self._prompt_starts(batch, i, pairs):
+                        table[row, start : start + ids.numel()] = value[0]
                 elif isinstance(value, torch.Tensor):
                     per_image.setdefault(key, []).append(value)
         # padded and padding-free: the prompt (with its images) in the chosen and in the rejected sequence, all chosen
@@ -444,6 +452,47 @@ def _output_twice(output):
     if output.get("deepstack_features") is not None:  # Qwen3-VL: per layer, per-image features
         output["deepstack_features"] = [_twice(layer) for layer in output["deepstack_features"]]
     return output
+
+
+def mrope_position_ids(model, batch: dict) -> torch.Tensor | None:
+    """Qwen-VL's 3-D rotary positions for a padding-free or prefix-shared row with images: each sequence's as the
+    model computes them for that sequence alone (its `get_rope_index`); a prefix-shared rejected answer continues from
+    the end of the prompt, as text after an image does. Returns `[4, 1, N]`: the per-sequence text positions, then the
+    three M-RoPE rows (the form Qwen-VL takes for a packed row); None where the batch needs none.
+    """
+    if batch.get("mm_token_type_ids") is None or batch["input_ids"].shape[0] != 1:
+        return None
+    inner = _inner_with_features(model)
+    ids, types, text = batch["input_ids"][0], batch["mm_token_type_ids"][0], batch["position_ids"][0]
+    if "prefix_segments_host" in batch:  # each pair's [prompt][chosen]; rejected: after the prompt
+        segments = batch["prefix_segments_host"]
+        spans = [(start, start + prompt + chosen) for start, prompt, chosen, _ in segments]
+    else:
+        cu = batch["cu_seq_lens_host"]
+        spans = list(zip(cu[:-1], cu[1:]))
+    width = max(end - start for start, end in spans)
+    seq_ids = ids.new_zeros(len(spans), width)
+    seq_types = types.new_zeros(len(spans), width)
+    mask = ids.new_zeros(len(spans), width)
+    for k, (start, end) in enumerate(spans):
+        seq_ids[k, : end - start], seq_types[k, : end - start] = ids[start:end], types[start:end]
+        mask[k, : end - start] = 1
+    # the vision inputs are in the row's order: each sequence's images in turn (padding-free: chosen sequences, then
+    # rejected; prefix sharing: each pair's prompt once)
+    grid = batch.get("image_grid_thw")
+    positions, _ = inner.get_rope_index(
+        input_ids=seq_ids, mm_token_type_ids=seq_types, image_grid_thw=grid, attention_mask=mask
+    )  # [3, sequences, width]
+    out = torch.zeros((3, ids.shape[0]), dtype=positions.dtype, device=positions.device)
+    for k, (start, end) in enumerate(spans):
+        out[:, start:end] = positions[:, k, : end - start]
+    if "prefix_segments_host" in batch:
+        for k, (start, prompt, chosen, rejected) in enumerate(batch["prefix_segments_host"]):
+            after = positions[:, k, :prompt].max() + 1 if prompt else 0
+            first = start + prompt + chosen
+            steps = torch.arange(rejected, device=out.device, dtype=out.dtype)
+            out[:, first : first + rejected] = after + steps
+    return torch.cat([text[None].to(out.dtype), out], 0)[:, None, :]
 
 
 @contextmanager
