@@ -1,24 +1,26 @@
-"""Pairs with images: the vision tower once per pair (orpo_plugin) against a padded baseline that runs it on both rows.
+"""Pairs with images: the vision tower once per pair, packing and prefix sharing, against a plain padded forward that
+runs the tower on both rows.
 
-    python benchmarks/vision.py                          # benchmarks/RESULTS.md section 3d (CPU)
+    python benchmarks/vision.py                          # Qwen2-VL-style (benchmarks/RESULTS.md section 3d, CPU)
     python benchmarks/vision.py --images 2               # two images per prompt
+    python benchmarks/vision.py --family llava           # LLaVA-style (a CLIP tower)
 
-The model: a random-init Qwen2-VL (the tests' tiny family, tests/helpers/vision.py, made larger): the language model
+The model: a random-init model of the tests' tiny families (tests/helpers/vision.py) made larger: the language model
 hidden 256, 4 layers, the vision tower hidden 256, 4 layers, float32, gradient checkpointing on (the default); the
-images 112 x 112 pixels (196 patches of 8 x 8, 49 image tokens each); the answers a sentence or two. Full fine-tune
-(the tower trains too).
+images 112 x 112 pixels (Qwen2-VL: 196 patches of 8 x 8 merged into 49 image tokens; LLaVA: 196 image tokens); the
+answers a sentence or two. Full fine-tune (the tower trains too).
 
-- `plain padded (tower on both rows)`: the same trainer and batch with the tower-once step turned off: the model gets
-  the padded batch and runs its vision tower on the chosen rows' images and again on the rejected rows' (what TRL's
-  DPO does with images; TRL's ORPO does not take images).
-- `orpo_plugin (tower once per pair)`: `get_image_features` runs on each pair's images once and both rows use its
-  output (orpo_plugin/vision.py).
+- `plain padded (tower on both rows)`: the padded layout with the tower-once step turned off: the model runs its
+  vision tower on the chosen rows' images and again on the rejected rows' (what TRL's DPO does with images; TRL's
+  ORPO does not take images).
+- `orpo_plugin padded (tower once per pair)`: `get_image_features` runs on each pair's images once and both rows use
+  its output (orpo_plugin/vision.py).
+- `orpo_plugin packing`: the pairs in one padding-free row, the tower once per pair.
+- `orpo_plugin packing + prefix sharing`: each pair's prompt, images included, once in the row.
 
-Measured: forward + backward of one micro-batch, the two methods alternating, median over --steps; the loss of both
-(they must agree). Packing and prefix sharing with images are refused (see docs/vision.md), so they are not measured.
-What the ratio means for a real model: the tower's share of a step. In Qwen2.5-VL-7B the tower (~0.7B parameters) over
-an image's patches costs about a fifth of the language model over a pair's rows, so running it once saves ~10% of a
-step for one image per prompt; in a small model (SmolVLM-256M: a 93M tower beside a 135M language model) it saves more.
+Measured: forward + backward of one micro-batch, the methods alternating, each its own trainer on the same weights,
+median over --steps; the loss of each (they must agree). What the ratio means for a real model is the tower's (and,
+with prefix sharing, the prompt's) share of a step: see benchmarks/RESULTS.md section 3d.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ PLAIN = "plain padded (tower on both rows)"
 def methods(family: str) -> dict:
     """name -> (ORPOConfig fields, whether the tower runs on both rows)."""
     out = {PLAIN: ({}, True), "orpo_plugin padded (tower once per pair)": ({}, False)}
-    if family == "llava":  # the families with packing and prefix sharing for images (docs/vision.md)
+    if family in ("llava", "qwen2_vl"):  # both train packed and prefix-shared (docs/vision.md)
         out["orpo_plugin packing"] = ({"packing": True}, False)
         out["orpo_plugin packing + prefix sharing"] = ({"packing": True, "prefix_sharing": True}, False)
     return out

@@ -1,8 +1,9 @@
 """Images in preference pairs (vision-language models): rows -> tokenized pairs, pairs -> a batch with the
 processor's vision inputs, and a forward in which the vision tower runs once per pair.
 
-Layouts: padded for every family; padding-free (packing) and prefix sharing for the families whose images are plain
-tokens of a causal 1-D sequence (SHARED_LAYOUT_FAMILIES); the others are refused at start (`check_trainable`).
+Layouts: padded for every family; padding-free (packing) and prefix sharing for SHARED_LAYOUT_FAMILIES, whose images
+are tokens of a causal sequence (Qwen-VL's 3-D positions computed per sequence: `mrope_position_ids`); the others are
+refused at start (`check_trainable`).
 
 Rows are in TRL's vision preference format: `images` (a list of PIL images, file paths or `{"bytes", "path"}`
 dicts; `image` for one), a conversational `prompt` whose messages hold a `{"type": "image"}` part where each image
@@ -339,7 +340,7 @@ class VisionPreferenceCollator(PreferenceCollator):
     ones, joined in pair order, given twice (chosen rows, then rejected rows: `[2 * images, ...]`), as a plain padded
     batch has them, and `tower_once` runs the tower on the first half (`vision_twice`); with prefix sharing each
     pair's prompt, images included, is in the row once, and so are its vision inputs. Per-token inputs (`token_type_ids`,
-    `mm_token_type_ids`) are the prompt's values, 0 over the answers and padding (`[2P, T]`). Image placeholder
+    `mm_token_type_ids`) are the prompt's values where each prompt starts, 0 over the answers and padding. Image placeholder
     targets are left out of the NLL (they are not text the model could learn to write).
     """
 

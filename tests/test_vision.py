@@ -90,9 +90,7 @@ def _leading(args, kwargs):
 
 
 SHARED = ("llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # vision.SHARED_LAYOUT_FAMILIES
-CASES = [(f, "padded") for f in FAMILIES] + [
-    (f, layout) for f in SHARED for layout in ("packing", "prefix_sharing")
-]
+CASES = [(f, "padded") for f in FAMILIES] + [(f, layout) for f in SHARED for layout in ("packing", "prefix_sharing")]
 
 
 class CapturingTrainer(ORPOTrainer):
