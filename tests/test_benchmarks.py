@@ -111,6 +111,9 @@ def test_vision_script_compares_tower_once_with_the_plain_forward(monkeypatch, c
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import vision as bench_vision
 
+    # the script quiets every library's logging for its table; the rest of the suite keeps its own
+    monkeypatch.setattr(bench_vision.common, "quiet_logs", lambda: None)
+
     argv = ["--family", "llava", "--pairs", "2", "--steps", "1", "--hidden", "64", "--layers", "1", "--pixels", "32"]
     assert bench_vision.main(argv) == 0
     rows = {

@@ -4,6 +4,8 @@ vision tower runs once per pair, and bad rows stop with errors naming the row.""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,7 +218,8 @@ def test_a_long_prompt_with_images_is_dropped_and_counted_never_cut(caplog):
     """Cutting a prompt would cut its image tokens: a prompt that fills max_length is a counted drop."""
     _, processor = build_vlm("llava")  # 16 tokens per image
     rows = vision_rows((1, 2, 1))
-    dataset, stats = _prepare(rows, processor, max_length=50)  # prompts of 46, 56 (two images) and 46 tokens
+    with caplog.at_level(logging.WARNING, logger="orpo_plugin"):
+        dataset, stats = _prepare(rows, processor, max_length=50)  # prompts of 46, 56 (two images) and 46 tokens
     assert stats.dropped == {"prompt with its image tokens fills max_length (an image is never cut)": 1}
     assert stats.first_dropped == {"prompt with its image tokens fills max_length (an image is never cut)": 1}
     assert len(dataset) == 2 and [len(r["prompt_input_ids"]) for r in dataset] == [46, 46]
