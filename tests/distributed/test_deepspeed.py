@@ -70,6 +70,14 @@ def launch(tiny, ds_python, stage, names, tmp):
         str(tmp / "runs.json"),
         str(tmp / "info.json"),
     ]
+    run_deepspeed_cpu(cmd, tmp / "deepspeed.log", f"ZeRO-{stage}")
+    assert json.loads((tmp / "info.json").read_text()) == {"world_size": 2, "backend": "gloo"}
+    return two
+
+
+def run_deepspeed_cpu(cmd: list[str], log, what: str):
+    """A 2-process DeepSpeed launch on the CPU (gloo, `DS_ACCELERATOR=cpu`, offline); its output written to `log`; a
+    failure fails the test with the traceback (or the output's end), named by `what`."""
     env = {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
@@ -78,13 +86,12 @@ def launch(tiny, ds_python, stage, names, tmp):
         "PYTHONPATH": str(ROOT),
     }
     run = run_two_processes(cmd, env)
-    (tmp / "deepspeed.log").write_text(run.stdout + run.stderr)
+    log.write_text(run.stdout + run.stderr)
     if run.returncode != 0:
         lines = (run.stdout + run.stderr).splitlines()
         start = next((i for i, line in enumerate(lines) if "Traceback" in line), max(len(lines) - 60, 0))
-        pytest.fail(f"ZeRO-{stage} launch failed ({run.returncode}):\n" + "\n".join(lines[start : start + 80]))
-    assert json.loads((tmp / "info.json").read_text()) == {"world_size": 2, "backend": "gloo"}
-    return two
+        pytest.fail(f"{what} launch failed ({run.returncode}):\n" + "\n".join(lines[start : start + 80]))
+    return run
 
 
 @pytest.fixture(scope="module")

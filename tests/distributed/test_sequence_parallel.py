@@ -19,14 +19,14 @@ computed; it is checked against that budget instead.
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from test_distributed import ROOT, FixedGroups, base_args, free_port, logged, run_two_processes
+from test_deepspeed import run_deepspeed_cpu
+from test_distributed import ROOT, FixedGroups, base_args, free_port, logged
 from test_fsdp import CHECKPOINTING, METRICS, assert_same_steps, steps
 
 from orpo_plugin import cli
@@ -74,19 +74,7 @@ def launch(tiny, ds_python, data, out, processes, tmp, *launcher, **extra):
         "train",
         *base_args(tiny, data, out, **RUN, **extra),
     ]
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    run = run_two_processes(cmd, env)
-    (tmp / f"sp-{processes}.log").write_text(run.stdout + run.stderr)
-    if run.returncode != 0:
-        lines = (run.stdout + run.stderr).splitlines()
-        start = next((i for i, line in enumerate(lines) if "Traceback" in line), max(len(lines) - 60, 0))
-        pytest.fail(f"{processes}-process launch failed ({run.returncode}):\n" + "\n".join(lines[start : start + 80]))
+    run = run_deepspeed_cpu(cmd, tmp / f"sp-{processes}.log", f"{processes}-process")
     assert "each row is split across 2 ranks (DeepSpeed Ulysses)" in run.stdout + run.stderr
     return out
 
