@@ -202,25 +202,22 @@ class ORPOTrainer(EvalGenerationsMixin, ModelCardMixin, CPU4BitGuardMixin, BaseT
         if args.dataloader_pin_memory and not _has_accelerator():  # torch warns on every epoch and pins nothing
             args.dataloader_pin_memory = False
 
-        prepare = prepare_dataset
         prep = dict(
-            tokenizer=tokenizer,
             max_length=args.max_length,
             max_completion_length=max_completion_length,
-            drop_long_pairs=args.drop_long_pairs,
-            num_proc=args.dataset_num_proc,
             max_prompt_length=args.max_prompt_length,
-            truncation_mode=args.truncation_mode,
-            encoder_decoder=self.is_encoder_decoder,
+            drop_long_pairs=args.drop_long_pairs,
         )
-        if with_images:
+        if with_images:  # a prompt holding images is never cut: no truncation_mode
             prepare = vision.prepare_vision_dataset
-            prep = dict(
-                processor=processing_class,
-                max_length=args.max_length,
-                max_completion_length=max_completion_length,
-                max_prompt_length=args.max_prompt_length,
-                drop_long_pairs=args.drop_long_pairs,
+            prep.update(processor=processing_class)
+        else:
+            prepare = prepare_dataset
+            prep.update(
+                tokenizer=tokenizer,
+                num_proc=args.dataset_num_proc,
+                truncation_mode=args.truncation_mode,
+                encoder_decoder=self.is_encoder_decoder,
             )
         self.data_stats = {}
         with args.main_process_first(desc="preparing the ORPO dataset"):

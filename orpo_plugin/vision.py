@@ -22,6 +22,7 @@ the row once, so the tower runs once per pair without the repeat.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -413,14 +414,21 @@ class VisionPreferenceCollator(PreferenceCollator):
 
 
 # ----------------------------------------------------------------------------------------------- the forward
+_inner_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _inner_with_features(model):
-    """The module whose forward calls `self.get_image_features` (the innermost that has it)."""
-    found = None
-    for module in unwrap(model).modules():
-        if callable(getattr(type(module), "get_image_features", None)):
-            found = module
+    """The module whose forward calls `self.get_image_features` (the innermost that has it); found once per model,
+    not by a walk over its modules at every forward."""
+    base = unwrap(model)
+    found = _inner_cache.get(base)
     if found is None:
-        raise ValueError(f"{type(unwrap(model)).__name__} has no get_image_features (not a vision-language model)")
+        for module in base.modules():
+            if callable(getattr(type(module), "get_image_features", None)):
+                found = module
+        if found is None:
+            raise ValueError(f"{type(base).__name__} has no get_image_features (not a vision-language model)")
+        _inner_cache[base] = found
     return found
 
 
