@@ -145,6 +145,35 @@ def test_loss_metrics_and_gradients_equal_a_plain_padded_forward(family, layout,
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def sliding_window(config, processor):
+    """Qwen2-VL with a sliding-window layer (4 tokens) before a full one: the prompts run far past the window."""
+    text = config.text_config
+    text.use_sliding_window, text.sliding_window, text.max_window_layers = True, 4, 2
+    text.layer_types = ["sliding_attention", "full_attention"]
+
+
+@pytest.mark.parametrize("layout", ["packing", "prefix_sharing"])
+def test_a_sliding_window_model_with_images_equals_the_plain_forward(layout, tmp_path):
+    """The packed-row kernels honour a sliding window with images in the row (the plain forward: the model's own
+    sdpa and mask), through one real training step with the defaults."""
+    model, processor = build_vlm("qwen2_vl", resize=sliding_window)
+    assert model.config.text_config.layer_types[0] == "sliding_attention"
+    rows = vision_rows()
+    args = ORPOConfig(**cpu_fields(str(tmp_path), max_length=256, **{layout: True}))
+    trainer = CapturingTrainer(model=model, args=args, train_dataset=rows, processing_class=processor)
+    trainer.train()
+    loss, _, grads, checkpointing = trainer.captured
+    assert checkpointing
+    reference_model, _ = build_vlm("qwen2_vl", resize=sliding_window)
+    reference_model.eval()
+    loss_ref, _ = plain_padded_loss(reference_model, processor, rows, args.beta)
+    loss_ref.backward()
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-5, atol=1e-5)
+    for name, p in reference_model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ----------------------------------------------------------------------------------------------- refused at start
 def test_a_text_only_model_given_images_is_refused(tiny_model_factory, tiny_tokenizer, tmp_path):
     rows = vision_rows()
